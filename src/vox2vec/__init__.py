@@ -1,0 +1,26 @@
+"""vox2vec: self-supervised voxel-level representations of CT scans (Goncharov et al., MICCAI 2023)."""
+
+from vox2vec.config import ModelConfig
+from vox2vec.errors import (
+    CheckpointMismatchError,
+    ChecksumError,
+    InputError,
+    UnknownModelError,
+    Vox2VecError,
+)
+from vox2vec.features import FeaturePyramid
+from vox2vec.geometry import Grid
+from vox2vec.hub import ModelSpec, list_models, load_pretrained, register_model
+from vox2vec.inference import embed_volume, sliding_window_head
+from vox2vec.model import Vox2VecModel
+from vox2vec.preprocessing import PreprocessedVolume, Preprocessor
+from vox2vec.volume import Volume, load_volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointMismatchError", "ChecksumError", "FeaturePyramid", "Grid", "InputError", "ModelConfig",
+    "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume", "Vox2VecError",
+    "Vox2VecModel", "embed_volume", "list_models", "load_pretrained", "load_volume", "register_model",
+    "sliding_window_head",
+]

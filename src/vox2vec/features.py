@@ -1,0 +1,189 @@
+"""``FeaturePyramid``: a CT's voxel embeddings, stored as the backbone's levels plus the geometry to query them.
+
+A voxel's embedding is the concatenation over levels ``i`` of the level-``i`` feature at ``index // 2^i``
+(1008-d for the paper's model). Storing the levels instead of that concatenation costs ≈ 21 instead of 1008 values
+per voxel; queries gather only the voxels asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vox2vec._atomic import atomic_path
+from vox2vec.errors import InputError
+from vox2vec.geometry import Grid
+
+_MAX_REGION_VALUES = 2**31  # refuse dense regions above ~4 GB in fp16
+
+
+class FeaturePyramid:
+    """The levels (level ``i``: (C_i, ceil(X/2^i), ceil(Y/2^i), ceil(Z/2^i))) on the model ``grid``.
+
+    ``source_grid`` is the grid of the original image, so points can be given as original voxel indices.
+    ``meta`` records the backbone (name, fingerprint) and the preprocessing that produced the features.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[torch.Tensor],
+        grid: Grid,
+        source_grid: Grid | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.levels = list(levels)
+        self.grid = grid
+        self.source_grid = source_grid
+        self.meta = dict(meta or {})
+        for i, level in enumerate(self.levels):
+            expected = tuple(math.ceil(n / 2**i) for n in grid.shape)
+            if level.ndim != 4 or tuple(level.shape[1:]) != expected:
+                raise ValueError(f"level {i} has shape {tuple(level.shape)}, expected (C, {expected})")
+
+    # -- shape ---------------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def channels(self) -> list[int]:
+        return [int(level.shape[0]) for level in self.levels]
+
+    @property
+    def dim(self) -> int:
+        """Length of one voxel's embedding (1008 for the paper's model)."""
+        return sum(self.channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Level-0 spatial shape: the model grid."""
+        return self.grid.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.levels[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels[0].device
+
+    def __repr__(self) -> str:
+        return (f"FeaturePyramid(dim={self.dim}, shape={self.shape}, levels={self.num_levels}, "
+                f"spacing={self.grid.spacing}, dtype={self.dtype}, device={self.device})")
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeaturePyramid:
+        """A copy on another device and/or dtype (geometry unchanged)."""
+        return FeaturePyramid([lv.to(device=device, dtype=dtype) for lv in self.levels], self.grid,
+                              self.source_grid, self.meta)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def at_grid_indices(self, indices: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(K, 3) integer level-0 indices on the model grid → (K, dim) embeddings."""
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        idx = idx.to(device=self.device, dtype=torch.long).reshape(-1, 3)
+        limits = torch.tensor(self.shape, device=self.device)
+        outside = ((idx < 0) | (idx >= limits)).any(dim=1)
+        if outside.any():
+            raise InputError(
+                f"{int(outside.sum())} of {len(idx)} points fall outside the embedded region (model grid "
+                f"{self.shape}); the pyramid covers the body's bounding box only — drop those points or use "
+                "FeaturePyramid.contains()"
+            )
+        parts = []
+        for i, level in enumerate(self.levels):
+            cell = idx // 2**i
+            parts.append(level[:, cell[:, 0], cell[:, 1], cell[:, 2]].T.to(dtype))
+        return torch.cat(parts, dim=1)
+
+    def world_to_grid_indices(self, points: np.ndarray) -> np.ndarray:
+        """(K, 3) world points (LPS mm) → nearest (K, 3) level-0 indices on the model grid."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        return np.floor(self.grid.world_to_index(points) + 0.5).astype(np.int64)
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which world points (K, 3) fall inside the embedded region."""
+        idx = self.world_to_grid_indices(points)
+        return np.all((idx >= 0) & (idx < np.asarray(self.shape)), axis=1)
+
+    def at_world(self, points: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(K, 3) world points in LPS millimetres → (K, dim) embeddings (nearest model voxel)."""
+        return self.at_grid_indices(self.world_to_grid_indices(points), dtype)
+
+    def at_voxels(self, indices: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(K, 3) voxel indices of the **original** image, in (x, y, z) = SimpleITK index order → (K, dim)."""
+        if self.source_grid is None:
+            raise InputError("this pyramid does not know its original image grid; query with at_world()")
+        return self.at_world(self.source_grid.index_to_world(np.asarray(indices).reshape(-1, 3)), dtype)
+
+    def region(
+        self, start: Sequence[int], stop: Sequence[int], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Dense (dim, X, Y, Z) embeddings of model-grid box ``[start, stop)`` (level-0 indices).
+
+        Bounded on purpose: a whole CT at 1008 channels would need tens of GB.
+        """
+        start = [max(0, int(s)) for s in start]
+        stop = [min(n, int(e)) for n, e in zip(self.shape, stop)]
+        size = [e - s for s, e in zip(start, stop)]
+        if any(n <= 0 for n in size):
+            raise InputError(f"empty region {start}..{stop} within the model grid {self.shape}")
+        if self.dim * math.prod(size) > _MAX_REGION_VALUES:
+            raise InputError(
+                f"region {size} × {self.dim} channels is too large to materialise; ask for a smaller box "
+                "or query points with at_world()"
+            )
+        parts = []
+        for i, level in enumerate(self.levels):
+            cell = 2**i
+            lo = [s // cell for s in start]
+            hi = [(e - 1) // cell + 1 for e in stop]
+            block = level[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            for axis in range(3):
+                block = block.repeat_interleave(cell, dim=axis + 1)
+            offset = [s - c * cell for s, c in zip(start, lo)]
+            parts.append(block[:, offset[0] : offset[0] + size[0], offset[1] : offset[1] + size[1],
+                               offset[2] : offset[2] + size[2]])
+        out = torch.cat(parts, dim=0)
+        return out if dtype is None else out.to(dtype)
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """One ``.safetensors`` file: the levels plus geometry and provenance in its metadata (atomic write)."""
+        from safetensors.torch import save_file
+
+        metadata = {
+            "vox2vec": "FeaturePyramid",
+            "grid": json.dumps(self.grid.to_dict()),
+            "source_grid": json.dumps(self.source_grid.to_dict() if self.source_grid else None),
+            "meta": json.dumps(self.meta),
+        }
+        tensors = {f"level_{i}": lv.detach().cpu().contiguous() for i, lv in enumerate(self.levels)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FeaturePyramid:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("vox2vec") != "FeaturePyramid":
+                    raise InputError(f"{path} is not a vox2vec FeaturePyramid file")
+                names = sorted(handle.keys(), key=lambda k: int(k.split("_")[1]))
+                levels = [handle.get_tensor(name) for name in names]
+        except InputError:
+            raise
+        except Exception as error:  # safetensors raises its own error type for corrupt files
+            raise InputError(f"could not read feature pyramid {path}: {error}") from None
+        source = json.loads(metadata["source_grid"])
+        return cls(levels, Grid.from_dict(json.loads(metadata["grid"])),
+                   Grid.from_dict(source) if source else None, json.loads(metadata["meta"]))

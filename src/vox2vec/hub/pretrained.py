@@ -1,0 +1,189 @@
+"""``load_pretrained``: named checkpoints, local directories, Hub repos and original ``.pt`` files."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
+from vox2vec.hub.cache import converted_dir, verify_download
+from vox2vec.hub.registry import ModelSpec, get_spec, is_registered
+from vox2vec.model import Vox2VecModel
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOADED: dict[str, Vox2VecModel] = {}
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    if local_files_only is not None:
+        return local_files_only
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(title: str, items: list[str]) -> str:
+        shown = "\n    ".join(items[:12]) + (f"\n    … and {len(items) - 12} more" if len(items) > 12 else "")
+        return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
+
+    raise CheckpointMismatchError(
+        f"checkpoint {source} does not match the architecture {type(module).__name__} "
+        f"({len(state)} entries vs {len(expected)} expected):"
+        + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+        + listing("shape mismatches", mismatched)
+        + "\n  Check base_channels / num_scales in config.json, or that this is a vox2vec FPN3d checkpoint."
+    )
+
+
+def backbone_state_from_original(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """A plain ``FPN3d`` state_dict, or — the one key map we apply — a Lightning checkpoint's ``state_dict`` whose
+    backbone keys carry the ``backbone.`` prefix (its ``proj_head.`` entries are dropped)."""
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{source} does not hold a state_dict (found {type(obj).__name__})")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if any(k.startswith("backbone.") for k in obj):
+        obj = {k[len("backbone."):]: v for k, v in obj.items() if k.startswith("backbone.")}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_original_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Vox2VecModel:
+    """Read an original-format ``.pt`` with ``torch.load(weights_only=True)`` and load it strictly."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, pickle with code, truncated file …
+        raise InputError(
+            f"could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}); "
+            "the file may be truncated or not a plain state_dict"
+        ) from None
+    model = Vox2VecModel(config or ModelConfig(name=path.stem, source={"file": str(path)}))
+    state = backbone_state_from_original(obj, str(path))
+    check_state_dict(model.backbone, state, str(path))
+    model.backbone.load_state_dict(state, strict=True)
+    return model
+
+
+def load_vox2vec_directory(directory: str | Path) -> Vox2VecModel:
+    """Load our format: ``config.json`` + ``model.safetensors`` (fp16 weights are cast back to fp32)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise InputError(f"{directory} is not a vox2vec model directory: {required.name} is missing")
+    try:
+        config = ModelConfig.load(config_path)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"invalid {config_path}: {error}") from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:
+        raise InputError(f"could not read {weights_path} ({error}); the file may be truncated — delete it and "
+                         "download or export it again") from None
+    model = Vox2VecModel(config)
+    check_state_dict(model.backbone, state, str(weights_path))
+    reference = model.backbone.state_dict()
+    model.backbone.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=True)
+    return model
+
+
+def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir: str | None,
+                  local_files_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
+    except LocalEntryNotFoundError:
+        where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
+        raise InputError(
+            f"{repo_id}/{filename} at revision {revision or 'main'} is not in {where} and downloading is "
+            "disabled (offline mode or local_files_only); run `vox2vec download` once with network access, "
+            "or unset HF_HUB_OFFLINE"
+        ) from None
+
+
+def _load_registered(spec: ModelSpec, revision: str | None, cache_dir: str | None, offline: bool) -> Vox2VecModel:
+    if spec.bundled_path is not None:
+        return load_vox2vec_directory(spec.bundled_path)
+    revision = revision or spec.revision
+    if spec.format == "vox2vec":
+        return _load_hub_repo(spec.repo_id, revision, cache_dir, offline)
+    target = converted_dir(spec.name, revision)
+    if (target / CONFIG_NAME).is_file() and (target / WEIGHTS_NAME).is_file():
+        return load_vox2vec_directory(target)
+    path = _hub_download(spec.repo_id, spec.filename, revision, cache_dir or os.environ.get("HF_HUB_CACHE"), offline)
+    verify_download(path, sha256=spec.sha256, size=spec.size)
+    source = dict(spec.config.source, revision=revision)
+    config = ModelConfig(spec.config.architecture, spec.config.preprocessing, spec.config.inference,
+                         name=spec.name, license=spec.config.license, source=source)
+    model = load_original_checkpoint(path, config)
+    model.save_pretrained(target)  # convert once; later loads read safetensors
+    return model
+
+
+def _load_hub_repo(repo_id: str, revision: str | None, cache_dir: str | None, offline: bool) -> Vox2VecModel:
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")
+    config = _hub_download(repo_id, CONFIG_NAME, revision, cache_dir, offline)
+    _hub_download(repo_id, WEIGHTS_NAME, revision, cache_dir, offline)
+    return load_vox2vec_directory(config.parent)
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> Vox2VecModel:
+    """Load a backbone in eval mode, strictly.
+
+    ``name_or_path`` is a registered name (``"fpn-ct"``: the paper's weights from ``mishgon/vox2vec`` at a pinned
+    revision, downloaded through huggingface_hub and converted once to safetensors under ``$VOX2VEC_HOME``), a local
+    directory in our format, a Hugging Face repo id in our format, or an original-format ``.pt`` file.
+    ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``; ``cache_dir`` overrides the Hub cache.
+    """
+    name = os.fspath(name_or_path)
+    offline = _offline(local_files_only)
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    path = Path(name).expanduser()
+    if is_registered(name):
+        model = _load_registered(get_spec(name), revision, cache, offline)
+    elif path.is_dir():
+        model = load_vox2vec_directory(path)
+    elif path.is_file():
+        is_ours = path.suffix == ".safetensors"
+        model = load_vox2vec_directory(path.parent) if is_ours else load_original_checkpoint(path)
+    elif _REPO_ID.match(name) and not name.startswith((".", "/")):
+        model = _load_hub_repo(name, revision, cache, offline)
+    else:
+        get_spec(name)  # raises UnknownModelError listing the known names
+        raise UnknownModelError(name)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_pretrained_cached(name_or_path: str) -> Vox2VecModel:
+    """:func:`load_pretrained` once per process for a given name (what ``embed_volume(model="fpn-ct")`` uses)."""
+    if name_or_path not in _LOADED:
+        _LOADED[name_or_path] = load_pretrained(name_or_path)
+    return _LOADED[name_or_path]

@@ -1,0 +1,62 @@
+"""Per-window head evaluation exactly as the original ``sw_predict`` (the paper's evaluation protocol).
+
+Windows of ``window`` voxels at starts ``k·stride`` (the last one flush with the border), one forward pass per batch
+of windows; each window writes its centre, trimmed by ``overlap/2`` voxels on every side that is not an image
+border, and later windows overwrite earlier ones. Volumes smaller than a window are padded at the far end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vox2vec.inference.precision import Precision, autocast, pick_device, resolve_precision
+from vox2vec.inference.windows import original_starts, overlap_voxels
+
+
+def sliding_window_head(
+    image: torch.Tensor,
+    backbone: nn.Module,
+    head: Callable[[list[torch.Tensor]], torch.Tensor],
+    *,
+    window: Sequence[int] = (128, 128, 32),
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    precision: Precision = "fp32",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32)."""
+    device = pick_device(device)
+    mode = resolve_precision(precision, device)
+    shape = tuple(int(n) for n in image.shape)
+    padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
+    padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+    padded[: shape[0], : shape[1], : shape[2]] = image.to(device)
+    trims = [overlap_voxels(w, overlap) // 2 for w in window]
+    per_axis = [original_starts(n, w, w - 2 * t) for n, w, t in zip(padded_shape, window, trims)]
+    starts = list(itertools.product(*per_axis))
+    output: torch.Tensor | None = None
+    backbone = backbone.to(device).eval()
+    for i in tqdm(range(0, len(starts), batch_size), desc="windows", disable=not progress):
+        batch = starts[i : i + batch_size]
+        crops = torch.stack([padded[tuple(slice(s, s + w) for s, w in zip(st, window))] for st in batch])[:, None]
+        with torch.inference_mode(), autocast(mode, device):
+            logits = head(backbone(crops)).float()
+        if output is None:
+            output = torch.zeros((logits.shape[1], *padded_shape), dtype=torch.float32, device=device)
+        for b, start in enumerate(batch):
+            keep = []
+            for axis, (s, w, t) in enumerate(zip(start, window, trims)):
+                lo = 0 if s == 0 else t
+                hi = w if s + w == padded_shape[axis] else w - t
+                keep.append((lo, hi))
+            source = (b, slice(None), *(slice(lo, hi) for lo, hi in keep))
+            target = (slice(None), *(slice(s + lo, s + hi) for s, (lo, hi) in zip(start, keep)))
+            output[target] = logits[source]
+    assert output is not None
+    return output[:, : shape[0], : shape[1], : shape[2]]

@@ -1,0 +1,85 @@
+"""``Vox2VecModel``: a backbone bundled with the config (input contract, provenance) that travels with its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vox2vec._atomic import atomic_directory
+from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from vox2vec.modeling import FPN3d
+from vox2vec.preprocessing import Preprocessor
+
+
+class Vox2VecModel(nn.Module):
+    """The FPN backbone plus its :class:`ModelConfig`; calling it on (N, 1, X, Y, Z) returns the pyramid."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        arch = self.config.architecture
+        if arch.type != "FPN3d":
+            raise ValueError(f"unknown architecture type {arch.type!r}; this vox2vec knows 'FPN3d'")
+        self.backbone = FPN3d(arch.in_channels, arch.base_channels, arch.num_scales)
+        self._fingerprint: str | None = None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone(x)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def channels(self) -> list[int]:
+        return self.backbone.channels
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.embedding_dim
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.config.preprocessing)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A short sha256 of the weights: heads and pyramids record it to refuse a mismatched backbone."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for key, tensor in self.backbone.state_dict().items():
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def load_state_dict(self, *args, **kwargs):  # noqa: D102 - invalidates the cached fingerprint
+        self._fingerprint = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (the format :func:`vox2vec.load_pretrained` reads), atomically.
+
+        ``dtype`` (e.g. ``torch.float16``) casts floating-point weights to make smaller files.
+        """
+        from safetensors.torch import save_file
+
+        state = {}
+        for key, tensor in self.backbone.state_dict().items():
+            tensor = tensor.detach().cpu()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[key] = tensor.contiguous()
+        with atomic_directory(directory) as tmp:
+            metadata = {"format": "pt", "config": json.dumps(self.config.to_dict())}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
+            (tmp / CONFIG_NAME).write_text(self.config.to_json())
+        return Path(directory)

