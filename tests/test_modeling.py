@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from vox2vec.modeling import FPN3d, FPNLinearHead, FPNNonLinearHead, ProjectionHead
 
-REFERENCE = json.loads((Path(__file__).resolve().parents[2] / "shared/reference/vox2vec_fpn_state_dict.json").read_text())
+REFERENCE_JSON = Path(__file__).resolve().parents[2] / "shared/reference/vox2vec_fpn_state_dict.json"
+REFERENCE = json.loads(REFERENCE_JSON.read_text())
 
 
 def test_state_dict_matches_published_names_shapes_and_order():

@@ -41,7 +41,7 @@ class FeaturePyramid:
         self.levels = list(levels)
         self.grid = grid
         self.source_grid = source_grid
-        self.meta = dict(meta or {})
+        self.meta = json.loads(json.dumps(meta or {}))  # plain JSON types, as after a save/load round trip
         for i, level in enumerate(self.levels):
             expected = tuple(math.ceil(n / 2**i) for n in grid.shape)
             if level.ndim != 4 or tuple(level.shape[1:]) != expected:

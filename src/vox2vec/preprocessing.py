@@ -39,7 +39,7 @@ def check_hounsfield(array: np.ndarray) -> None:
     """Warn when intensities do not look like CT Hounsfield units (already normalised, or an MR range)."""
     sample = array.reshape(-1)[:: max(1, array.size // 1_000_000)].astype(np.float32)
     low, high = np.percentile(sample, [0.5, 99.5])
-    if high - low <= 10.0:
+    if low >= -1.0 and high <= 10.0:
         warnings.warn(
             f"intensities span only [{low:.3g}, {high:.3g}]: this looks already normalised, but vox2vec expects "
             "raw CT in Hounsfield units (air ≈ -1000, water 0, bone > 300); pass the unscaled CT",

@@ -7,6 +7,7 @@ compute path runs on machines that have neither.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,11 +92,29 @@ def volume_from_sitk(image) -> Volume:
     return Volume(array, grid_from_sitk(image))
 
 
+def _check_gzip_stream(path: Path) -> None:
+    """ITK reads a truncated ``.gz`` without complaint (the missing voxels come back as zeros); zlib does not."""
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(2**22):
+                decompressor.decompress(block)
+    except zlib.error as error:
+        raise InputError(f"could not read {path}: bad gzip data ({error}); the file is corrupt or truncated") from None
+    if not decompressor.eof:
+        raise InputError(
+            f"could not read {path}: the gzip stream ends early, so the file is corrupt or truncated "
+            "(an interrupted download or copy?); fetch it again"
+        )
+
+
 def _read_path(path: Path) -> Volume:
     import SimpleITK as sitk
 
     if not path.exists():
         raise InputError(f"no such file or directory: {path}; expected {_READABLE}")
+    if path.is_file() and path.suffix == ".gz":
+        _check_gzip_stream(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
