@@ -46,7 +46,8 @@ def test_fpn_ct_from_offline_hub_cache_reproduces_the_saved_model(tmp_path):
     torch.manual_seed(0)
     original = FPN3d(1, 16, 6).eval()
     cache = tmp_path / "hub"
-    add_to_hub_cache(cache, "mishgon/vox2vec", REVISION, "vox2vec_contrastive.pt", _original_checkpoint(original, tmp_path))
+    payload = _original_checkpoint(original, tmp_path)
+    add_to_hub_cache(cache, "mishgon/vox2vec", REVISION, "vox2vec_contrastive.pt", payload)
     x = torch.rand(1, 1, 32, 32, 16)
     torch.save({"x": x, "out": [t for t in original(x)]}, tmp_path / "expected.pt")
     script = f"""

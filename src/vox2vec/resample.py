@@ -28,8 +28,13 @@ def resample(
     """
     squeeze = image.ndim == 3
     volume = image[None] if squeeze else image
+    mapping_np = index_mapping(source, target)
+    axes = _axis_aligned(mapping_np)
+    if axes is not None:
+        out = _resample_separable(volume, mapping_np, axes, target.shape, mode, fill)
+        return out[0] if squeeze else out
     channels = volume.shape[0]
-    mapping = torch.as_tensor(index_mapping(source, target), dtype=torch.float64)
+    mapping = torch.as_tensor(mapping_np, dtype=torch.float64)
     out = torch.empty((channels, *target.shape), dtype=volume.dtype, device=volume.device)
     src = volume[None].float()  # (1, C, X, Y, Z): grid_sample's (N, C, D, H, W) with D=X, H=Y, W=Z
     sizes = torch.tensor(source.shape, dtype=torch.float64)
@@ -50,6 +55,49 @@ def resample(
         sampled[:, outside.to(volume.device)] = fill
         out[:, start : start + len(i)] = sampled.to(out.dtype)
     return out[0] if squeeze else out
+
+
+def _axis_aligned(mapping: np.ndarray, atol: float = 1e-6) -> list[int] | None:
+    """For each target axis, the source axis it runs along — or None if the mapping mixes axes (oblique)."""
+    linear = mapping[:3, :3]
+    axes = []
+    for column in linear.T:
+        nonzero = np.flatnonzero(np.abs(column) > atol)
+        if len(nonzero) != 1:
+            return None
+        axes.append(int(nonzero[0]))
+    return axes if sorted(axes) == [0, 1, 2] else None
+
+
+def _resample_separable(
+    volume: torch.Tensor, mapping: np.ndarray, axes: list[int], shape: tuple[int, ...], mode: Mode, fill: float
+) -> torch.Tensor:
+    """Axis-aligned case: three 1-D interpolations (much faster and lighter than a 3-D sampling grid)."""
+    out = volume.permute(0, *(a + 1 for a in axes))  # source axes in target order
+    outside = torch.zeros(shape, dtype=torch.bool, device=volume.device)
+    for t, a in enumerate(axes):
+        size = out.shape[t + 1]
+        positions = torch.arange(shape[t], dtype=torch.float64, device=volume.device) * mapping[a, t] + mapping[a, 3]
+        view = [1, 1, 1]
+        view[t] = -1
+        outside |= ((positions < -0.5) | (positions > size - 0.5)).view(view)
+        if mode == "nearest":
+            index = torch.round(positions).clamp(0, size - 1).long()
+            out = out.index_select(t + 1, index)
+            continue
+        lower = torch.floor(positions)
+        weight = (positions - lower).clamp(0, 1).to(torch.float32)
+        low_index = lower.clamp(0, size - 1).long()
+        high_index = (lower + 1).clamp(0, size - 1).long()
+        low = out.index_select(t + 1, low_index).float()
+        high = out.index_select(t + 1, high_index).float()
+        view = [1, 1, 1, 1]
+        view[t + 1] = -1
+        out = torch.lerp(low, high, weight.view(view))
+    out = out.to(volume.dtype) if mode == "nearest" else out
+    out = out.clone() if out.data_ptr() == volume.data_ptr() else out
+    out[:, outside] = torch.as_tensor(fill, dtype=out.dtype, device=out.device)
+    return out.contiguous()
 
 
 def is_identity_mapping(source: Grid, target: Grid, atol: float = 1e-4) -> bool:

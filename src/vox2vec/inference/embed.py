@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.inference.precision import Precision, autocast, pick_device, resolve_precision
-from vox2vec.inference.windows import Assignment, aligned_starts, level_owners, window_stride
+from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ def plan_windows(
     """All windows that own at least one pyramid cell, with what each copies where, and the padded shape."""
     per_axis = []
     for size, win in zip(shape, window):
-        starts, padded = aligned_starts(size, win, window_stride(win, overlap), num_levels)
+        stride = aligned_stride(window_stride(win, overlap), num_levels)
+        starts, padded = aligned_starts(size, win, stride, num_levels)
         runs = [_group(level_owners(size, starts, win, padded, level)) for level in range(num_levels)]
         per_axis.append((starts, padded, runs))
     plans = []

@@ -32,6 +32,15 @@ def window_stride(window: int, overlap: float) -> int:
     return window - overlap_voxels(window, overlap)
 
 
+def aligned_stride(stride: int, num_levels: int) -> int:
+    """The largest stride ≤ ``stride`` with which aligned windows cover every level: a power of two, or a multiple of
+    the coarsest cell (``2^(num_levels-1)``). The defaults (64, 64, 16) are already such strides."""
+    coarsest = 2 ** (num_levels - 1)
+    if stride >= coarsest:
+        return stride - stride % coarsest
+    return 2 ** int(math.floor(math.log2(max(stride, 1))))
+
+
 def original_starts(size: int, window: int, stride: int) -> list[int]:
     """Window starts of the original ``sw_predict`` along one axis (requires ``size ≥ window``)."""
     count = math.ceil(max(size - window, 0) / stride) + 1
@@ -39,14 +48,18 @@ def original_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def aligned_starts(size: int, window: int, stride: int, num_levels: int) -> tuple[list[int], int]:
-    """Starts ``k·stride`` and the padded size, with enough windows that every level's last cell has an owner."""
+    """Starts ``k·stride`` and the padded size, with enough windows that every level's last cell has an owner.
+
+    ``stride`` must come from :func:`aligned_stride`, which guarantees that aligned windows tile every level.
+    """
     count = math.ceil(max(size - window, 0) / stride) + 1
-    while True:
+    for _ in range(2**num_levels):
         starts = [k * stride for k in range(count)]
         padded = starts[-1] + window
         if all(_has_aligned_cover(size, starts, window, level) for level in range(num_levels)):
             return starts, padded
         count += 1
+    raise ValueError(f"window {window} with stride {stride} cannot cover {num_levels} pyramid levels")
 
 
 def _has_aligned_cover(size: int, starts: list[int], window: int, level: int) -> bool:

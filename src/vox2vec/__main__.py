@@ -1,0 +1,3 @@
+from vox2vec.cli import main
+
+raise SystemExit(main())
