@@ -14,13 +14,14 @@ from vox2vec.hub import ModelSpec, list_models, load_pretrained, register_model
 from vox2vec.inference import embed_volume, sliding_window_head
 from vox2vec.model import Vox2VecModel
 from vox2vec.preprocessing import PreprocessedVolume, Preprocessor
+from vox2vec.probing import ClassMap, DiceReport, Head, dice_scores, load_head, train_head
 from vox2vec.volume import Volume, load_volume
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointMismatchError", "ChecksumError", "FeaturePyramid", "Grid", "InputError", "ModelConfig",
-    "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume", "Vox2VecError",
-    "Vox2VecModel", "embed_volume", "list_models", "load_pretrained", "load_volume", "register_model",
-    "sliding_window_head",
+    "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
+    "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume",
+    "Vox2VecError", "Vox2VecModel", "dice_scores", "embed_volume", "list_models", "load_head", "load_pretrained",
+    "load_volume", "register_model", "sliding_window_head", "train_head",
 ]

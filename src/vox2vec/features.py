@@ -37,8 +37,10 @@ class FeaturePyramid:
         grid: Grid,
         source_grid: Grid | None = None,
         meta: dict[str, Any] | None = None,
+        body: torch.Tensor | None = None,
     ) -> None:
         self.levels = list(levels)
+        self.body = body  # optional bool (X, Y, Z) body mask on the model grid
         self.grid = grid
         self.source_grid = source_grid
         self.meta = json.loads(json.dumps(meta or {}))  # plain JSON types, as after a save/load round trip
@@ -46,6 +48,8 @@ class FeaturePyramid:
             expected = tuple(math.ceil(n / 2**i) for n in grid.shape)
             if level.ndim != 4 or tuple(level.shape[1:]) != expected:
                 raise ValueError(f"level {i} has shape {tuple(level.shape)}, expected (C, {expected})")
+        if body is not None and tuple(body.shape) != grid.shape:
+            raise ValueError(f"body mask shape {tuple(body.shape)} does not match the model grid {grid.shape}")
 
     # -- shape ---------------------------------------------------------------------------------------------
     @property
@@ -80,8 +84,9 @@ class FeaturePyramid:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeaturePyramid:
         """A copy on another device and/or dtype (geometry unchanged)."""
+        body = None if self.body is None else self.body.to(device)
         return FeaturePyramid([lv.to(device=device, dtype=dtype) for lv in self.levels], self.grid,
-                              self.source_grid, self.meta)
+                              self.source_grid, self.meta, body)
 
     # -- queries -------------------------------------------------------------------------------------------
     def at_grid_indices(self, indices: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,6 +170,8 @@ class FeaturePyramid:
             "meta": json.dumps(self.meta),
         }
         tensors = {f"level_{i}": lv.detach().cpu().contiguous() for i, lv in enumerate(self.levels)}
+        if self.body is not None:
+            tensors["body"] = self.body.cpu().to(torch.uint8).contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return Path(path)
@@ -178,12 +185,14 @@ class FeaturePyramid:
                 metadata = handle.metadata() or {}
                 if metadata.get("vox2vec") != "FeaturePyramid":
                     raise InputError(f"{path} is not a vox2vec FeaturePyramid file")
-                names = sorted(handle.keys(), key=lambda k: int(k.split("_")[1]))
+                keys = list(handle.keys())  # noqa: SIM118 - safe_open has no __contains__
+                names = sorted((k for k in keys if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
                 levels = [handle.get_tensor(name) for name in names]
+                body = handle.get_tensor("body").bool() if "body" in keys else None
         except InputError:
             raise
         except Exception as error:  # safetensors raises its own error type for corrupt files
             raise InputError(f"could not read feature pyramid {path}: {error}") from None
         source = json.loads(metadata["source_grid"])
         return cls(levels, Grid.from_dict(json.loads(metadata["grid"])),
-                   Grid.from_dict(source) if source else None, json.loads(metadata["meta"]))
+                   Grid.from_dict(source) if source else None, json.loads(metadata["meta"]), body)

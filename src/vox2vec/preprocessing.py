@@ -61,6 +61,14 @@ class PreprocessedVolume:
     grid: Grid  # canonical model grid
     source_grid: Grid  # the original image's grid
 
+    body_threshold: float = 0.0  # the body threshold in the scaled [0, 1] units of ``image``
+
+    def body_mask(self) -> torch.Tensor:
+        """The original's body mask on the model grid (outside air removed, internal air kept)."""
+        from vox2vec.body import body_mask
+
+        return torch.from_numpy(body_mask(self.image, threshold_hu=self.body_threshold))
+
     def to_original(self, data: torch.Tensor | np.ndarray, *, mode: Mode = "nearest", fill: float = 0) -> np.ndarray:
         """Map an array on the model grid ((C,) X, Y, Z) back onto the original voxels (outside the crop → fill)."""
         tensor = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
@@ -133,5 +141,6 @@ class Preprocessor:
         else:
             image = resample(source, volume.grid, target, mode="linear", fill=low)
         image = (image - low) / (high - low)
-        return PreprocessedVolume(image=image, grid=target, source_grid=volume.grid)
+        threshold = (self.config.body_threshold_hu - low) / (high - low)
+        return PreprocessedVolume(image=image, grid=target, source_grid=volume.grid, body_threshold=threshold)
 

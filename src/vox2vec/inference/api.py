@@ -48,4 +48,4 @@ def embed_volume(
         batch_size=batch_size, device=device, precision=precision, dtype=dtype, progress=progress,
     )
     meta = {"model": config.name, "fingerprint": net.fingerprint(), "preprocessing": config.to_dict()["preprocessing"]}
-    return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta)
+    return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta, body=prepared.body_mask())

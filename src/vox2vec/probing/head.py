@@ -1,0 +1,166 @@
+"""``Head``: a trained probing head with its classes and the backbone it belongs to; predicts on the original grid."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vox2vec._atomic import atomic_directory
+from vox2vec.errors import InputError
+from vox2vec.features import FeaturePyramid
+from vox2vec.modeling import FPNLinearHead, FPNNonLinearHead
+from vox2vec.probing.apply import apply_head
+from vox2vec.probing.classes import ClassMap
+from vox2vec.resample import resample
+from vox2vec.volume import Volume
+
+HEAD_CONFIG = "head.json"
+HEAD_WEIGHTS = "head.safetensors"
+KINDS = {"linear": FPNLinearHead, "nonlinear": FPNNonLinearHead}
+
+
+def build_head_module(kind: str, base_channels: int, num_scales: int, outputs: int) -> nn.Module:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'linear' or 'nonlinear', got {kind!r}")
+    return KINDS[kind](base_channels, num_scales, outputs)
+
+
+class Head:
+    """A linear or non-linear head on frozen vox2vec features.
+
+    ``module`` has the original ``FPNLinearHead`` / ``FPNNonLinearHead`` layout. Softmax heads have K + 1 outputs
+    (channel 0 = background); multi-label (sigmoid) heads have K. ``backbone`` records the name, fingerprint and
+    config of the backbone the head was trained on; predictions refuse pyramids from any other backbone.
+    """
+
+    def __init__(self, module: nn.Module, kind: str, classes: ClassMap, backbone: dict[str, Any],
+                 multilabel: bool = False, model: nn.Module | None = None, history: list | None = None) -> None:
+        self.module = module.eval()
+        self.kind = kind
+        self.classes = classes
+        self.backbone = backbone
+        self.multilabel = multilabel
+        self.model = model  # the backbone object, when known (trained in this process or passed to predict)
+        self.history = history or []
+
+    def __repr__(self) -> str:
+        return (f"Head(kind={self.kind!r}, classes={list(self.classes.names)}, multilabel={self.multilabel}, "
+                f"backbone={self.backbone.get('name')!r})")
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def _pyramid(self, data: Any, model: nn.Module | None, progress: bool) -> FeaturePyramid:
+        if isinstance(data, FeaturePyramid):
+            pyramid = data
+        else:
+            from vox2vec.inference import embed_volume
+
+            backbone = model or self.model or self.backbone.get("name")
+            if backbone is None:
+                raise InputError("this head does not know its backbone: pass model= to predict")
+            pyramid = embed_volume(data, model=backbone, progress=progress)
+        found = pyramid.meta.get("fingerprint")
+        if found != self.backbone.get("fingerprint"):
+            raise InputError(
+                f"this head was trained on backbone {self.backbone.get('name')!r} (fingerprint "
+                f"{self.backbone.get('fingerprint')}) but the features come from {pyramid.meta.get('model')!r} "
+                f"(fingerprint {found}); embed with the head's backbone"
+            )
+        return pyramid
+
+    def logits(
+        self, data: Any, *, model: nn.Module | None = None, progress: bool = True
+    ) -> tuple[torch.Tensor, FeaturePyramid]:
+        """Head outputs on the model grid, computed level by level, and the pyramid they came from."""
+        pyramid = self._pyramid(data, model, progress)
+        return apply_head(self.module, pyramid), pyramid
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=0)
+
+    def _labels_on_model_grid(self, logits: torch.Tensor, pyramid: FeaturePyramid) -> torch.Tensor:
+        if self.multilabel:
+            best = logits.max(dim=0)
+            labels = torch.where(best.values > 0, best.indices + 1, 0)
+        else:
+            labels = logits.argmax(dim=0)
+        if pyramid.body is not None:
+            labels = labels * pyramid.body.to(labels.device)
+        return labels
+
+    def predict(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
+                grid: str = "original"):
+        """Label map (original label ids) as a ``SimpleITK.Image`` on the input's original grid and geometry.
+
+        ``grid="model"`` returns a :class:`Volume` on the model grid instead. Outside the body → 0.
+        """
+        logits, pyramid = self.logits(data, model=model, progress=progress)
+        labels = self._labels_on_model_grid(logits, pyramid)
+        ids = torch.as_tensor(self.classes.output_ids())[labels.cpu()]
+        if grid == "model":
+            return Volume(ids.numpy(), pyramid.grid)
+        if pyramid.source_grid is None:
+            raise InputError("this pyramid does not know its original grid; use grid='model'")
+        dtype = torch.uint8 if int(ids.max()) < 256 else torch.int32
+        original = resample(ids.to(dtype), pyramid.grid, pyramid.source_grid, mode="nearest", fill=0)
+        return Volume(original.numpy(), pyramid.source_grid).to_sitk()
+
+    def predict_proba(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
+                      grid: str = "original") -> np.ndarray:
+        """Class probabilities (C, X, Y, Z) as float32: softmax over background + K classes, or K sigmoids.
+
+        On the original grid (linear interpolation; outside the embedded region background is 1) or the model grid.
+        """
+        logits, pyramid = self.logits(data, model=model, progress=progress)
+        probabilities = self._probabilities(logits)
+        if pyramid.body is not None:
+            probabilities = probabilities * pyramid.body.to(probabilities.device)
+            if not self.multilabel:
+                probabilities[0] += ~pyramid.body.to(probabilities.device)
+        if grid == "model":
+            return probabilities.cpu().numpy()
+        out = resample(probabilities, pyramid.grid, pyramid.source_grid, mode="linear", fill=0.0)
+        if not self.multilabel:  # outside the embedded region: certainly background
+            out[0] = resample(probabilities[0], pyramid.grid, pyramid.source_grid, mode="linear", fill=1.0)
+        return out.cpu().numpy()
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "classes": self.classes.to_dict(), "multilabel": self.multilabel,
+                "backbone": self.backbone, "history": self.history[-1:], "format_version": 1}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """``head.safetensors`` (original head layout) + ``head.json`` (classes, backbone id, preprocessing)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        with atomic_directory(directory) as tmp:
+            save_file(state, str(tmp / HEAD_WEIGHTS), metadata={"kind": self.kind})
+            (tmp / HEAD_CONFIG).write_text(json.dumps(self.config(), indent=2))
+        return Path(directory)
+
+
+def load_head(directory: str | os.PathLike, model: nn.Module | None = None) -> Head:
+    """Read a head written by :meth:`Head.save_pretrained`."""
+    from safetensors.torch import load_file
+
+    from vox2vec.hub.pretrained import check_state_dict
+
+    directory = Path(directory)
+    if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
+        raise InputError(f"{directory} is not a vox2vec head: expected {HEAD_CONFIG} and {HEAD_WEIGHTS}")
+    config = json.loads((directory / HEAD_CONFIG).read_text())
+    classes = ClassMap.from_dict(config["classes"])
+    arch = config["backbone"]["config"]["architecture"]
+    outputs = classes.num_classes + (0 if config["multilabel"] else 1)
+    module = build_head_module(config["kind"], arch["base_channels"], arch["num_scales"], outputs)
+    state = load_file(str(directory / HEAD_WEIGHTS))
+    check_state_dict(module, state, str(directory / HEAD_WEIGHTS))
+    module.load_state_dict(state, strict=True)
+    return Head(module, config["kind"], classes, config["backbone"], config["multilabel"], model,
+                config.get("history"))
