@@ -107,9 +107,10 @@ def train_head(
     ``data``: (CT, label map) or (FeaturePyramid, label map) pairs; each CT is embedded once. ``classes`` maps label
     ids to names (ids sharing a name merge; ids left out become background); by default every id present.
     Training draws ``voxels_per_class`` voxels per class and scan (class-balanced, background inside the body) and
-    runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft
-    Dice, as the original). With ``validation`` pairs, it keeps the best head by validation loss and stops after
-    ``patience`` evaluations without improvement. Seeded and deterministic on CPU.
+    runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with
+    class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft Dice, as the original). With
+    ``validation`` pairs it keeps the best head by validation loss and stops after ``patience`` evaluations without
+    improvement. Seeded and deterministic on CPU.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
