@@ -1,0 +1,42 @@
+"""Training checkpoints: atomic writes, keep the last k, fall back to the previous one when the newest is damaged."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vox2vec._atomic import atomic_path
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``step_<N>.pt`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    path = Path(directory) / f"step_{step:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint; a truncated or corrupt one is reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, partial write from another tool …
+            warnings.warn(f"checkpoint {path.name} is unreadable ({type(error).__name__}); using the previous one",
+                          stacklevel=2)
+    return None

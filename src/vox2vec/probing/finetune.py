@@ -1,0 +1,201 @@
+"""``finetune``: end-to-end training of backbone + non-linear head on (CT, label) pairs, the paper's schedule."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
+from vox2vec.errors import InputError
+from vox2vec.inference.precision import autocast, pick_device, resolve_precision
+from vox2vec.model import Vox2VecModel
+from vox2vec.probing.classes import ClassMap, check_integer_labels
+from vox2vec.probing.head import Head, build_head_module
+from vox2vec.volume import load_volume
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The paper's fine-tuning schedule; every count is configurable."""
+
+    patch_size: tuple[int, int, int] = (128, 128, 32)
+    batch_size: int = 7
+    class_centred_probability: float = 0.5
+    total_steps: int = 45_000
+    frozen_steps: int = 15_000  # backbone frozen (eval mode, no gradients) for these batches
+    warmup_steps: int = 1_200  # then its learning rate rises exponentially …
+    backbone_lr_start: float = 3e-5  # … from this …
+    backbone_lr: float = 3e-4  # … to this
+    head_lr: float = 3e-4
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    multilabel: bool = False
+    seed: int = 0
+
+    def backbone_lr_at(self, step: int) -> float:
+        """0 while frozen, then exponential warm-up, then constant."""
+        if step < self.frozen_steps:
+            return 0.0
+        progress = min(1.0, (step - self.frozen_steps) / max(1, self.warmup_steps))
+        return self.backbone_lr_start * (self.backbone_lr / self.backbone_lr_start) ** progress
+
+
+@dataclass
+class _Case:
+    image: torch.Tensor  # (X, Y, Z) in [0, 1], padded to at least the patch size
+    labels: torch.Tensor  # (X, Y, Z) class indices
+    classes_present: list[int]
+
+
+def _prepare_cases(pairs, model: Vox2VecModel, class_map_arg, patch: tuple[int, int, int]):
+    preprocessor = model.preprocessor
+    raw = []
+    present: set[int] = set()
+    for ct, labels in pairs:
+        prepared = preprocessor(ct)
+        label_volume = load_volume(labels, check_finite=False)
+        array = check_integer_labels(label_volume.array)
+        present |= set(np.unique(array).tolist())
+        raw.append((prepared, label_volume.with_array(array)))
+    class_map = ClassMap.build(class_map_arg, present)
+    cases = []
+    for prepared, label_volume in raw:
+        encoded = label_volume.with_array(class_map.encode(label_volume.array))
+        labels = prepared.from_original(encoded).long()
+        shape = [max(n, p) for n, p in zip(labels.shape, patch)]
+        image = torch.zeros(shape)
+        image[: labels.shape[0], : labels.shape[1], : labels.shape[2]] = prepared.image
+        padded_labels = torch.zeros(shape, dtype=torch.long)
+        padded_labels[: labels.shape[0], : labels.shape[1], : labels.shape[2]] = labels
+        present_here = [int(k) for k in torch.unique(labels).tolist() if k > 0]
+        cases.append(_Case(image, padded_labels, present_here))
+    return cases, class_map
+
+
+def sample_patches(cases: list[_Case], config: FinetuneConfig, rng: np.random.Generator):
+    """One batch from one random scan: with p = 0.5 a patch contains a random voxel of one random class."""
+    case = cases[rng.integers(len(cases))]
+    target = int(rng.choice(case.classes_present)) if case.classes_present else None
+    voxels = (case.labels == target).nonzero() if target is not None else None
+    images, labels = [], []
+    for _ in range(config.batch_size):
+        shape = case.image.shape
+        if voxels is not None and len(voxels) and rng.random() < config.class_centred_probability:
+            anchor = voxels[rng.integers(len(voxels))].tolist()
+            start = [int(rng.integers(max(0, a - p + 1), min(n - p, a) + 1)) for a, p, n in
+                     zip(anchor, config.patch_size, shape)]
+        else:
+            start = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, config.patch_size)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, config.patch_size))
+        images.append(case.image[box])
+        labels.append(case.labels[box])
+    return torch.stack(images)[:, None], torch.stack(labels)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    if not multilabel:
+        return nn.functional.cross_entropy(logits, target)
+    onehot = nn.functional.one_hot(target, logits.shape[1] + 1)[..., 1:].movedim(-1, 1).float()
+    probability = torch.sigmoid(logits)
+    dims = (0, 2, 3, 4)
+    dice = 1 - (2 * (probability * onehot).sum(dims) + 1) / (probability.pow(2).sum(dims) + onehot.sum(dims) + 1)
+    return nn.functional.binary_cross_entropy_with_logits(logits, onehot) + dice.mean()
+
+
+def finetune(
+    data: Iterable[tuple[Any, Any]],
+    output_dir: str | Path,
+    *,
+    model: Any = "fpn-ct",
+    classes: Mapping[int, str] | Iterable[int] | None = None,
+    config: FinetuneConfig | None = None,
+    device: torch.device | str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[Vox2VecModel, Head]:
+    """Fine-tune backbone + non-linear head; checkpoints in ``output_dir/checkpoints`` and resumes from them.
+
+    Writes the result as ``output_dir/backbone`` (read by :func:`vox2vec.load_pretrained`) and ``output_dir/head``
+    (read by :func:`vox2vec.load_head`). ``overrides`` replace single :class:`FinetuneConfig` fields.
+    """
+    from vox2vec.inference.embed import resolve_model
+
+    config = dataclasses.replace(config or FinetuneConfig(), **overrides)
+    output_dir = Path(output_dir)
+    device = pick_device(device)
+    # CPU training stays fp32 under "auto": oneDNN's bf16 backward is not bit-reproducible, and resume must be exact
+    cpu_auto = config.precision == "auto" and device.type == "cpu"
+    mode = "fp32" if cpu_auto else resolve_precision(config.precision, device)
+    pairs = list(data)
+    if not pairs:
+        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
+    base = resolve_model(model)
+    net = copy.deepcopy(base).to(device)
+    cases, class_map = _prepare_cases(pairs, base, classes, config.patch_size)
+    arch = net.config.architecture
+    outputs = class_map.num_classes + (0 if config.multilabel else 1)
+    torch.manual_seed(config.seed)
+    head = build_head_module("nonlinear", arch.base_channels, arch.num_scales, outputs).to(device)
+    optimiser = torch.optim.Adam([
+        {"params": head.parameters(), "lr": config.head_lr},
+        {"params": net.backbone.parameters(), "lr": 0.0},
+    ])
+    rng = np.random.default_rng(config.seed)
+    step = 0
+    checkpoint = load_latest_checkpoint(output_dir / "checkpoints") if resume else None
+    if checkpoint is not None:
+        net.backbone.load_state_dict(checkpoint["backbone"])
+        head.load_state_dict(checkpoint["head"])
+        optimiser.load_state_dict(checkpoint["optimiser"])
+        rng.bit_generator.state = checkpoint["rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        step = checkpoint["step"]
+    history: list[dict[str, float]] = []
+    with tqdm(total=config.total_steps, initial=step, desc="fine-tuning", disable=not progress) as bar:
+        while step < config.total_steps:
+            frozen = step < config.frozen_steps
+            optimiser.param_groups[1]["lr"] = config.backbone_lr_at(step)
+            images, labels = sample_patches(cases, config, rng)
+            images, labels = images.to(device), labels.to(device)
+            net.backbone.train(not frozen)
+            head.train()
+            with autocast(mode, device):
+                with torch.set_grad_enabled(not frozen):
+                    pyramid = net.backbone(images)
+                logits = head([level.float() if frozen else level for level in pyramid])
+                loss = _loss(logits.float(), labels, config.multilabel)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            step += 1
+            history.append({"step": step, "loss": float(loss.detach()), "backbone_lr": config.backbone_lr_at(step - 1)})
+            bar.update()
+            bar.set_postfix(loss=round(history[-1]["loss"], 4))
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                save_checkpoint(output_dir / "checkpoints", step, {
+                    "backbone": net.backbone.state_dict(), "head": head.state_dict(),
+                    "optimiser": optimiser.state_dict(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "step": step, "config": dataclasses.asdict(config),
+                }, keep=config.keep_checkpoints)
+    net = net.cpu().eval()
+    net._fingerprint = None
+    net.config = dataclasses.replace(net.config, name=f"{net.config.name}-finetuned",
+                                     source=dict(net.config.source, finetuned_from=base.fingerprint()))
+    net.save_pretrained(output_dir / "backbone")
+    backbone = {"name": net.config.name, "fingerprint": net.fingerprint(), "config": net.config.to_dict()}
+    result = Head(head.cpu().eval(), "nonlinear", class_map, backbone, config.multilabel, net, history)
+    result.save_pretrained(output_dir / "head")
+    (output_dir / "finetune.json").write_text(json.dumps({"config": dataclasses.asdict(config), "steps": step}))
+    return net, result
