@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import chest_training_pair, coarse_model
 
 import vox2vec
+from conftest import chest_training_pair, coarse_model
 from vox2vec.probing.finetune import FinetuneConfig, finetune
 
 FAST = dict(patch_size=(32, 32, 16), batch_size=2, total_steps=6, frozen_steps=2, warmup_steps=2,
