@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vox2vec.errors import Vox2VecError
 
@@ -42,7 +43,6 @@ def _parameter_count(spec) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from vox2vec.config import WEIGHTS_NAME
     from vox2vec.hub import list_models, vox2vec_home
@@ -58,6 +58,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
         state = "bundled" if spec.bundled_path else ("cached" if cached else "not cached")
         print(f"{spec.name}\n  {spec.description}\n  source: {source}\n  licence: {spec.config.license}\n"
               f"  size: {size / 2**20:.1f} MiB{'' if cached else ' (fp32, estimated)'}\n  status: {state}")
+    return 0
+
+
+def _parse_classes(text: str | None) -> dict[int, str] | None:
+    """``"1=spleen,5=liver,32=vertebrae,33=vertebrae"`` → {1: "spleen", …}; bare ids name themselves."""
+    if not text:
+        return None
+    classes = {}
+    for item in text.split(","):
+        label_id, _, name = item.partition("=")
+        classes[int(label_id)] = name.strip() or label_id.strip()
+    return classes
+
+
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from vox2vec.probing import train_head
+
+    head = train_head([tuple(pair) for pair in args.input], model=args.model, kind=args.kind,
+                      classes=_parse_classes(args.classes), multilabel=args.multilabel, steps=args.steps,
+                      device=args.device, progress=not args.no_progress)
+    head.save_pretrained(args.output)
+    print(f"wrote {args.output}: {head}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vox2vec.probing import load_head
+    from vox2vec.volume import load_volume
+
+    head = load_head(args.head)
+    model = args.model or head.backbone.get("name")
+    prediction = head.predict(args.input, model=model, progress=not args.no_progress)
+    load_volume(prediction).save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vox2vec.probing.evaluate import evaluate_dataset
+
+    finetune_options = {"total_steps": args.finetune_steps} if args.finetune_steps else {}
+    evaluate_dataset(args.dataset, args.output, model=args.model, setups=args.setups, folds=args.folds,
+                     seed=args.seed, classes=_parse_classes(args.classes), finetune_options=finetune_options,
+                     progress=not args.no_progress)
+    print((Path(args.output) / "results.md").read_text())
     return 0
 
 
@@ -82,6 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="list known models with source, size and cache status")
     info.set_defaults(run=_cmd_info)
+
+    train = commands.add_parser("train-head", help="train a linear or non-linear head on frozen features")
+    train.add_argument("-i", "--input", nargs=2, action="append", required=True, metavar=("CT", "LABELS"),
+                       help="a CT and its label map (repeat -i for more scans)")
+    train.add_argument("-o", "--output", required=True, help="output directory for the head")
+    train.add_argument("--kind", default="linear", choices=["linear", "nonlinear"])
+    train.add_argument("--classes", help="ids to learn and their names, e.g. 1=spleen,5=liver (default: all ids)")
+    train.add_argument("--multilabel", action="store_true", help="sigmoid per class (BCE + Dice) instead of softmax")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--model", default="fpn-ct")
+    train.add_argument("--device", default=None)
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=_cmd_train_head)
+
+    predict = commands.add_parser("predict", help="segment a CT with a trained head (label map on the CT's grid)")
+    predict.add_argument("-i", "--input", required=True, help="CT file or DICOM folder")
+    predict.add_argument("--head", required=True, help="head directory written by train-head")
+    predict.add_argument("-o", "--output", required=True, help="output label map, e.g. seg.nii.gz")
+    predict.add_argument("--model", default=None, help="backbone (default: the one the head was trained on)")
+    predict.add_argument("--no-progress", action="store_true")
+    predict.set_defaults(run=_cmd_predict)
+
+    evaluate = commands.add_parser("eval", help="k-fold evaluation on an imagesTr/ + labelsTr/ dataset (Table 1)")
+    evaluate.add_argument("dataset", help="folder with imagesTr/ and labelsTr/")
+    evaluate.add_argument("-o", "--output", required=True, help="results folder (resumable)")
+    evaluate.add_argument("--setups", nargs="+", default=["linear", "nonlinear"],
+                          choices=["linear", "nonlinear", "finetune", "from-scratch"])
+    evaluate.add_argument("--folds", type=int, default=5)
+    evaluate.add_argument("--seed", type=int, default=42)
+    evaluate.add_argument("--classes", help="ids and names, e.g. 1=spleen,2=kidney_right (default: all ids)")
+    evaluate.add_argument("--finetune-steps", type=int, help="total steps for finetune/from-scratch (default 45000)")
+    evaluate.add_argument("--model", default="fpn-ct")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=_cmd_eval)
     return parser
 
 

@@ -142,6 +142,12 @@ def finetune(
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")
     base = resolve_model(model)
+    coarsest = 2 ** (base.config.architecture.num_scales - 1)
+    if config.batch_size * int(np.prod([-(-p // coarsest) for p in config.patch_size])) < 2:
+        raise InputError(
+            f"batch_size {config.batch_size} with patches {config.patch_size} leaves one value per channel at the "
+            "coarsest level, where BatchNorm cannot train; use a larger batch or patch"
+        )
     net = copy.deepcopy(base).to(device)
     cases, class_map = _prepare_cases(pairs, base, classes, config.patch_size)
     arch = net.config.architecture

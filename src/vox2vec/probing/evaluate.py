@@ -1,0 +1,180 @@
+"""The paper's evaluation protocol over a labelled dataset folder: k-fold cross-validation, Table-1 layout."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vox2vec.errors import InputError
+from vox2vec.probing.classes import ClassMap, check_integer_labels
+from vox2vec.probing.metrics import dice_scores
+from vox2vec.volume import load_volume
+
+SETUPS = ("linear", "nonlinear", "finetune", "from-scratch")
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def find_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """(case id, image, labels) from ``imagesTr/`` + ``labelsTr/`` (MSD/nnU-Net ``_0000`` and BTCV ``img``/``label``
+    names are matched)."""
+    root = Path(root)
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if not images.is_dir() or not labels.is_dir():
+        raise InputError(f"{root} needs imagesTr/ and labelsTr/ folders (the BTCV / MSD layout)")
+    label_files = {_stem(p): p for p in labels.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith(".")}
+    cases = []
+    for image in sorted(p for p in images.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith(".")):
+        stem = _stem(image)
+        candidates = [stem, stem.removesuffix("_0000"), stem.replace("img", "label", 1)]
+        match = next((label_files[c] for c in candidates if c in label_files), None)
+        if match is None:
+            raise InputError(f"no label map in {labels} for {image.name} (looked for {', '.join(candidates)})")
+        cases.append((stem.removesuffix("_0000"), image, match))
+    if len(cases) < 2:
+        raise InputError(f"{root} holds {len(cases)} labelled case(s); cross-validation needs at least 2")
+    return cases
+
+
+def kfold(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """Seeded shuffled split of range(n) into ``folds`` test sets (sizes differ by at most one)."""
+    if not 2 <= folds <= n:
+        raise InputError(f"folds must be between 2 and the number of cases ({n}), got {folds}")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, folds)]
+
+
+def evaluate_dataset(
+    root: str | Path,
+    output_dir: str | Path,
+    *,
+    model: Any = "fpn-ct",
+    setups: Sequence[str] = ("linear", "nonlinear"),
+    folds: int = 5,
+    seed: int = 42,
+    classes: Mapping[int, str] | Iterable[int] | None = None,
+    head_options: Mapping[str, Any] | None = None,
+    finetune_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Cross-validate ``setups`` on a labelled dataset; per-class Dice (original grid) mean ± std across folds.
+
+    Results per fold and setup go to ``output_dir/folds/<setup>_fold<k>.json`` (a rerun skips finished ones), pyramids
+    are cached in ``output_dir/pyramids``; the summary is ``results.json`` and ``results.md`` (Table 1 layout).
+    """
+    from vox2vec.features import FeaturePyramid
+    from vox2vec.inference import embed_volume
+    from vox2vec.inference.embed import resolve_model
+    from vox2vec.probing.finetune import finetune
+    from vox2vec.probing.train import train_head
+
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
+    output_dir = Path(output_dir)
+    cases = find_cases(root)
+    present = set()
+    for _, _, label_path in cases:
+        present |= set(np.unique(check_integer_labels(load_volume(label_path).array)).tolist())
+    class_map = ClassMap.build(classes, present)
+    class_ids = {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)}
+    requested = {i: n for n, ids in class_ids.items() for i in ids}
+    net = resolve_model(model)
+
+    def pyramid_of(case: str, image: Path) -> FeaturePyramid:
+        path = output_dir / "pyramids" / f"{case}.safetensors"
+        if path.exists():
+            return FeaturePyramid.load(path)
+        pyramid = embed_volume(image, model=net, progress=False)
+        pyramid.save(path)
+        return pyramid
+
+    splits = kfold(len(cases), folds, seed)
+    for setup in setups:
+        for fold, test_index in enumerate(tqdm(splits, desc=setup, disable=not progress)):
+            result_path = output_dir / "folds" / f"{setup}_fold{fold}.json"
+            if result_path.exists():
+                continue
+            train = [cases[i] for i in range(len(cases)) if i not in set(test_index)]
+            test = [cases[i] for i in test_index]
+            if setup in ("linear", "nonlinear"):
+                pairs = [(pyramid_of(c, img), lab) for c, img, lab in train]
+                head = train_head(pairs, model=net, kind=setup, classes=requested, progress=False,
+                                  **dict(head_options or {}))
+            else:
+                start = net if setup == "finetune" else _random_like(net)
+                options = dict(finetune_options or {})
+                if setup == "from-scratch":
+                    options["frozen_steps"] = 0
+                workdir = output_dir / "runs" / f"{setup}_fold{fold}"
+                _, head = finetune([(img, lab) for _, img, lab in train], workdir, model=start, classes=requested,
+                                   progress=False, **options)
+            per_case = {}
+            for case, image, label_path in test:
+                source = pyramid_of(case, image) if setup in ("linear", "nonlinear") else image
+                prediction = load_volume(head.predict(source, progress=False)).array
+                per_case[case] = dice_scores(prediction, load_volume(label_path).array, class_ids).to_dict()
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            result_path.write_text(json.dumps({"setup": setup, "fold": fold, "test": [c for c, _, _ in test],
+                                               "cases": per_case}, indent=2))
+    summary = summarise(output_dir, setups, folds, list(class_map.names))
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "results.md").write_text(markdown_table(summary))
+    return summary
+
+
+def _random_like(net):
+    import torch
+
+    from vox2vec.model import Vox2VecModel
+
+    torch.manual_seed(0)
+    return Vox2VecModel(net.config).eval()
+
+
+def summarise(output_dir: Path, setups: Sequence[str], folds: int, names: list[str]) -> dict[str, Any]:
+    """Per setup and class: the fold scores (mean over the fold's test cases, absent cases skipped), mean and std."""
+    summary: dict[str, Any] = {"classes": names, "folds": folds, "setups": {}}
+    for setup in setups:
+        per_class: dict[str, list[float]] = {n: [] for n in names}
+        for fold in range(folds):
+            data = json.loads((Path(output_dir) / "folds" / f"{setup}_fold{fold}.json").read_text())
+            for name in names:
+                scores = [c["per_class"][name] for c in data["cases"].values() if c["per_class"][name] is not None]
+                if scores:
+                    per_class[name].append(float(np.mean(scores)))
+        stats = {n: {"mean": float(np.mean(v)) if v else math.nan, "std": float(np.std(v)) if v else math.nan,
+                     "folds": v} for n, v in per_class.items()}
+        means = [s["mean"] for s in stats.values() if not math.isnan(s["mean"])]
+        fold_avgs = [float(np.mean([per_class[n][k] for n in names if k < len(per_class[n])]))
+                     for k in range(folds) if any(k < len(per_class[n]) for n in names)]
+        stats["avg"] = {"mean": float(np.mean(means)) if means else math.nan,
+                        "std": float(np.std(fold_avgs)) if fold_avgs else math.nan, "folds": fold_avgs}
+        summary["setups"][setup] = stats
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Rows: setups; columns: classes and the average, as 'mean ± std' over folds (the paper's Table 1)."""
+    names = summary["classes"] + ["avg"]
+    lines = ["| setup | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for setup, stats in summary["setups"].items():
+        cells = []
+        for name in names:
+            s = stats[name]
+            cells.append("absent" if math.isnan(s["mean"]) else f"{s['mean']:.2f} ± {s['std']:.2f}")
+        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nDice on each case's original grid, mean ± std over {summary['folds']} folds.\n"

