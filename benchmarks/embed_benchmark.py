@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT.parent / "shared" / "data" / "ct" / "rider_lung_chest" / "ct.nii.gz"
@@ -106,8 +107,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(run_one(args.worker, Path(args.out))))
         return
-    machine = f"{platform.processor() or platform.machine()}-{torch.get_num_threads()}threads"
-    results = {"machine": platform.platform(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    results = {"machine": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [args.only] if args.only else list(CONFIGS):
@@ -118,20 +118,11 @@ def main() -> None:
             print(run, flush=True)
         if (Path(tmp) / "fp32.safetensors").exists():
             results["cosine_vs_fp32_default_scheme"] = fidelity(Path(tmp))
-    out = ROOT / "benchmarks" / "results" / f"embed_{machine}.json"
+    out = ROOT / "benchmarks" / "results" / "embed_cpu.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vox2vec.errors import Vox2VecError
+from vox2vec.errors import InputError, Vox2VecError
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -106,9 +106,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vox2vec.demo import demo
+
+    demo(args.output, model=args.model, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from vox2vec import pretrain
+
+    config = pretrain.load_config(args.config)
+    if args.pretrain_command == "prepare":
+        inputs = args.inputs or list(config.data.inputs)
+        if not inputs:
+            raise InputError("no inputs: pass CT files, folders or globs, or set [data] inputs in the config")
+        manifest = pretrain.prepare(inputs, args.output or config.data.prepared_dir,
+                                    preprocessing=config.preprocessing, patch_size=config.sampling.patch_size,
+                                    workers=config.data.workers, progress=not args.no_progress)
+        print(f"prepared {len(manifest['cases'])} CTs, skipped {len(manifest['skipped'])}")
+    elif args.pretrain_command == "train":
+        out = pretrain.train(config, progress=not args.no_progress)
+        print(f"checkpoints in {out / 'checkpoints'}")
+    else:
+        import torch
+
+        dtype = torch.float16 if args.dtype == "fp16" else None
+        out = pretrain.export(args.run_dir or config.train.output_dir, args.output, name=args.name,
+                              license=args.license, data_description=args.data, dtype=dtype)
+        print(f"exported to {out}")
+        if args.push_to_hub:
+            print(pretrain.push_to_hub(out, args.push_to_hub))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vox2vec", description="Voxel-level self-supervised features for CT.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="offline demo on the bundled CT and model: embed, probe, predict, PNG")
+    demo.add_argument("-o", "--output", default="vox2vec-demo", help="output folder (default: vox2vec-demo)")
+    demo.add_argument("--model", default="fpn-ct-mini", help="backbone (default: the bundled fpn-ct-mini)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_cmd_demo)
 
     embed = commands.add_parser("embed", help="embed a CT into a feature pyramid (.safetensors)")
     embed.add_argument("-i", "--input", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
@@ -161,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="fpn-ct")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=_cmd_eval)
+
+    pre = commands.add_parser("pretrain", help="contrastive pre-training: prepare | train | export")
+    stages = pre.add_subparsers(dest="pretrain_command", required=True)
+    for stage, text in [("prepare", "canonicalise, crop, resample and store CTs (resumable, parallel)"),
+                        ("train", "pre-train or resume (single process, or under torchrun for DDP)"),
+                        ("export", "checkpoint → model.safetensors + config.json + README.md")]:
+        sub = stages.add_parser(stage, help=text)
+        sub.add_argument("--config", help="TOML or JSON config (every field defaults to the paper's value)")
+        sub.add_argument("--no-progress", action="store_true")
+        sub.set_defaults(run=_cmd_pretrain)
+        if stage == "prepare":
+            sub.add_argument("inputs", nargs="*", help="CT files, folders or globs (default: [data] inputs)")
+            sub.add_argument("-o", "--output", help="prepared folder (default: [data] prepared_dir)")
+        if stage == "export":
+            sub.add_argument("-o", "--output", required=True, help="output model directory")
+            sub.add_argument("--run-dir", help="training output dir (default: [train] output_dir)")
+            sub.add_argument("--name", help="model name (default: the output folder's name)")
+            sub.add_argument("--license", default="MIT")
+            sub.add_argument("--data", default="unspecified", help="one line describing the pre-training data")
+            sub.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+            sub.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
     return parser
 
 

@@ -127,19 +127,25 @@ class Preprocessor:
         shape = np.floor((stop - start) / spacing + 1e-3).astype(int) + 1
         return Grid(shape, spacing, self.direction @ start, self.direction)
 
+    def resample_hu(
+        self, volume: Volume, *, device: torch.device | str | None = None, clip: tuple[float, float] | None = None
+    ) -> tuple[torch.Tensor, Grid]:
+        """HU on the model grid (canonical, cropped, resampled), clipped to ``clip`` (default: the model window)
+        *before* interpolation so scanner padding (−3024) cannot bleed into the body."""
+        target = self.target_grid(volume)
+        low, high = clip or self.config.clip_hu
+        source = torch.from_numpy(np.ascontiguousarray(volume.array)).to(device).float().clamp_(low, high)
+        if is_identity_mapping(volume.grid, target):
+            return source, target
+        return resample(source, volume.grid, target, mode="linear", fill=low), target
+
     def __call__(
         self, ct: Any, *, device: torch.device | str | None = None, **volume_kwargs: Any
     ) -> PreprocessedVolume:
         volume = load_volume(ct, **volume_kwargs)
         check_hounsfield(volume.array)
-        target = self.target_grid(volume)
         low, high = self.config.clip_hu
-        source = torch.from_numpy(np.ascontiguousarray(volume.array)).to(device)
-        source = source.float().clamp_(low, high)  # clip first so FOV padding (-3024) cannot bleed in
-        if is_identity_mapping(volume.grid, target):
-            image = source
-        else:
-            image = resample(source, volume.grid, target, mode="linear", fill=low)
+        image, target = self.resample_hu(volume, device=device)
         image = (image - low) / (high - low)
         threshold = (self.config.body_threshold_hu - low) / (high - low)
         return PreprocessedVolume(image=image, grid=target, source_grid=volume.grid, body_threshold=threshold)

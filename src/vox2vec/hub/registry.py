@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vox2vec.config import ModelConfig
 from vox2vec.errors import UnknownModelError
@@ -78,4 +79,18 @@ register_model(ModelSpec(
     ),
     description="The paper's contrastive FPN3d(1, 16, 6): 1008-d voxel features (official weights, ~191 MB).",
     size=None,  # not published; the Hub cache's own sha256 name is still verified
+))
+
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "models"
+
+register_model(ModelSpec(
+    name="fpn-ct-mini",
+    repo_id=None,
+    filename=None,
+    revision=None,
+    format="vox2vec",
+    config=ModelConfig(name="fpn-ct-mini"),
+    description="A small FPN3d(1, 8, 5) (248-d features, 6 MB in fp16) pre-trained on 3 CTs on a CPU with "
+                "vox2vec.pretrain; bundled, works offline. For demos and tests, not for research results.",
+    bundled_path=str(BUNDLED_MODELS / "fpn-ct-mini"),
 ))

@@ -11,7 +11,8 @@ Two layouts:
 Stitching policy of the pyramid (:func:`level_owners`): for every level ``i`` and axis, each level-``i`` cell takes
 its value from the window, among those whose start is a multiple of ``2^i`` and which contain the cell, in which the
 cell is farthest from an *inner* window edge (edges on the padded volume's border do not count); ties go to the
-earlier window. Axes are independent, so a cell's window is the product of its per-axis choices.
+earlier window. Axes are independent, so a cell's window is the product of its per-axis choices. A stride that
+would leave some level without an aligned window (e.g. 24 slices) is first rounded down by :func:`aligned_stride`.
 """
 
 from __future__ import annotations

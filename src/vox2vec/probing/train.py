@@ -41,7 +41,9 @@ def _embed(ct: Any, model: Any, progress: bool) -> tuple[FeaturePyramid, Any]:
     return embed_volume(ct, model=net, progress=progress), net
 
 
-def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMap) -> torch.Tensor:
+def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMap,
+                          ignore_label: int | None = None) -> torch.Tensor:
+    """Class indices on the model grid; voxels labelled ``ignore_label`` become -1 (never sampled)."""
     volume = load_volume(labels, check_finite=False) if not isinstance(labels, np.ndarray) else None
     if volume is None:
         raise InputError("pass label maps as files or images (with geometry), not bare arrays")
@@ -49,7 +51,11 @@ def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMa
     if differences:
         raise InputError("the label map is not on its CT's grid: " + "; ".join(differences)
                          + ". Resample it onto the CT with nearest-neighbour interpolation first")
-    encoded = torch.from_numpy(classes.encode(check_integer_labels(volume.array)))
+    array = check_integer_labels(volume.array)
+    encoded = classes.encode(array)
+    if ignore_label is not None:
+        encoded[array == ignore_label] = -1
+    encoded = torch.from_numpy(encoded)
     return resample(encoded, pyramid.source_grid, pyramid.grid, mode="nearest", fill=0).long()
 
 
@@ -98,6 +104,7 @@ def train_head(
     lr: float | None = None,
     patience: int = 5,
     eval_every: int = 100,
+    ignore_label: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -110,7 +117,8 @@ def train_head(
     runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with
     class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft Dice, as the original). With
     ``validation`` pairs it keeps the best head by validation loss and stops after ``patience`` evaluations without
-    improvement. Seeded and deterministic on CPU.
+    improvement. Voxels labelled ``ignore_label`` (partial annotations) are never sampled. Seeded and deterministic
+    on CPU.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -129,12 +137,14 @@ def train_head(
     present = set()
     for _, labels in embedded:
         present |= set(np.unique(check_integer_labels(labels.array)).tolist())
+    present.discard(ignore_label)
     class_map = ClassMap.build(classes, present)
-    items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map)) for p, lab in embedded]
+    items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map, ignore_label)) for p, lab in embedded]
     val_items = []
     for ct, labels in validation or []:
         pyramid, _ = _embed(ct, net or model, progress)
-        val_items.append(LabelledPyramid(pyramid, _labels_on_model_grid(load_volume(labels), pyramid, class_map)))
+        val_items.append(LabelledPyramid(pyramid, _labels_on_model_grid(load_volume(labels), pyramid, class_map,
+                                                                        ignore_label)))
 
     reference = embedded[0][0]
     channels = reference.channels

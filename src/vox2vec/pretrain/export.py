@@ -1,0 +1,90 @@
+"""Export a pre-training checkpoint to the hub format: ``model.safetensors`` + ``config.json`` + a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from vox2vec._atomic import atomic_path
+from vox2vec._checkpoint import load_latest_checkpoint
+from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig
+from vox2vec.errors import InputError
+from vox2vec.model import Vox2VecModel
+
+CARD = """---
+license: {license}
+tags: [vox2vec, ct, self-supervised, medical-imaging, feature-extraction]
+library_name: vox2vec
+---
+
+# {name}
+
+A vox2vec backbone (`FPN3d(1, {base}, {scales})`, {params:,} parameters, {dim}-d voxel embeddings) pre-trained
+contrastively with the `vox2vec.pretrain` pipeline.
+
+* **Data**: {data}
+* **Steps**: {steps} (batch: {pairs} crop pairs of {patch} from one CT, ≤ {voxels} positives per pair)
+* **Objective**: symmetric InfoNCE, τ = {temperature}
+* **Input contract**: canonical RAS orientation, crop to voxels ≥ {threshold:g} HU, {spacing} mm, HU window
+  {window} → [0, 1] (all in `config.json`; `vox2vec.embed_volume` applies it)
+* **Licence**: {license}
+
+## Use
+
+```python
+import vox2vec
+model = vox2vec.load_pretrained("path/or/repo")
+features = vox2vec.embed_volume("ct.nii.gz", model=model)
+```
+
+## Intended use and limits
+
+For research: voxel-level features of CT scans for segmentation probing, retrieval and analysis.
+**Not a medical device**; not validated for clinical decisions. Features reflect the pre-training data above
+and may not transfer to other anatomy, scanners or modalities (it was trained on CT in Hounsfield units only).
+"""
+
+
+def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
+           license: str = "MIT", data_description: str = "unspecified", dtype: torch.dtype | None = None) -> Path:
+    """Newest readable checkpoint of ``run_dir`` → a directory :func:`vox2vec.load_pretrained` reads."""
+    checkpoint = load_latest_checkpoint(Path(run_dir) / "checkpoints")
+    if checkpoint is None:
+        raise InputError(f"no readable checkpoint in {run_dir}/checkpoints")
+    config = checkpoint["config"]
+    arch = ArchitectureConfig(**config["architecture"])
+    pre = PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in config["preprocessing"].items()})
+    name = name or Path(output_dir).name
+    model_config = ModelConfig(arch, pre, name=name, license=license, source={
+        "pretrained_with": "vox2vec.pretrain", "steps": checkpoint["step"], "data": data_description,
+        "sampling": config["sampling"], "temperature": config["train"]["temperature"],
+    })
+    model = Vox2VecModel(model_config)
+    prefix = "backbone."
+    model.backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+    out = model.save_pretrained(output_dir, dtype=dtype)
+    card = CARD.format(
+        license=license.lower(), name=name, base=arch.base_channels, scales=arch.num_scales,
+        params=sum(p.numel() for p in model.backbone.parameters()), dim=model.embedding_dim, data=data_description,
+        steps=checkpoint["step"], pairs=config["sampling"]["pairs_per_step"],
+        patch="×".join(map(str, config["sampling"]["patch_size"])), voxels=config["sampling"]["max_voxels_per_pair"],
+        temperature=config["train"]["temperature"], threshold=pre.body_threshold_hu,
+        spacing="×".join(f"{s:g}" for s in pre.spacing), window=list(pre.clip_hu),
+    )
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(card)
+    return out
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
+    """Upload an exported directory to the Hugging Face Hub (needs network and a token)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id)
+    return json.dumps({"repo_id": repo_id, "commit": getattr(info, "oid", None)})

@@ -1,0 +1,141 @@
+"""``prepare``: canonicalise, crop, resample and store a CT corpus once, memory-mappable for training.
+
+Per case ``<out>/<case>/image.npy`` (int16 HU, (X, Y, Z) at the model spacing) and ``body.npy`` (bool body mask),
+plus ``grid.json``; ``manifest.json`` lists every prepared case and every skipped input with the reason. Cases are
+written to a temporary folder and renamed, so a crash never leaves a half-written case, and a rerun skips finished ones.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vox2vec._atomic import atomic_directory, atomic_path
+from vox2vec.config import PreprocessingConfig
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_INT16 = np.iinfo(np.int16)
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files, directories (searched recursively for CT files and DICOM series folders) and glob patterns."""
+    found: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        matches = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
+        for match in map(Path, matches):
+            if match.is_file():
+                found.append(match)
+            elif match.is_dir():
+                found.extend(_scan_directory(match))
+            else:
+                found.append(match)  # reported as unreadable later
+    return list(dict.fromkeys(found))
+
+
+def _scan_directory(root: Path) -> list[Path]:
+    out = []
+    for folder, _, files in os.walk(root):
+        names = sorted(files)
+        if any(n.lower().endswith(".dcm") for n in names):
+            out.append(Path(folder))
+        out.extend(Path(folder) / n for n in names if n.endswith(_SUFFIXES) and "label" not in n.lower())
+    return out
+
+
+def case_id(path: Path, taken: set[str]) -> str:
+    name = path.name
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name in {"ct", "image", "img"}:
+        name = f"{path.parent.name}_{name}"
+    unique, k = name, 1
+    while unique in taken:
+        k += 1
+        unique = f"{name}_{k}"
+    taken.add(unique)
+    return unique
+
+
+def prepare_case(source: str, target: str, preprocessing: dict[str, Any], patch_size: Sequence[int]) -> dict:
+    """Prepare one CT; returns its manifest entry, or ``{"skipped": reason}``."""
+    from vox2vec.body import body_mask
+    from vox2vec.errors import Vox2VecError
+    from vox2vec.preprocessing import Preprocessor
+    from vox2vec.volume import load_volume
+
+    try:
+        volume = load_volume(source)
+        config = PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
+        preprocessor = Preprocessor(config)
+        hu, grid = preprocessor.resample_hu(volume, clip=(config.clip_hu[0], float(_INT16.max)))
+    except (Vox2VecError, OSError, RuntimeError, ValueError) as error:
+        return {"source": source, "skipped": f"unreadable: {error}"}
+    if any(n < p for n, p in zip(grid.shape, patch_size)):
+        return {"source": source, "skipped": f"smaller than one patch {tuple(patch_size)} after resampling: "
+                                              f"{grid.shape}"}
+    image = hu.round().clamp(_INT16.min, _INT16.max).numpy().astype(np.int16)
+    body = body_mask(image, config.body_threshold_hu)
+    if not body.any():
+        return {"source": source, "skipped": "empty body mask (no voxel ≥ the body threshold connected inside)"}
+    with atomic_directory(target) as tmp:
+        np.save(tmp / "image.npy", image)
+        np.save(tmp / "body.npy", body)
+        (tmp / "grid.json").write_text(json.dumps(grid.to_dict()))
+    return {"source": source, "id": Path(target).name, "shape": list(grid.shape), "spacing": list(grid.spacing),
+            "body_voxels": int(body.sum())}
+
+
+def prepare(
+    inputs: Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    preprocessing: PreprocessingConfig | None = None,
+    patch_size: Sequence[int] = (128, 128, 32),
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare every CT in ``inputs`` into ``output_dir`` (resumable); returns and writes ``manifest.json``."""
+    from dataclasses import asdict
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = output_dir / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cases": [], "skipped": []}
+    done = {c["source"]: c for c in previous["cases"] if (output_dir / c["id"] / "image.npy").exists()}
+    taken = {c["id"] for c in done.values()}
+    preprocessing = preprocessing or PreprocessingConfig()
+    jobs = []
+    for path in expand_inputs(inputs):
+        source = str(path)
+        if source not in done:
+            jobs.append((source, str(output_dir / case_id(path, taken)), asdict(preprocessing), list(patch_size)))
+    cases, skipped = list(done.values()), []
+    with tqdm(total=len(jobs), desc="preparing CTs", unit="ct", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for entry in pool.map(prepare_case, *zip(*jobs)):
+                    (skipped if "skipped" in entry else cases).append(entry)
+                    bar.update()
+        else:
+            for job in jobs:
+                entry = prepare_case(*job)
+                (skipped if "skipped" in entry else cases).append(entry)
+                bar.update()
+    for entry in skipped:
+        tqdm.write(f"skipped {entry['source']}: {entry['skipped']}")
+    manifest = {"preprocessing": asdict(preprocessing), "patch_size": list(patch_size),
+                "cases": sorted(cases, key=lambda c: c["id"]), "skipped": skipped}
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    return manifest

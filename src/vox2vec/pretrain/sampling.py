@@ -1,0 +1,114 @@
+"""Positive pairs exactly as the original: an anchor body voxel, two boxes that contain it, shared body voxels.
+
+Every step's batch is a pure function of (seed, rank, step), so training resumes exactly from any step, DataLoader
+workers need no shared state, and DDP ranks draw distinct streams.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vox2vec.errors import InputError
+from vox2vec.pretrain.config import SamplingConfig
+
+
+@dataclass
+class PreparedCase:
+    """A prepared CT opened by memory mapping: patches are read without loading the volume."""
+
+    id: str
+    image: np.ndarray  # int16 memmap (X, Y, Z)
+    body: np.ndarray  # bool memmap (X, Y, Z)
+
+    @classmethod
+    def open(cls, folder: Path) -> PreparedCase:
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        return cls(folder.name, image, np.load(folder / "body.npy", mmap_mode="r"))
+
+
+def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int]) -> list[PreparedCase]:
+    """All prepared cases large enough for ``patch_size``; fails before training when none is."""
+    prepared_dir = Path(prepared_dir)
+    manifest_path = prepared_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{prepared_dir} has no manifest.json: run `vox2vec pretrain prepare` first")
+    manifest = json.loads(manifest_path.read_text())
+    usable = [c for c in manifest["cases"] if all(n >= p for n, p in zip(c["shape"], patch_size))]
+    if not usable:
+        largest = max((tuple(c["shape"]) for c in manifest["cases"]), default=None)
+        raise InputError(f"patch_size {tuple(patch_size)} is larger than every prepared CT (largest {largest}); "
+                         "use a smaller patch or add larger CTs")
+    return [PreparedCase.open(prepared_dir / c["id"]) for c in usable]
+
+
+@dataclass
+class PairBatch:
+    """One step: ``patches`` (2, n, 1, X, Y, Z) int16 HU and per pair (m_j, 3) voxel indices in each view."""
+
+    patches: torch.Tensor
+    voxels_1: list[torch.Tensor]
+    voxels_2: list[torch.Tensor]
+    case: str
+
+
+def _random_body_voxel(case: PreparedCase, rng: np.random.Generator) -> np.ndarray:
+    """Uniform over body voxels by rejection from the whole grid (the body fills a large part of its box)."""
+    shape = np.asarray(case.body.shape)
+    for _ in range(100_000):
+        voxel = rng.integers(0, shape)
+        if case.body[tuple(voxel)]:
+            return voxel
+    raise InputError(f"case {case.id}: could not find a body voxel; its body mask is (nearly) empty")
+
+
+def sample_pair(case: PreparedCase, config: SamplingConfig, rng: np.random.Generator):
+    """(start_1, start_2, voxels in view 1, voxels in view 2) for one crop pair."""
+    patch = np.asarray(config.patch_size)
+    shape = np.asarray(case.image.shape)
+    anchor = _random_body_voxel(case, rng)
+    low, high = np.maximum(0, anchor - patch + 1), np.minimum(shape - patch, anchor)
+    start_1 = rng.integers(low, high + 1)
+    start_2 = rng.integers(low, high + 1)
+    lo, hi = np.maximum(start_1, start_2), np.minimum(start_1, start_2) + patch
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    shared = np.argwhere(np.asarray(case.body[box])) + lo
+    if len(shared) > config.max_voxels_per_pair:
+        shared = shared[rng.choice(len(shared), config.max_voxels_per_pair, replace=False)]
+    return start_1, start_2, shared - start_1, shared - start_2
+
+
+def step_generator(seed: int, rank: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, rank, step])
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item ``step`` is that step's batch: n crop pairs from one CT drawn by the step's own generator."""
+
+    def __init__(self, cases: list[PreparedCase], config: SamplingConfig, seed: int, rank: int = 0) -> None:
+        self.cases, self.config, self.seed, self.rank = cases, config, seed, rank
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> PairBatch:
+        rng = step_generator(self.seed, self.rank, step)
+        case = self.cases[rng.integers(len(self.cases))]
+        patch = self.config.patch_size
+        patches = np.empty((2, self.config.pairs_per_step, 1, *patch), dtype=np.int16)
+        voxels_1, voxels_2 = [], []
+        for j in range(self.config.pairs_per_step):
+            start_1, start_2, v1, v2 = sample_pair(case, self.config, rng)
+            for view, start in enumerate((start_1, start_2)):
+                patches[view, j, 0] = case.image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+            voxels_1.append(torch.from_numpy(v1))
+            voxels_2.append(torch.from_numpy(v2))
+        return PairBatch(torch.from_numpy(patches), voxels_1, voxels_2, case.id)
+
+
+def collate_single(batch: PairBatch) -> PairBatch:
+    return batch

