@@ -32,3 +32,12 @@ def test_info_lists_models(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "fpn-ct" in out and "mishgon/vox2vec" in out and "not cached" in out and "181.7 MiB" in out
+
+
+def test_demo_runs_offline_on_the_bundled_data(tmp_path, monkeypatch):
+    """The README's first command: bundled CT + bundled model, no network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "-o", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    prediction = sitk.ReadImage(str(tmp_path / "prediction.nii.gz"))
+    assert prediction.GetSize() == (256, 256, 64)
