@@ -109,7 +109,8 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
         collate_fn=collate_single, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
     )
-    log = open(out / f"log_rank{rank}.jsonl", "a") if rank == 0 or world > 1 else None  # noqa: SIM115
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / f"log_rank{rank}.jsonl", "a")  # noqa: SIM115 - one JSONL log per rank, closed below
     writer = _tensorboard(out) if rank == 0 else None
     started, last_time, last_step = time.perf_counter(), time.perf_counter(), step
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
@@ -130,7 +131,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
             optimiser.step()
             step += 1
             bar.update()
-            if log is not None and (step % t.log_every == 0 or step == t.steps):
+            if step % t.log_every == 0 or step == t.steps:
                 now = time.perf_counter()
                 record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
                           "steps_per_s": (step - last_step) / (now - last_time), "memory_mb": _memory_mb(device),
@@ -151,10 +152,9 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
                 _online_probe(model, config, step, out)
             if stopping:
                 break
-    if log is not None:
-        log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - started,
-                              "parameter_checksum": _checksum(model)}) + "\n")
-        log.close()
+    log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - started,
+                          "parameter_checksum": _checksum(model)}) + "\n")
+    log.close()
     if world > 1:
         torch.distributed.barrier()
     return out
