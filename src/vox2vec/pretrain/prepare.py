@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -123,7 +124,9 @@ def prepare(
     cases, skipped = list(done.values()), []
     with tqdm(total=len(jobs), desc="preparing CTs", unit="ct", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # "spawn", not fork: a forked child inherits ITK's and OpenMP's thread pools without their threads
+            # and can wait on them forever once the parent has read an image or run torch.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for entry in pool.map(prepare_case, *zip(*jobs)):
                     (skipped if "skipped" in entry else cases).append(entry)
                     bar.update()
