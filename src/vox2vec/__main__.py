@@ -1,3 +1,6 @@
+"""``python -m vox2vec``: the CLI (also what ``torchrun -m vox2vec pretrain train`` runs on each rank)."""
+
 from vox2vec.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

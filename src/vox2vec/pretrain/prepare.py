@@ -3,6 +3,8 @@
 Per case ``<out>/<case>/image.npy`` (int16 HU, (X, Y, Z) at the model spacing) and ``body.npy`` (bool body mask),
 plus ``grid.json``; ``manifest.json`` lists every prepared case and every skipped input with the reason. Cases are
 written to a temporary folder and renamed, so a crash never leaves a half-written case, and a rerun skips finished ones.
+Workers are spawned, not forked, so a script that calls ``prepare(..., workers>1)`` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations

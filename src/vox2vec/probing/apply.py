@@ -68,9 +68,10 @@ def voxel_forward(head: nn.Module, features: torch.Tensor, channels: list[int]) 
     Exactly ``head`` on a one-voxel pyramid (1×1×1 convolutions are matrix products, nearest upsampling of a single
     voxel is the identity) but without the 5-D overhead, so training on sampled voxels is fast.
     """
+    if isinstance(head, FPNLinearHead):  # one matrix product on the concatenated embedding (level 0 holds the bias)
+        weight = torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1)
+        return nn.functional.linear(features, weight, head.layers[0].bias)
     levels = torch.split(features, channels, dim=1)
-    if isinstance(head, FPNLinearHead):
-        return sum(_linear(layer, level) for layer, level in zip(head.layers, levels))
     if isinstance(head, FPNNonLinearHead):
         x = _resblock(head.bottom_block, levels[-1])
         for up, skip, right, level in zip(head.up_blocks, head.skip_blocks, head.right_blocks, levels[-2::-1]):

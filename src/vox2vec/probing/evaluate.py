@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
-from vox2vec.probing.classes import ClassMap, check_integer_labels
+from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.metrics import dice_scores
 from vox2vec.volume import load_volume
 
@@ -88,7 +88,7 @@ def evaluate_dataset(
     cases = find_cases(root)
     present = set()
     for _, _, label_path in cases:
-        present |= set(np.unique(check_integer_labels(load_volume(label_path).array)).tolist())
+        present |= label_ids(check_integer_labels(load_volume(label_path).array))
     class_map = ClassMap.build(classes, present)
     class_ids = {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)}
     requested = {i: n for n, ids in class_ids.items() for i in ids}

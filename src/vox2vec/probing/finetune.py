@@ -19,7 +19,7 @@ from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, pick_device, resolve_precision
 from vox2vec.model import Vox2VecModel
-from vox2vec.probing.classes import ClassMap, check_integer_labels
+from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.volume import load_volume
 
@@ -66,7 +66,7 @@ def _prepare_cases(pairs, model: Vox2VecModel, class_map_arg, patch: tuple[int, 
         prepared = preprocessor(ct)
         label_volume = load_volume(labels, check_finite=False)
         array = check_integer_labels(label_volume.array)
-        present |= set(np.unique(array).tolist())
+        present |= label_ids(array)
         raw.append((prepared, label_volume.with_array(array)))
     class_map = ClassMap.build(class_map_arg, present)
     cases = []

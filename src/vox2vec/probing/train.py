@@ -17,7 +17,7 @@ from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import describe_grid_difference
 from vox2vec.probing.apply import voxel_forward
-from vox2vec.probing.classes import ClassMap, check_integer_labels
+from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.resample import resample
 from vox2vec.volume import load_volume
@@ -62,7 +62,8 @@ def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMa
 def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced voxel features: up to ``per_class`` voxels of every class from every pyramid, inside the body
-    (background) or anywhere labelled (foreground). Returns (M, D) fp32 features and (M,) class indices."""
+    (background) or anywhere labelled (foreground). Returns (M, D) features in the pyramids' storage dtype (fp16 by
+    default: exact, and half the memory) and (M,) class indices."""
     features, targets = [], []
     for item in items:
         labels = item.labels
@@ -75,9 +76,35 @@ def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class:
             if index.numel() > per_class:
                 index = index[torch.randperm(index.numel(), generator=generator)[:per_class]]
             coords = torch.stack(torch.unravel_index(index, labels.shape), dim=1)
-            features.append(item.pyramid.at_grid_indices(coords))
+            features.append(item.pyramid.at_grid_indices(coords, dtype=item.pyramid.dtype))
             targets.append(torch.full((len(index),), k, dtype=torch.long))
-    return torch.cat(features), torch.cat(targets)
+    dtype = torch.promote_types(*{f.dtype for f in features}) if len({f.dtype for f in features}) > 1 else None
+    return torch.cat([f.to(dtype) for f in features] if dtype else features), torch.cat(targets)
+
+
+def feature_moments(features: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (fp32), accumulated in fp64 chunk by chunk (no fp32 copy of all)."""
+    total = torch.zeros(features.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for rows in torch.split(features, chunk):
+        rows = rows.to(torch.float64)
+        total += rows.sum(0)
+        squares += rows.square().sum(0)
+    count = max(len(features), 2)
+    mean = total / count
+    variance = (squares - count * mean.square()).clamp(min=0) / (count - 1)
+    return mean.float(), variance.sqrt().float()
+
+
+def standardised_linear_forward(head: nn.Module, features: torch.Tensor, mean: torch.Tensor,
+                                std: torch.Tensor) -> torch.Tensor:
+    """A linear head whose weights act on standardised features, (x − μ)/σ, applied to raw features x.
+
+    The same function and gradients as training on standardised copies (far better conditioned for Adam), without
+    ever writing those copies: W/σ and b − (W/σ)·μ are folded into one matrix product.
+    """
+    weight = torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1) / std
+    return nn.functional.linear(features, weight, head.layers[0].bias - weight @ mean)
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -136,7 +163,7 @@ def train_head(
         raise InputError(f"training pyramids come from different backbones: {sorted(map(str, fingerprints))}")
     present = set()
     for _, labels in embedded:
-        present |= set(np.unique(check_integer_labels(labels.array)).tolist())
+        present |= label_ids(check_integer_labels(labels.array))
     present.discard(ignore_label)
     class_map = ClassMap.build(classes, present)
     items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map, ignore_label)) for p, lab in embedded]
@@ -158,15 +185,15 @@ def train_head(
         weights = weights[1:]
     val = sample_voxels(val_items, class_map.num_classes, voxels_per_class, generator) if val_items else None
 
-    # The linear head trains on standardised features (much better conditioned for Adam); the scaling is folded
-    # into its weights afterwards, so the saved head takes raw features in the original layout.
-    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
-    if kind != "linear":
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
-    features = (features - mean) / std
-    if val is not None:
-        val = ((val[0] - mean) / std, val[1])
+    # The linear head's weights act on standardised features (much better conditioned for Adam); the scaling is
+    # folded into them afterwards, so the saved head takes raw features in the original layout.
     module = build_head_module(kind, base, num_scales, outputs).to(device).train()
+    if kind == "linear":
+        mean, std = (t.to(device) for t in feature_moments(features))
+        std = std.clamp(min=1e-6)
+        forward = lambda x: standardised_linear_forward(module, x, mean, std)
+    else:
+        forward = lambda x: voxel_forward(module, x, channels)
     optimiser = torch.optim.Adam(module.parameters(), lr=lr or (1e-2 if kind == "linear" else 3e-3))
     features, targets = features.to(device), targets.to(device)
     history: list[dict[str, float]] = []
@@ -174,8 +201,7 @@ def train_head(
     with tqdm(total=steps, desc=f"training {kind} head", disable=not progress) as bar:
         for step in range(1, steps + 1):
             batch = torch.randint(0, len(targets), (min(batch_size, len(targets)),), generator=generator)
-            batch = batch.to(device)
-            logits = voxel_forward(module, features[batch], channels)
+            logits = forward(features.index_select(0, batch.to(device)).float())
             loss = _loss(logits, targets[batch], weights, multilabel)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,7 +213,7 @@ def train_head(
             if val is not None:
                 module.eval()
                 with torch.no_grad():
-                    val_logits = voxel_forward(module, val[0].to(device), channels)
+                    val_logits = forward(val[0].to(device).float())
                     record["val_loss"] = float(_loss(val_logits, val[1].to(device), weights, multilabel))
                 module.train()
                 if record["val_loss"] < best_loss - 1e-4:
@@ -201,7 +227,7 @@ def train_head(
     if best_state is not None:
         module.load_state_dict(best_state)
     if kind == "linear":
-        _fold_standardisation(module, mean.to(device), std.to(device), channels)
+        _fold_standardisation(module, mean, std, channels)
     backbone = {"name": reference.meta.get("model"), "fingerprint": reference.meta.get("fingerprint"),
                 "config": _backbone_config(net, reference)}
     return Head(module.cpu().eval(), kind, class_map, backbone, multilabel, net, history)
