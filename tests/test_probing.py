@@ -165,3 +165,29 @@ def test_bad_training_input(trained, tmp_path):
     with pytest.raises(InputError, match=f"{model.name}.*{other.name}|trained on backbone"):
         head.predict(ct, model=other, progress=False)
     assert vox2vec.Head is type(head)
+
+
+def test_standardised_linear_training_folds_into_the_saved_layout():
+    """The linear head trains on (x − μ)/σ without a standardised copy; folded, it must take raw features exactly."""
+    from vox2vec.probing.apply import voxel_forward
+    from vox2vec.probing.train import _fold_standardisation, feature_moments, standardised_linear_forward
+
+    torch.manual_seed(0)
+    channels = [2, 4, 8]
+    features = (torch.randn(300, sum(channels)) * torch.linspace(0.1, 30, sum(channels)) + 5).half()
+    mean, std = feature_moments(features, chunk=64)
+    torch.testing.assert_close(mean, features.float().mean(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(std, features.float().std(0), atol=1e-4, rtol=1e-5)
+    head = build_head_module("linear", 2, 3, 4)
+    with torch.no_grad():
+        trained = standardised_linear_forward(head, features.float(), mean, std)
+        _fold_standardisation(head, mean, std, channels)
+        torch.testing.assert_close(voxel_forward(head, features.float(), channels), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_label_ids_match_numpy_unique():
+    from vox2vec.probing.classes import label_ids
+
+    rng = np.random.default_rng(0)
+    for array in (rng.integers(0, 118, (20, 20, 5)), rng.integers(-3, 5, 100), np.array([0, 2**30]), np.zeros(0)):
+        assert label_ids(array.astype(np.int64)) == set(np.unique(array).tolist())

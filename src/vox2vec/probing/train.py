@@ -78,8 +78,9 @@ def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class:
             coords = torch.stack(torch.unravel_index(index, labels.shape), dim=1)
             features.append(item.pyramid.at_grid_indices(coords, dtype=item.pyramid.dtype))
             targets.append(torch.full((len(index),), k, dtype=torch.long))
-    dtype = torch.promote_types(*{f.dtype for f in features}) if len({f.dtype for f in features}) > 1 else None
-    return torch.cat([f.to(dtype) for f in features] if dtype else features), torch.cat(targets)
+    if len({f.dtype for f in features}) > 1:  # pyramids stored in different precisions
+        features = [f.float() for f in features]
+    return torch.cat(features), torch.cat(targets)
 
 
 def feature_moments(features: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +201,8 @@ def train_head(
     best_state, best_loss, waited = None, math.inf, 0
     with tqdm(total=steps, desc=f"training {kind} head", disable=not progress) as bar:
         for step in range(1, steps + 1):
-            batch = torch.randint(0, len(targets), (min(batch_size, len(targets)),), generator=generator)
-            logits = forward(features.index_select(0, batch.to(device)).float())
+            batch = torch.randint(0, len(targets), (min(batch_size, len(targets)),), generator=generator).to(device)
+            logits = forward(features.index_select(0, batch).float())
             loss = _loss(logits, targets[batch], weights, multilabel)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
