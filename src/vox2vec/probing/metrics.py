@@ -26,7 +26,10 @@ class DiceReport:
         return float(np.mean(scored)) if scored else math.nan
 
     def __str__(self) -> str:
-        lines = [f"{name:>32s}  {'absent' if v is None else f'{v:.3f}'}" for name, v in self.per_class.items()]
+        notes = {**dict.fromkeys(self.missed, "  (in the truth, predicted nowhere)"),
+                 **dict.fromkeys(self.spurious, "  (predicted, but absent from the truth)")}
+        lines = [f"{name:>32s}  {'absent' if v is None else f'{v:.3f}'}{notes.get(name, '')}"
+                 for name, v in self.per_class.items()]
         return "\n".join(lines + [f"{'mean':>32s}  {self.mean:.3f}"])
 
     def to_dict(self) -> dict:
