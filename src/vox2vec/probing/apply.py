@@ -62,15 +62,19 @@ def _batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
                                     bn.training or not bn.track_running_stats, momentum, bn.eps)
 
 
+def linear_head_matrix(head: FPNLinearHead) -> torch.Tensor:
+    """The (K, D) matrix of a linear head on the concatenated embedding (its bias lives in level 0's conv)."""
+    return torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1)
+
+
 def voxel_forward(head: nn.Module, features: torch.Tensor, channels: list[int]) -> torch.Tensor:
     """The head applied to (B, D) concatenated voxel embeddings → (B, K) logits.
 
     Exactly ``head`` on a one-voxel pyramid (1×1×1 convolutions are matrix products, nearest upsampling of a single
     voxel is the identity) but without the 5-D overhead, so training on sampled voxels is fast.
     """
-    if isinstance(head, FPNLinearHead):  # one matrix product on the concatenated embedding (level 0 holds the bias)
-        weight = torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1)
-        return nn.functional.linear(features, weight, head.layers[0].bias)
+    if isinstance(head, FPNLinearHead):  # one matrix product on the concatenated embedding
+        return nn.functional.linear(features, linear_head_matrix(head), head.layers[0].bias)
     levels = torch.split(features, channels, dim=1)
     if isinstance(head, FPNNonLinearHead):
         x = _resblock(head.bottom_block, levels[-1])

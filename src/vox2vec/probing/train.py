@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import describe_grid_difference
-from vox2vec.probing.apply import voxel_forward
+from vox2vec.probing.apply import linear_head_matrix, voxel_forward
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.resample import resample
@@ -104,8 +104,13 @@ def standardised_linear_forward(head: nn.Module, features: torch.Tensor, mean: t
     The same function and gradients as training on standardised copies (far better conditioned for Adam), without
     ever writing those copies: W/σ and b − (W/σ)·μ are folded into one matrix product.
     """
-    weight = torch.cat([layer.weight[:, :, 0, 0, 0] for layer in head.layers], dim=1) / std
-    return nn.functional.linear(features, weight, head.layers[0].bias - weight @ mean)
+    return nn.functional.linear(features, *_raw_feature_weights(head, mean, std))
+
+
+def _raw_feature_weights(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a linear head trained on (x − μ)/σ, rewritten to take x: W/σ and b − (W/σ)·μ."""
+    weight = linear_head_matrix(head) / std
+    return weight, head.layers[0].bias - weight @ mean
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -197,6 +202,8 @@ def train_head(
         forward = lambda x: voxel_forward(module, x, channels)
     optimiser = torch.optim.Adam(module.parameters(), lr=lr or (1e-2 if kind == "linear" else 3e-3))
     features, targets = features.to(device), targets.to(device)
+    if val is not None:
+        val = (val[0].to(device).float(), val[1].to(device))
     history: list[dict[str, float]] = []
     best_state, best_loss, waited = None, math.inf, 0
     with tqdm(total=steps, desc=f"training {kind} head", disable=not progress) as bar:
@@ -214,8 +221,7 @@ def train_head(
             if val is not None:
                 module.eval()
                 with torch.no_grad():
-                    val_logits = forward(val[0].to(device).float())
-                    record["val_loss"] = float(_loss(val_logits, val[1].to(device), weights, multilabel))
+                    record["val_loss"] = float(_loss(forward(val[0]), val[1], weights, multilabel))
                 module.train()
                 if record["val_loss"] < best_loss - 1e-4:
                     best_loss, best_state, waited = record["val_loss"], copy.deepcopy(module.state_dict()), 0
@@ -236,13 +242,11 @@ def train_head(
 
 @torch.no_grad()
 def _fold_standardisation(head: nn.Module, mean: torch.Tensor, std: torch.Tensor, channels: list[int]) -> None:
-    """Rewrite a linear head trained on (x − μ)/σ so that it takes x: W ← W/σ, b ← b − Σ W μ/σ."""
-    shift = torch.zeros(head.layers[0].weight.shape[0], device=mean.device)
-    for layer, mu, sigma in zip(head.layers, torch.split(mean, channels), torch.split(std, channels)):
-        weight = layer.weight[:, :, 0, 0, 0] / sigma
-        shift += weight @ mu
-        layer.weight.copy_(weight[:, :, None, None, None])
-    head.layers[0].bias.sub_(shift)
+    """Rewrite a linear head trained on (x − μ)/σ in place so that it takes x (the saved, original layout)."""
+    weight, bias = _raw_feature_weights(head, mean, std)
+    for layer, part in zip(head.layers, torch.split(weight, channels, dim=1)):
+        layer.weight.copy_(part[:, :, None, None, None])
+    head.layers[0].bias.copy_(bias)
 
 
 def _backbone_config(net: Any, pyramid: FeaturePyramid) -> dict[str, Any]:
