@@ -58,8 +58,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     probe_every: int = 0  # 0 = no online probing
-    probe_ct: str | None = None
+    probe_ct: str | None = None  # the online probe's head is fit on this CT and label map …
     probe_labels: str | None = None
+    probe_test_ct: str | None = None  # … and scored on this one (another patient: transfer); default: probe_ct
+    probe_test_labels: str | None = None
     probe_classes: dict[str, str] | None = None  # {"5": "liver", …}
 
 
@@ -143,5 +145,7 @@ def validate(config: PretrainConfig) -> None:
             problems.append(f"augmentation.{name} must be in [0, 1]")
     if t.probe_every and not (t.probe_ct and t.probe_labels):
         problems.append("train.probe_every needs train.probe_ct and train.probe_labels")
+    if bool(t.probe_test_ct) != bool(t.probe_test_labels):
+        problems.append("train.probe_test_ct and train.probe_test_labels go together")
     if problems:
         raise InputError("invalid pre-training config:\n  " + "\n  ".join(problems))
