@@ -35,22 +35,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` (whose old content is removed)."""
+    """Yield an empty temporary folder inside ``path``; if the block succeeds, each file written there replaces its
+    namesake in ``path`` with one atomic rename. Anything else already in ``path`` is left alone (as the Hugging Face
+    ``save_pretrained`` does); a crash leaves every file either old or new, never half-written.
+
+    ``path`` is created when missing (and removed again if the block fails and left it empty); an existing regular
+    file at ``path`` is refused.
+    """
+    from vox2vec.errors import OutputError
+
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"output folder {final} is an existing file, not a folder; give a folder path")
+    created = [p for p in (final, *final.parents) if not p.exists()]
+    final.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".vox2vec-", suffix=".tmp", dir=final))
+    done = False
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        for child in tmp.iterdir():
-            if child.is_file():
-                os.chmod(child, 0o666 & ~_umask())
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _move_into(tmp, final)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in created:  # innermost first; only folders this call created and that stayed empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Rename every file under ``source`` onto the same relative path under ``target`` (one rename per file)."""
+    from vox2vec.errors import OutputError
+
+    for child in sorted(source.iterdir()):
+        destination = target / child.name
+        if child.is_dir():
+            if destination.exists() and not destination.is_dir():
+                raise OutputError(f"cannot write folder {destination}: a file of that name is in the way")
+            destination.mkdir(exist_ok=True)
+            _move_into(child, destination)
+            continue
+        if destination.is_dir():
+            raise OutputError(f"cannot write {destination}: a folder of that name is in the way")
+        os.chmod(child, 0o666 & ~_umask())  # temporary files may be created 0600; give normal permissions
+        os.replace(child, destination)

@@ -1,4 +1,9 @@
-"""Exceptions with messages that name the problem and the fix."""
+"""Exceptions with messages that name the problem and the fix.
+
+Every error this package raises on purpose derives from :class:`Vox2VecError`; the command line prints such errors
+as one line (``vox2vec: error: …``) and exits with status 2. Each subclass also keeps the built-in base a caller
+would have caught before (``ValueError``, ``KeyError``, ``OSError``, ``TypeError``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,27 @@ class Vox2VecError(Exception):
 
 class InputError(Vox2VecError, ValueError):
     """The input volume, array or file cannot be used as given."""
+
+
+class ArgumentError(Vox2VecError, ValueError):
+    """An argument (a number, an option, a name) outside what the function accepts."""
+
+
+class UnsupportedTypeError(Vox2VecError, TypeError):
+    """An object of a type this function cannot work with."""
+
+
+class ConfigError(Vox2VecError, ValueError):
+    """A model or pre-training configuration value that cannot work."""
+
+
+class DeviceError(Vox2VecError, ValueError):
+    """A requested device (``cuda:7``, ``gpu``) that this machine does not have."""
+
+
+class OutputError(Vox2VecError, ValueError):
+    """An output path we refuse to write: it is an input, not writable, the wrong kind of path, or someone else's
+    file that would be overwritten."""
 
 
 class UnknownModelError(Vox2VecError, KeyError):

@@ -159,9 +159,15 @@ class FeaturePyramid:
         return out if dtype is None else out.to(dtype)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """One ``.safetensors`` file: the levels plus geometry and provenance in its metadata (atomic write)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """One ``.safetensors`` file: the levels plus geometry and provenance in its metadata (atomic write).
+
+        An existing file that is not a vox2vec pyramid is replaced only with ``overwrite=True``."""
         from safetensors.torch import save_file
+
+        from vox2vec.outputs import check_output_file
+
+        check_output_file(path, "pyramid", overwrite=overwrite)
 
         metadata = {
             "vox2vec": "FeaturePyramid",

@@ -12,6 +12,7 @@ from torch import nn
 
 from vox2vec._atomic import atomic_directory
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from vox2vec.errors import ConfigError
 from vox2vec.modeling import FPN3d
 from vox2vec.preprocessing import Preprocessor
 
@@ -24,7 +25,7 @@ class Vox2VecModel(nn.Module):
         self.config = config or ModelConfig()
         arch = self.config.architecture
         if arch.type != "FPN3d":
-            raise ValueError(f"unknown architecture type {arch.type!r}; this vox2vec knows 'FPN3d'")
+            raise ConfigError(f"unknown architecture type {arch.type!r}; this vox2vec knows 'FPN3d'")
         self.backbone = FPN3d(arch.in_channels, arch.base_channels, arch.num_scales)
         self._fingerprint: str | None = None
 
@@ -65,12 +66,19 @@ class Vox2VecModel(nn.Module):
         self._fingerprint = None
         return super().load_state_dict(*args, **kwargs)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (the format :func:`vox2vec.load_pretrained` reads), atomically.
+    def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (the format :func:`vox2vec.load_pretrained` reads).
 
-        ``dtype`` (e.g. ``torch.float16``) casts floating-point weights to make smaller files.
+        Each file is replaced atomically; anything else in ``directory`` is left alone, and an existing file of
+        those names that vox2vec did not write is replaced only with ``overwrite=True``. ``dtype`` (e.g.
+        ``torch.float16``) casts floating-point weights to make smaller files.
         """
         from safetensors.torch import save_file
+
+        from vox2vec.outputs import check_output_dir
+
+        check_output_dir(directory, files=(WEIGHTS_NAME, CONFIG_NAME), overwrite=overwrite, what="model folder")
 
         state = {}
         for key, tensor in self.backbone.state_dict().items():
@@ -79,7 +87,7 @@ class Vox2VecModel(nn.Module):
                 tensor = tensor.to(dtype)
             state[key] = tensor.contiguous()
         with atomic_directory(directory) as tmp:
-            metadata = {"format": "pt", "config": json.dumps(self.config.to_dict())}
+            metadata = {"format": "pt", "vox2vec": "model", "config": json.dumps(self.config.to_dict())}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
             (tmp / CONFIG_NAME).write_text(self.config.to_json())
         return Path(directory)

@@ -6,7 +6,9 @@ compute path runs on machines that have neither.
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,10 @@ from vox2vec.geometry import Grid
 
 AxisOrder = Literal["xyz", "zyx"]
 _READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series directory"
+#: Plausible CT voxel sizes and scan extents (mm). Outside them the spacing was almost surely given in other units
+#: (µm, cm) — and resampling such a volume to the model grid would try to allocate terabytes.
+SPACING_RANGE_MM = (0.01, 50.0)
+MAX_EXTENT_MM = 5000.0
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,23 @@ class Volume:
         image.SetDirection(self.grid.direction)
         return image
 
-    def save(self, path: str | os.PathLike, compress: bool = True) -> Path:
-        """Write to any format SimpleITK knows (by extension), atomically."""
+    def save(self, path: str | os.PathLike, compress: bool = True, *, overwrite: bool = False,
+             kind: str = "volume") -> Path:
+        """Write ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha`` (single-file formats), atomically.
+
+        The header note ``ITK_FileNotes`` (NIfTI ``descrip``) is set to ``vox2vec:<kind>`` (``kind``: "volume" or
+        "label-map") so that a later save may replace the file; an existing file vox2vec did not write as this
+        ``kind`` is replaced only with ``overwrite=True`` (see :mod:`vox2vec.outputs`).
+        """
         import SimpleITK as sitk
 
+        from vox2vec.outputs import check_output_file, marker
+
+        check_output_file(path, kind, overwrite=overwrite)
+        image = self.to_sitk()
+        image.SetMetaData("ITK_FileNotes", marker(kind))
         with atomic_path(path) as tmp:
-            sitk.WriteImage(self.to_sitk(), str(tmp), useCompression=compress)
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
         return Path(path)
 
 
@@ -108,6 +125,148 @@ def _check_gzip_stream(path: Path) -> None:
         )
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+
+
+def _nifti_non_finite(path: Path) -> tuple[int, tuple[int, ...]] | None:
+    """(count, first (i, j, k) index) of NaN/Inf voxels in a float NIfTI-1/2 file, or None.
+
+    ITK's NIfTI reader silently turns NaN into 0, so the raw file is scanned (streamed, in blocks).
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        if len(header) < 348:
+            return None
+        for order in "<>":
+            size = struct.unpack(order + "i", header[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return None
+        if size == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        else:
+            datatype = struct.unpack(order + "h", header[12:14])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = int(struct.unpack(order + "q", header[168:176])[0])
+        if datatype not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+            return None
+        shape = tuple(max(1, int(n)) for n in dims[1 : dims[0] + 1])
+        dtype = np.dtype(order + _NIFTI_FLOATS[datatype])
+        handle.seek(offset)
+        count, first, position = 0, None, 0
+        leftover = b""
+        while block := handle.read(2**22):
+            block = leftover + block
+            usable = len(block) - len(block) % dtype.itemsize
+            values = np.frombuffer(block[:usable], dtype=dtype)
+            leftover = block[usable:]
+            bad = ~np.isfinite(values)
+            if bad.any():
+                if first is None:
+                    first = position + int(np.argmax(bad))
+                count += int(bad.sum())
+            position += len(values)
+    if not count:
+        return None
+    return count, tuple(int(i) for i in np.unravel_index(first, shape, order="F"))[:3]
+
+
+def _non_finite_error(count: int, index: tuple[int, ...], where: str = "the volume") -> InputError:
+    return InputError(
+        f"{where} has {count} NaN or infinite voxels (first at index {index}); replace them (e.g. with -1024 HU "
+        "for air) first"
+    )
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_floats(reader, key: str, count: int) -> np.ndarray | None:
+    if not reader.HasMetaDataKey(key):
+        return None
+    try:
+        values = np.array([float(v) for v in reader.GetMetaData(key).strip().split("\\")])
+    except ValueError:
+        return None
+    return values if values.size == count and np.all(np.isfinite(values)) else None
+
+
+def _check_dicom_series(folder: Path, files: list[str]) -> None:
+    """Refuse a series that is not one regular grid: unreadable files, mixed sizes or orientations, missing slices.
+
+    ITK would stack such a series anyway, spreading the slices over an average spacing (with only a warning).
+    """
+    import SimpleITK as sitk
+
+    in_series = {Path(f).name for f in files}
+    unreadable = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in in_series
+                        and p.name.upper() != "DICOMDIR" and not p.name.startswith(".") and _looks_like_dicom(p))
+    slices = []
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            unreadable.append(Path(name).name)
+            continue
+        slices.append((Path(name).name, reader.GetSize()[:2], _dicom_floats(reader, "0020|0037", 6),
+                       _dicom_floats(reader, "0020|0032", 3)))
+    if unreadable:
+        raise InputError(
+            f"DICOM series in {folder}: {len(unreadable)} file(s) could not be read ({', '.join(unreadable[:8])}"
+            f"{', …' if len(unreadable) > 8 else ''}) — truncated or corrupt; copy the series again, or remove them "
+            "if they do not belong to it"
+        )
+    sizes = {}
+    for name, size, _, _ in slices:
+        sizes.setdefault(size, []).append(name)
+    if len(sizes) > 1:
+        listing = "; ".join(f"{a}×{b}: {', '.join(n[:3])}{', …' if len(n) > 3 else ''}" for (a, b), n in sizes.items())
+        raise InputError(f"DICOM series in {folder} mixes slice sizes ({listing}); pass a folder with one series only")
+    orientations = [o for _, _, o, _ in slices]
+    if any(o is None for o in orientations) or len(slices) < 2:
+        return  # nothing to check against; ITK's own reading stands
+    reference = orientations[0]
+    odd = [n for (n, _, o, _) in slices if not np.allclose(o, reference, atol=1e-4)]
+    if odd:
+        raise InputError(
+            f"DICOM series in {folder} mixes slice orientations ({', '.join(odd[:5])}{', …' if len(odd) > 5 else ''} "
+            f"differ from {slices[0][0]}); pass a folder with one series only"
+        )
+    if any(p is None for _, _, _, p in slices):
+        return
+    normal = np.cross(reference[:3], reference[3:])
+    depth = np.array([float(np.dot(p, normal)) for _, _, _, p in slices])
+    order = np.argsort(depth)
+    names = [slices[i][0] for i in order]
+    gaps = np.diff(depth[order])
+    step = float(np.median(gaps))
+    if step <= 1e-3 or np.any(gaps <= 1e-3):
+        same = [f"{names[i]} and {names[i + 1]}" for i in np.flatnonzero(gaps <= 1e-3)[:3]]
+        raise InputError(f"DICOM series in {folder} has slices at the same position ({'; '.join(same)}); "
+                         "remove the duplicates or pass one series only")
+    uneven = np.flatnonzero(np.abs(gaps - step) > max(1e-2, 0.01 * step))
+    if uneven.size:
+        where = "; ".join(f"{gaps[i]:.3g} mm between {names[i]} and {names[i + 1]}" for i in uneven[:4])
+        raise InputError(
+            f"DICOM series in {folder} is not evenly spaced: slices are {step:.3g} mm apart but {where} — a slice "
+            "is missing (or the spacing varies); restore the missing file(s) or resample the series to a regular "
+            "grid first"
+        )
+
+
 def _read_path(path: Path) -> Volume:
     import SimpleITK as sitk
 
@@ -125,10 +284,16 @@ def _read_path(path: Path) -> Volume:
                 raise InputError(
                     f"{path} holds {len(series)} DICOM series ({', '.join(series)}); pass a folder with exactly one"
                 )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            files = list(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            _check_dicom_series(path, files)
+            reader.SetFileNames(files)
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))
+            if path.name.endswith((".nii", ".nii.gz")) and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+                found = _nifti_non_finite(path)
+                if found is not None:
+                    raise _non_finite_error(*found, where=str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reader error"
         raise InputError(
@@ -154,6 +319,32 @@ def _from_nibabel(image: Any) -> Volume:
     return Volume(data, Grid(data.shape, spacing, origin, direction))
 
 
+def _three_numbers(value: Any, name: str, example: str) -> np.ndarray:
+    """Three finite floats from a tuple / list / array, or an InputError naming the argument."""
+    if isinstance(value, (str, bytes)):
+        raise InputError(f"{name} must be three numbers, got the string {value!r}; pass e.g. {name}={example}")
+    try:
+        numbers = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be three numbers, got {value!r}; pass e.g. {name}={example}") from None
+    if numbers.size != 3:
+        raise InputError(f"{name} must be three numbers (one per axis), got {numbers.size}: {numbers.tolist()}; "
+                         f"pass e.g. {name}={example}")
+    if not np.all(np.isfinite(numbers)):
+        raise InputError(f"{name} must be finite, got {numbers.tolist()}")
+    return numbers
+
+
+def _check_array_dtype(data: np.ndarray) -> None:
+    if data.dtype == object or data.dtype.kind not in "biuf":
+        raise InputError(
+            f"cannot use an array of dtype {data.dtype} as a CT: pass real numbers (Hounsfield units as int16 or "
+            "float32); for complex data take the magnitude or real part first"
+        )
+    if data.size == 0:
+        raise InputError(f"the array is empty (shape {data.shape}); pass a CT with at least one voxel per axis")
+
+
 def _from_array(
     data: np.ndarray,
     spacing: Any,
@@ -175,15 +366,43 @@ def _from_array(
             f"expected a 3-D array, got {data.ndim}-D with shape {data.shape}; "
             "pass one CT volume (squeeze batch/channel axes first)"
         )
-    spacing = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    if spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+    _check_array_dtype(data)
+    spacing = _three_numbers(spacing, "spacing", "(0.7, 0.7, 2.5)")
+    if np.any(spacing <= 0):
         raise InputError(f"spacing must be three positive millimetre values, got {spacing.tolist()}")
     if axis_order == "zyx":
         data = data.transpose(2, 1, 0)
         spacing = spacing[::-1]
-    origin = np.zeros(3) if origin is None else np.asarray(origin, dtype=np.float64)
-    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    origin = np.zeros(3) if origin is None else _three_numbers(origin, "origin", "(0.0, 0.0, 0.0)")
+    if direction is None:
+        direction = np.eye(3)
+    else:
+        try:
+            direction = np.asarray(direction, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"direction must be 9 numbers (a 3×3 matrix), got {direction!r}") from None
+        if direction.size != 9:
+            raise InputError(f"direction must be 9 numbers (a 3×3 matrix, column k = world direction of axis k), "
+                             f"got {direction.size}")
+        direction = direction.reshape(3, 3)
     return Volume(np.ascontiguousarray(data), Grid(data.shape, spacing, origin, direction))
+
+
+def _check_plausible_geometry(volume: Volume) -> None:
+    """Refuse spacings no CT has (µm or cm given as mm): resampling them would allocate terabytes."""
+    low, high = SPACING_RANGE_MM
+    spacing = np.asarray(volume.grid.spacing)
+    if np.any(spacing < low) or np.any(spacing > high):
+        raise InputError(
+            f"spacing {tuple(round(float(v), 6) for v in spacing)} mm is outside the plausible range for CT "
+            f"({low}–{high} mm per voxel); give spacing in millimetres (500 µm = 0.5 mm) in the array's axis order"
+        )
+    extent = spacing * np.asarray(volume.shape)
+    if np.any(extent > MAX_EXTENT_MM):
+        raise InputError(
+            f"the volume spans {tuple(round(float(v)) for v in extent)} mm, more than {MAX_EXTENT_MM:.0f} mm along "
+            "an axis, which no CT does; check that spacing is in millimetres and listed in the array's axis order"
+        )
 
 
 def load_volume(
@@ -211,18 +430,22 @@ def load_volume(
     elif hasattr(source, "affine") and hasattr(source, "dataobj"):
         volume = _from_nibabel(source)
     elif isinstance(source, (np.ndarray, torch.Tensor)):
-        data = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if isinstance(source, torch.Tensor):
+            if source.is_complex():
+                raise InputError(f"cannot use a tensor of dtype {source.dtype} as a CT: pass real numbers")
+            source = source.detach().cpu()
+            data = (source.float() if source.dtype == torch.bfloat16 else source).numpy()
+        else:
+            data = source
         volume = _from_array(data, spacing, axis_order, origin, direction)
     else:
         raise InputError(
             f"cannot read a CT from {type(source).__name__}; pass a path, a SimpleITK.Image, a nibabel image, "
             "or an array with spacing= and axis_order="
         )
+    _check_plausible_geometry(volume)
     if check_finite and np.issubdtype(volume.array.dtype, np.floating):
         bad = ~np.isfinite(volume.array)
         if bad.any():
-            raise InputError(
-                f"the volume has {int(bad.sum())} NaN or infinite voxels (first at index "
-                f"{tuple(int(i) for i in np.argwhere(bad)[0])}); replace them (e.g. with -1024 HU for air) first"
-            )
+            raise _non_finite_error(int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0]))
     return volume

@@ -134,9 +134,15 @@ class Head:
         return {"kind": self.kind, "classes": self.classes.to_dict(), "multilabel": self.multilabel,
                 "backbone": self.backbone, "history": self.history[-1:], "format_version": 1}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """``head.safetensors`` (original head layout) + ``head.json`` (classes, backbone id, preprocessing)."""
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """``head.safetensors`` (original head layout) + ``head.json`` (classes, backbone id, preprocessing).
+
+        Other files in ``directory`` are left alone; see :func:`vox2vec.outputs.check_output_dir`."""
         from safetensors.torch import save_file
+
+        from vox2vec.outputs import check_output_dir
+
+        check_output_dir(directory, files=(HEAD_WEIGHTS, HEAD_CONFIG), overwrite=overwrite, what="head folder")
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         with atomic_directory(directory) as tmp:

@@ -1,0 +1,254 @@
+"""Output paths checked before any compute: we never delete or overwrite anything we did not write.
+
+* A **file** output (a pyramid ``.safetensors``, a label map or volume ``.nii.gz``/``.nii``/``.nrrd``/``.mha``) must
+  have an extension we can write, must not be an input (or a file inside an input folder), must not be a folder,
+  and its folder must be writable. An existing file there is replaced only when vox2vec wrote it as the same kind
+  of output, or with ``overwrite=True`` (``--overwrite`` on the command line).
+* A **directory** output (a head, an exported model, the demo folder) must not be an existing regular file or an
+  input. Only the files we write there are replaced (each one atomically, see :func:`vox2vec._atomic.atomic_directory`);
+  anything else in the folder is left alone. A file of ours that already exists under one of our names is replaced
+  only when vox2vec wrote it, or with ``overwrite=True``.
+
+How we recognise our own files (:func:`written_by_vox2vec`), without reading their data:
+
+* ``.safetensors``: the header's metadata has ``"vox2vec": "FeaturePyramid"`` (pyramids), ``"vox2vec": "model"`` or a
+  ``config`` entry holding a model config (exported models), ``"vox2vec": "head"`` or ``kind`` linear/nonlinear
+  (heads);
+* images (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``): the header note ``ITK_FileNotes`` (NIfTI ``descrip``) is
+  ``vox2vec:<kind>``, e.g. ``vox2vec:label-map`` — :meth:`vox2vec.volume.Volume.save` writes it;
+* ``config.json`` / ``head.json``: a JSON object with a model config's ``architecture`` or a head's ``classes`` and
+  ``backbone``; ``README.md``: a model card with ``library_name: vox2vec``; ``.png``: a ``Software`` text chunk
+  ``vox2vec``.
+
+A file someone edits after vox2vec wrote it may keep the marker (e.g. a label map re-saved by a viewer that keeps the
+NIfTI description); it is then treated as ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from vox2vec.errors import OutputError
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+EXTENSIONS = {
+    "pyramid": (".safetensors",),
+    "label-map": IMAGE_EXTENSIONS,
+    "volume": IMAGE_EXTENSIONS,
+}
+DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume"}
+OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
+
+
+def marker(kind: str) -> str:
+    """The note vox2vec writes into image headers (``ITK_FileNotes``; NIfTI ``descrip``) to recognise its outputs."""
+    return f"vox2vec:{kind}"
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+# -- recognising our own files -----------------------------------------------------------------------------------
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors header, or None when the file is not one (never reads the tensors)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) != 8:
+                return None
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100_000_000:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _image_note(path: Path) -> str | None:
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader.GetMetaData("ITK_FileNotes") if reader.HasMetaDataKey("ITK_FileNotes") else None
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        return None
+
+
+def _png_software(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    offset = 8
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if kind == b"tEXt":
+            key, _, value = data[offset + 8 : offset + 8 + length].partition(b"\0")
+            if key == b"Software":
+                return value.decode("latin-1")
+        if kind == b"IEND":
+            break
+        offset += 12 + length
+    return None
+
+
+def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool:
+    """Whether ``path`` is a file vox2vec wrote (as ``kind``, when given: "pyramid", "label-map", "volume")."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    suffix = _suffix(path)
+    if suffix == ".safetensors":
+        metadata = _safetensors_metadata(path)
+        if metadata is None:
+            return False
+        tag = metadata.get("vox2vec")
+        if kind is not None:
+            return kind == "pyramid" and tag == "FeaturePyramid"
+        if tag is not None or metadata.get("kind") in ("linear", "nonlinear"):
+            return True
+        try:
+            return "architecture" in json.loads(metadata.get("config", "null"))
+        except (TypeError, ValueError):
+            return False
+    if suffix in IMAGE_EXTENSIONS:
+        note = _image_note(path)
+        if note is None:
+            return False
+        return note == marker(kind) if kind is not None else note.startswith("vox2vec:")
+    if kind is not None:
+        return False
+    if suffix == ".json":
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(content, dict) and (
+            "vox2vec" in content or "architecture" in content or {"classes", "backbone"} <= content.keys()
+        )
+    if suffix == ".md":
+        try:
+            return "library_name: vox2vec" in path.read_text(errors="replace")[:2000]
+        except OSError:
+            return False
+    if suffix == ".png":
+        return (_png_software(path) or "").startswith("vox2vec")
+    return False
+
+
+# -- path checks ---------------------------------------------------------------------------------------------------
+def _paths(inputs: Iterable[Any] | Any) -> list[Path]:
+    if inputs is None:
+        return []
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return [Path(p) for p in inputs if isinstance(p, (str, os.PathLike))]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _check_not_an_input(path: Path, inputs: list[Path], what: str, ours: bool) -> None:
+    """``path`` must not be an input, nor (unless vox2vec wrote it) an existing file inside an input folder."""
+    for source in inputs:
+        if _same(path, source):
+            raise OutputError(f"{what} {path} is also an input; writing it would destroy the input — "
+                              "choose another output path")
+        if path.exists() and not ours and _inside(path, source):
+            raise OutputError(f"{what} {path} is a file inside the input folder {source}; writing it would "
+                              "replace part of the input — choose another output path")
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder we can create files in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vox2vec-write-test-", dir=ancestor)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OutputError(f"cannot write {what} {path}: the folder {ancestor} is not writable ({reason})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[Any] | Any = (),
+                      overwrite: bool = False) -> Path:
+    """Refuse, before any compute, an output file we must not or cannot write; returns the path.
+
+    ``kind``: "pyramid" (``.safetensors``), "label-map" or "volume" (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
+    ``inputs``: the paths this run reads (non-path inputs are ignored).
+    """
+    if kind not in EXTENSIONS:
+        raise OutputError(f"unknown output kind {kind!r}; expected one of {sorted(EXTENSIONS)}")
+    path = Path(path)
+    what = f"output {DESCRIPTIONS[kind]}"
+    allowed = EXTENSIONS[kind]
+    if _suffix(path) not in allowed:
+        found = f"extension {_suffix(path)!r}" if _suffix(path) else "no extension"
+        raise OutputError(f"cannot write {what} {path}: {found}; use {', '.join(allowed)}")
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is an existing folder; give a file name, e.g. {path / ('out' + allowed[0])}")
+    ours = written_by_vox2vec(path, kind)
+    _check_not_an_input(path, _paths(inputs), what, ours)
+    if path.exists() and not overwrite and not ours:
+        raise OutputError(f"{what} {path} already exists and was not written by vox2vec as a {DESCRIPTIONS[kind]}; "
+                          f"{OVERWRITE_HINT}")
+    _check_writable(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inputs: Iterable[Any] | Any = (),
+                     overwrite: bool = False, what: str = "output folder") -> Path:
+    """Refuse, before any compute, an output folder we must not or cannot write; returns the path.
+
+    ``files``: the names we will write into it; an existing one is replaced only when vox2vec wrote it (or with
+    ``overwrite``). Nothing else in the folder is touched.
+    """
+    path = Path(path)
+    sources = _paths(inputs)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is an existing file, not a folder; give a folder path (it will be created)")
+    for source in sources:
+        if _same(path, source):
+            raise OutputError(f"{what} {path} is also an input; choose another output folder")
+    for name in files:
+        target = path / name
+        if target.is_dir():
+            raise OutputError(f"cannot write {target}: a folder of that name is in the way")
+        ours = written_by_vox2vec(target)
+        _check_not_an_input(target, sources, f"{what} file", ours)
+        if target.exists() and not overwrite and not ours:
+            raise OutputError(f"{target} already exists and was not written by vox2vec; {OVERWRITE_HINT}")
+    _check_writable(path / "_", what)
+    return path
