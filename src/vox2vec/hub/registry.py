@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vox2vec.config import ModelConfig
-from vox2vec.errors import UnknownModelError
+from vox2vec.errors import ArgumentError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register_model(spec: ModelSpec, *, overwrite: bool = False) -> None:
     """Make ``spec.name`` loadable by :func:`vox2vec.load_pretrained`."""
     if spec.name in _REGISTRY and not overwrite:
-        raise ValueError(f"a model named {spec.name!r} is already registered; pass overwrite=True to replace it")
+        raise ArgumentError(f"a model named {spec.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[spec.name] = spec
 
 
