@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vox2vec.errors import InputError
+
 #: Canonical model orientation: array axes increase toward patient Right, Anterior, Superior (the original's
 #: flipped-NIfTI layout). In the LPS world that is diag(-1, -1, 1).
 CANONICAL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
@@ -32,7 +34,15 @@ class Grid:
         object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
         object.__setattr__(self, "direction", tuple(float(d) for d in np.asarray(self.direction).reshape(9)))
         if len(self.shape) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
-            raise ValueError("a Grid needs 3 sizes, 3 spacings and a 3-D origin")
+            raise InputError(f"a Grid needs 3 sizes, 3 spacings and a 3-D origin, got shape {self.shape}, spacing "
+                             f"{self.spacing}, origin {self.origin}")
+        if min(self.shape) < 1:
+            raise InputError(f"a Grid needs at least one voxel along every axis, got shape {self.shape}")
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise InputError(f"spacing must be three positive, finite millimetre values, got {self.spacing}")
+        if not np.all(np.isfinite(self.origin)):
+            raise InputError(f"origin must be three finite millimetre values, got {self.origin}")
+        check_direction(self.direction_matrix)
 
     @property
     def direction_matrix(self) -> np.ndarray:
@@ -77,6 +87,24 @@ class Grid:
     @classmethod
     def from_dict(cls, data: dict) -> Grid:
         return cls(tuple(data["shape"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+
+
+def check_direction(matrix: np.ndarray, name: str = "direction", tolerance: float = 1e-3) -> None:
+    """Refuse a direction matrix that is not a rotation or reflection: NaN, singular, sheared or scaled."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    shown = np.round(matrix, 6).tolist()
+    if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)):
+        raise InputError(f"{name} must be a finite 3×3 matrix of direction cosines, got {shown}")
+    if abs(np.linalg.det(matrix)) < 1e-6:
+        raise InputError(f"{name} {shown} is singular (its axes are parallel or zero); pass the image's real "
+                         "direction cosines, e.g. the identity for an LPS-aligned image")
+    error = float(np.abs(matrix.T @ matrix - np.eye(3)).max())
+    if error > tolerance:
+        raise InputError(
+            f"{name} {shown} is not orthonormal (its columns are sheared or scaled, off by {error:.3g}); vox2vec "
+            "needs unit, perpendicular axes — pass spacing separately and resample sheared (gantry-tilted) data "
+            "onto a regular grid first"
+        )
 
 
 def index_mapping(source: Grid, target: Grid) -> np.ndarray:
