@@ -13,7 +13,7 @@ import torch
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
 from vox2vec.hub.cache import converted_dir, verify_download
-from vox2vec.hub.registry import ModelSpec, get_spec, is_registered
+from vox2vec.hub.registry import ModelSpec, get_spec, is_registered, known_names
 from vox2vec.model import Vox2VecModel
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -87,10 +87,7 @@ def load_vox2vec_directory(directory: str | Path) -> Vox2VecModel:
     for required in (config_path, weights_path):
         if not required.is_file():
             raise InputError(f"{directory} is not a vox2vec model directory: {required.name} is missing")
-    try:
-        config = ModelConfig.load(config_path)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"invalid {config_path}: {error}") from None
+    config = ModelConfig.load(config_path)  # validated; errors name the file
     try:
         state = load_file(str(weights_path))
     except Exception as error:
@@ -117,6 +114,12 @@ def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir: 
             f"{repo_id}/{filename} at revision {revision or 'main'} is not in {where} and downloading is "
             "disabled (offline mode or local_files_only); run `vox2vec download` once with network access, "
             "or unset HF_HUB_OFFLINE"
+        ) from None
+    except Exception as error:  # repository not found, no network, HTTP errors …
+        lines = str(error).strip().splitlines()
+        raise InputError(
+            f"could not download {repo_id}/{filename} at revision {revision or 'main'} from the Hugging Face Hub "
+            f"({type(error).__name__}: {lines[0] if lines else 'no details'}); check the repo id and your network"
         ) from None
 
 
@@ -146,6 +149,12 @@ def _load_hub_repo(repo_id: str, revision: str | None, cache_dir: str | None, of
     return load_vox2vec_directory(config.parent)
 
 
+def _looks_local(name: str) -> bool:
+    """A repo-id-shaped name that is really a path: ``models/x`` when ``models/`` exists here, or ``x/y.pt``."""
+    path = Path(name)
+    return path.parent.is_dir() or path.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".json")
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -172,11 +181,23 @@ def load_pretrained(
     elif path.is_file():
         is_ours = path.suffix == ".safetensors"
         model = load_vox2vec_directory(path.parent) if is_ours else load_original_checkpoint(path)
-    elif _REPO_ID.match(name) and not name.startswith((".", "/")):
-        model = _load_hub_repo(name, revision, cache, offline)
+    elif _REPO_ID.match(name) and not _looks_local(name):
+        hub_cache = cache or os.environ.get("HF_HUB_CACHE")
+        try:
+            config_file = _hub_download(name, CONFIG_NAME, revision, hub_cache, offline)
+            _hub_download(name, WEIGHTS_NAME, revision, hub_cache, offline)
+        except InputError as error:
+            raise UnknownModelError(
+                f"{name!r} is not a local folder (no such folder: {path.absolute()}) nor a known model name (known "
+                f"names are {', '.join(known_names())}), and as a Hugging Face repo id it failed: {error}"
+            ) from None
+        model = load_vox2vec_directory(config_file.parent)
     else:
-        get_spec(name)  # raises UnknownModelError listing the known names
-        raise UnknownModelError(name)
+        raise UnknownModelError(
+            f"no such folder or file: {name} (looked at {path.absolute()}), and {name!r} is not a known model name; "
+            f"known names are {', '.join(known_names())} — or pass an existing folder with config.json + "
+            "model.safetensors, an original .pt file, or a Hugging Face repo id (owner/name)"
+        )
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vox2vec.config import ModelConfig
+from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from vox2vec.errors import ArgumentError, UnknownModelError
 
 
@@ -31,6 +32,29 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
+def _describe_bundled(config: ModelConfig, directory: Path) -> str:
+    """The description of a bundled model, written from its own ``config.json`` (the single source of truth)."""
+    arch = config.architecture
+    dim = arch.base_channels * (2**arch.num_scales - 1)
+    weights = directory / WEIGHTS_NAME
+    size = f", {weights.stat().st_size / 2**20:.0f} MB" if weights.is_file() else ""
+    data = config.source.get("data")
+    trained = f" pre-trained with {config.source.get('pretrained_with', 'vox2vec.pretrain')}" + (
+        f" on {data}" if data else "")
+    return (f"A small {arch.type}({arch.in_channels}, {arch.base_channels}, {arch.num_scales}) ({dim}-d features"
+            f"{size}){trained}; bundled, works offline. For demos and tests, not for research results.")
+
+
+def _current(spec: ModelSpec) -> ModelSpec:
+    """A bundled spec re-read from its folder's ``config.json``, so the registry never disagrees with the files."""
+    if spec.bundled_path is None:
+        return spec
+    directory = Path(spec.bundled_path)
+    config = ModelConfig.load(directory / CONFIG_NAME)
+    return dataclasses.replace(spec, config=config, description=spec.description or _describe_bundled(config,
+                                                                                                      directory))
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -41,18 +65,23 @@ def register_model(spec: ModelSpec, *, overwrite: bool = False) -> None:
     _REGISTRY[spec.name] = spec
 
 
+def known_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
-        return _REGISTRY[name]
+        spec = _REGISTRY[name]
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}: known names are {', '.join(sorted(_REGISTRY))}; "
             "or pass a directory with config.json + model.safetensors, an original .pt file, or a Hub repo id"
         ) from None
+    return _current(spec)
 
 
 def list_models() -> list[ModelSpec]:
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+    return [get_spec(name) for name in sorted(_REGISTRY)]
 
 
 def is_registered(name: str) -> bool:
@@ -89,8 +118,6 @@ register_model(ModelSpec(
     filename=None,
     revision=None,
     format="vox2vec",
-    config=ModelConfig(name="fpn-ct-mini"),
-    description="A small FPN3d(1, 8, 5) (248-d features, 6 MB in fp16) pre-trained on 3 CTs on a CPU with "
-                "vox2vec.pretrain; bundled, works offline. For demos and tests, not for research results.",
+    config=ModelConfig(name="fpn-ct-mini"),  # placeholder: get_spec/list_models read the bundled config.json
     bundled_path=str(BUNDLED_MODELS / "fpn-ct-mini"),
 ))
