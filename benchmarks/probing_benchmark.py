@@ -45,9 +45,7 @@ def main() -> None:
         start = time.perf_counter()
         prediction = head.predict(pyramid)
         predict = time.perf_counter() - start
-        truth = vox2vec.load_volume(labels).array
-        report = vox2vec.dice_scores(vox2vec.load_volume(prediction).array, truth,
-                                     {n: [i] for i, n in CLASSES.items()})
+        report = vox2vec.dice_scores(prediction, labels, {n: [i] for i, n in CLASSES.items()})
         result["heads"][kind] = {"fit_s": round(fit, 1), "predict_s": round(predict, 1),
                                  "training_ct_mean_dice": round(report.mean, 3)}
         print(kind, result["heads"][kind], flush=True)

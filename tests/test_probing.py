@@ -36,7 +36,7 @@ def test_linear_head_beats_intensity_reference_on_training_ct(trained):
     assert prediction.GetSize() == labels.GetSize()
     np.testing.assert_allclose(prediction.GetOrigin(), labels.GetOrigin(), atol=1e-3)
     assert prediction.GetDirection() == labels.GetDirection()
-    report = dice_scores(as_array(prediction), as_array(labels), ORGAN_IDS)
+    report = dice_scores(prediction, labels, ORGAN_IDS)
     # intensity-only features reach 0.57 liver, 0.36 vertebrae and 0.00 spleen, stomach, aorta
     # (../shared/data/ct/README.md); random-init vox2vec features must clear every one of them
     reference = {"liver": 0.57, "vertebrae": 0.36, "spleen": 0.2, "stomach": 0.2, "aorta": 0.2}
@@ -50,7 +50,7 @@ def test_predict_other_patient_on_its_original_grid(trained):
     assert prediction.GetSize() == truth.GetSize() == (512, 512, 20)
     np.testing.assert_allclose(prediction.GetOrigin(), truth.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(prediction.GetSpacing(), truth.GetSpacing(), atol=1e-5)
-    report = dice_scores(as_array(prediction), as_array(truth), ORGAN_IDS)
+    report = dice_scores(prediction, truth, ORGAN_IDS)
     assert set(report.per_class) == set(ORGAN_IDS) and not report.absent
     predicted_ids = set(np.unique(as_array(prediction)).tolist())
     assert predicted_ids <= {0, 1, 5, 6, 52, 32}  # original ids; merged vertebrae written as their smallest id
@@ -121,7 +121,7 @@ def test_multilabel_head(trained):
     head = train_head([(pyramid, labels)], model=model, classes={5: "liver"}, multilabel=True, steps=200,
                       progress=False)
     assert head.module.layers[0].weight.shape[0] == 1
-    report = dice_scores(as_array(head.predict(pyramid)), as_array(labels), {"liver": [5]})
+    report = dice_scores(head.predict(pyramid), labels, {"liver": [5]})
     assert report.per_class["liver"] > 0.5
 
 
@@ -139,7 +139,7 @@ def test_class_map_merges_drops_and_reports():
 def test_dice_reports_absent_classes_explicitly():
     truth = np.array([0, 1, 1, 2, 0])
     prediction = np.array([0, 1, 0, 0, 3])
-    report = dice_scores(prediction, truth, {"a": 1, "b": 2, "c": 3, "d": 4})
+    report = dice_scores(prediction, truth, {"a": 1, "b": 2, "c": 3, "d": 4}, axis_order="xyz")
     assert report.per_class == {"a": 2 / 3, "b": 0.0, "c": 0.0, "d": None}
     assert report.absent == ["d"] and report.missed == ["b"] and report.spurious == ["c"]
     assert report.mean == pytest.approx((2 / 3) / 3)

@@ -49,8 +49,11 @@ def check_number(problems: list[str], name: str, value: Any, low: float | None =
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '≥'} {low}"
         hi = "" if high is None else f"{'<' if high_open else '≤'} {high}"
+        if low == 0 and low_open:
+            problems.append(f"{name} must be positive (a finite number{' ' + hi if hi else ''}), got {value!r}")
+            return
+        lo = "" if low is None else f"{'>' if low_open else '≥'} {low}"
         bound = " and ".join(b for b in (lo, hi) if b)
         problems.append(f"{name} must be a finite number{' ' + bound if bound else ''}, got {value!r}")
 
@@ -80,7 +83,7 @@ class ArchitectureConfig:
         found: list[str] = []
         check_int(found, f"{prefix}.in_channels", self.in_channels, 1, 64)
         check_int(found, f"{prefix}.base_channels", self.base_channels, 1, 1024)
-        check_int(found, f"{prefix}.num_scales", self.num_scales, 1, MAX_SCALES)
+        check_int(found, f"{prefix}.num_scales", self.num_scales, 2, MAX_SCALES)
         if self.type != "FPN3d":
             found.append(f"{prefix}.type must be 'FPN3d', got {self.type!r}")
         return found
@@ -122,7 +125,7 @@ class InferenceConfig:
         found: list[str] = []
         if not _numbers(self.window, 3, integer=True) or min(self.window) < 1:
             found.append(f"{prefix}.window must be three positive whole numbers, got {self.window!r}")
-        elif _is_int(num_scales) and 1 <= num_scales <= MAX_SCALES:
+        elif _is_int(num_scales) and 2 <= num_scales <= MAX_SCALES:
             coarsest = 2 ** (num_scales - 1)
             if any(w % coarsest for w in self.window):
                 found.append(f"{prefix}.window {list(self.window)} must be a multiple of {coarsest} (2^(num_scales-1)"

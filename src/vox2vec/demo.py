@@ -40,7 +40,7 @@ def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini",
     prediction = load_volume(head.predict(pyramid))
     prediction.save(output_dir / "prediction.nii.gz")
     names = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}
-    report = dice_scores(prediction.array[:, :, split:], labels.array[:, :, split:], names)
+    report = dice_scores(prediction.array[:, :, split:], labels.array[:, :, split:], names, axis_order="xyz")
     print(f"Dice on the held-out upper half (slices {split}–{ct.shape[2] - 1}), original grid:\n{report}")
     picture = output_dir / "demo.png"
     write_picture(ct.array, prediction.array, pyramid, ct, picture, slice_index=split + split // 2)

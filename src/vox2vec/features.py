@@ -47,9 +47,9 @@ class FeaturePyramid:
         for i, level in enumerate(self.levels):
             expected = tuple(math.ceil(n / 2**i) for n in grid.shape)
             if level.ndim != 4 or tuple(level.shape[1:]) != expected:
-                raise ValueError(f"level {i} has shape {tuple(level.shape)}, expected (C, {expected})")
+                raise InputError(f"level {i} has shape {tuple(level.shape)}, expected (C, {expected})")
         if body is not None and tuple(body.shape) != grid.shape:
-            raise ValueError(f"body mask shape {tuple(body.shape)} does not match the model grid {grid.shape}")
+            raise InputError(f"body mask shape {tuple(body.shape)} does not match the model grid {grid.shape}")
 
     # -- shape ---------------------------------------------------------------------------------------------
     @property
@@ -184,13 +184,17 @@ class FeaturePyramid:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FeaturePyramid:
+        """Read a file written by :meth:`save`; a truncated, corrupt or incomplete file is an :class:`InputError`
+        naming it."""
         from safetensors import safe_open
 
+        if not Path(path).is_file():
+            raise InputError(f"no such feature pyramid file: {path}")
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as handle:
                 metadata = handle.metadata() or {}
                 if metadata.get("vox2vec") != "FeaturePyramid":
-                    raise InputError(f"{path} is not a vox2vec FeaturePyramid file")
+                    raise InputError(f"{path} is not a vox2vec FeaturePyramid file (saved by FeaturePyramid.save)")
                 keys = list(handle.keys())  # noqa: SIM118 - safe_open has no __contains__
                 names = sorted((k for k in keys if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
                 levels = [handle.get_tensor(name) for name in names]
@@ -198,7 +202,21 @@ class FeaturePyramid:
         except InputError:
             raise
         except Exception as error:  # safetensors raises its own error type for corrupt files
-            raise InputError(f"could not read feature pyramid {path}: {error}") from None
-        source = json.loads(metadata["source_grid"])
-        return cls(levels, Grid.from_dict(json.loads(metadata["grid"])),
-                   Grid.from_dict(source) if source else None, json.loads(metadata["meta"]), body)
+            raise InputError(f"could not read feature pyramid {path}: {error}; the file is truncated or corrupt — "
+                             "embed the CT again") from None
+        if not levels or names != [f"level_{i}" for i in range(len(names))]:
+            raise InputError(f"feature pyramid {path} holds levels {names}, expected level_0, level_1, …; "
+                             "embed the CT again")
+        try:
+            grid = Grid.from_dict(json.loads(metadata["grid"]))
+            source = json.loads(metadata["source_grid"])
+            source_grid = Grid.from_dict(source) if source else None
+            meta = json.loads(metadata["meta"])
+            if not isinstance(meta, dict):
+                raise TypeError(f"meta must be a JSON object, got {type(meta).__name__}")
+            return cls(levels, grid, source_grid, meta, body)
+        except KeyError as error:
+            problem = f"the metadata entry {error} is missing"
+        except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError
+            problem = f"{type(error).__name__}: {error}"
+        raise InputError(f"feature pyramid {path} has broken metadata ({problem}); embed the CT again")

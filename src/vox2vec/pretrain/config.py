@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vox2vec.config import ArchitectureConfig, PreprocessingConfig
+from vox2vec.config import ArchitectureConfig, PreprocessingConfig, check_int, check_number, check_range_pair
 from vox2vec.errors import InputError
 
 
@@ -90,6 +92,8 @@ def _section(cls, data: dict[str, Any], name: str):
     if unknown:
         raise InputError(f"unknown setting(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if name == "data" and isinstance(values.get("inputs"), str):
+        values["inputs"] = (values["inputs"],)  # one path or glob
     return cls(**values)
 
 
@@ -128,24 +132,161 @@ def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Pretrain
     return from_dict(data)
 
 
-def validate(config: PretrainConfig) -> None:
-    """Impossible values fail here, before any data is touched."""
-    s, t, a = config.sampling, config.train, config.augmentation
-    problems = []
-    if any(p < 1 for p in s.patch_size) or len(s.patch_size) != 3:
-        problems.append(f"sampling.patch_size must be three positive sizes, got {s.patch_size}")
-    if s.pairs_per_step < 1 or s.max_voxels_per_pair < 1:
-        problems.append("sampling.pairs_per_step and max_voxels_per_pair must be positive")
-    if t.steps < 1 or t.lr <= 0 or t.temperature <= 0 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
-        problems.append("train.steps, lr, temperature, checkpoint_every and keep_checkpoints must be positive")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_path(problems: list[str], name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        problems.append(f"{name} must be a path (a non-empty string) or left out, got {value!r}")
+
+
+def _check_bool(problems: list[str], name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        problems.append(f"{name} must be true or false, got {value!r}")
+
+
+def problems_of(config: PretrainConfig) -> list[str]:
+    """Every mistyped or out-of-range value, one line each (empty when the config can run)."""
+    s, t, a, d = config.sampling, config.train, config.augmentation, config.data
+    problems = config.architecture.problems("architecture") + config.preprocessing.problems("preprocessing")
+
+    if not (isinstance(d.inputs, tuple) and all(isinstance(i, str) and i for i in d.inputs)):
+        problems.append(f"data.inputs must be a list of paths or globs, got {d.inputs!r}")
+    if not (isinstance(d.prepared_dir, str) and d.prepared_dir.strip()):
+        problems.append(f"data.prepared_dir must be a folder path, got {d.prepared_dir!r}")
+    check_int(problems, "data.workers", d.workers, 1, 256)
+
+    patch_ok = (isinstance(s.patch_size, tuple) and len(s.patch_size) == 3
+                and all(_is_int(p) and 1 <= p <= 1024 for p in s.patch_size))
+    if not patch_ok:
+        problems.append(f"sampling.patch_size must be three whole numbers between 1 and 1024, got {s.patch_size!r}")
+    check_int(problems, "sampling.pairs_per_step", s.pairs_per_step, 1, 4096)
+    check_int(problems, "sampling.max_voxels_per_pair", s.max_voxels_per_pair, 1, 1_000_000)
+
+    for name in ("filter_probability", "noise_probability", "window_probability"):
+        check_number(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1.0)
+    for name in ("blur_sigma", "sharpen_sigma1", "sharpen_alpha", "noise_sigma_hu"):
+        check_range_pair(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1e4)
+    check_number(problems, "augmentation.sharpen_sigma2", a.sharpen_sigma2, 0.0, 1e4)
+    for name in ("window_low_hu", "window_high_hu"):
+        check_range_pair(problems, f"augmentation.{name}", getattr(a, name), -5000.0, 50000.0)
+    check_range_pair(problems, "augmentation.default_window_hu", a.default_window_hu, -5000.0, 50000.0, strict=True)
+    lows, highs = a.window_low_hu, a.window_high_hu
+    if (isinstance(lows, tuple) and isinstance(highs, tuple) and len(lows) == len(highs) == 2
+            and all(isinstance(v, (int, float)) for v in lows + highs) and max(lows) >= min(highs)):
+        problems.append(f"augmentation.window_low_hu {list(lows)} must lie below window_high_hu {list(highs)}")
+
+    if not (isinstance(t.output_dir, str) and t.output_dir.strip()):
+        problems.append(f"train.output_dir must be a folder path, got {t.output_dir!r}")
+    check_int(problems, "train.steps", t.steps, 1)
+    check_number(problems, "train.lr", t.lr, 0.0, 1.0, low_open=True)
+    check_number(problems, "train.grad_clip", t.grad_clip, 0.0, None, low_open=True)
+    check_number(problems, "train.temperature", t.temperature, 0.0, 100.0, low_open=True)
+    check_int(problems, "train.projection_dim", t.projection_dim, 1, 65536)
     if t.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
-    for name in ("filter_probability", "noise_probability", "window_probability"):
-        if not 0 <= getattr(a, name) <= 1:
-            problems.append(f"augmentation.{name} must be in [0, 1]")
+    _check_bool(problems, "train.channels_last", t.channels_last)
+    _check_bool(problems, "train.compile", t.compile)
+    check_int(problems, "train.num_workers", t.num_workers, 0, 256)
+    check_int(problems, "train.seed", t.seed, 0)
+    check_int(problems, "train.checkpoint_every", t.checkpoint_every, 1)
+    check_int(problems, "train.keep_checkpoints", t.keep_checkpoints, 1)
+    check_int(problems, "train.log_every", t.log_every, 1)
+    check_int(problems, "train.probe_every", t.probe_every, 0)
+    for name in ("probe_ct", "probe_labels", "probe_test_ct", "probe_test_labels"):
+        _optional_path(problems, f"train.{name}", getattr(t, name))
+    if t.probe_classes is not None and (not isinstance(t.probe_classes, dict) or not all(
+            isinstance(k, str) and k.isdigit() and int(k) >= 1 and isinstance(v, str) and v
+            for k, v in t.probe_classes.items())):
+        problems.append('train.probe_classes must map label ids ≥ 1 to names, e.g. {"5": "liver"}, got '
+                        f"{t.probe_classes!r}")
     if t.probe_every and not (t.probe_ct and t.probe_labels):
         problems.append("train.probe_every needs train.probe_ct and train.probe_labels")
     if bool(t.probe_test_ct) != bool(t.probe_test_labels):
         problems.append("train.probe_test_ct and train.probe_test_labels go together")
+
+    arch = config.architecture
+    if patch_ok and _is_int(arch.num_scales) and 2 <= arch.num_scales <= 10:
+        coarsest = 2 ** (arch.num_scales - 1)
+        if any(p < coarsest for p in s.patch_size):
+            deepest = max(2, min(int(math.log2(p)) + 1 for p in s.patch_size))
+            problems.append(
+                f"architecture.num_scales {arch.num_scales} halves the patch {arch.num_scales - 1} times (its coarsest "
+                f"level has cells of {coarsest} voxels), more than sampling.patch_size {list(s.patch_size)} allows; "
+                f"lower num_scales to at most {deepest} or enlarge every patch axis to ≥ {coarsest}"
+            )
+        elif _is_int(s.pairs_per_step) and s.pairs_per_step >= 1 and s.pairs_per_step * math.prod(
+                -(-p // coarsest) for p in s.patch_size) < 2:
+            problems.append(
+                f"sampling.pairs_per_step {s.pairs_per_step} with patches {list(s.patch_size)} leaves one value per "
+                "channel at the coarsest level, where BatchNorm cannot train; use more pairs or larger patches")
+    return problems
+
+
+def validate(config: PretrainConfig) -> None:
+    """Impossible values fail here, before any data is touched (see :func:`check_step_memory` for memory)."""
+    problems = problems_of(config)
     if problems:
         raise InputError("invalid pre-training config:\n  " + "\n  ".join(problems))
+
+
+#: Bytes of saved activations + their gradients per (base channel × input voxel) of FPN3d in fp32; measured
+#: saved tensors are 24.5 × 4 bytes, backward roughly doubles the live set at its peak.
+_FPN_BYTES_PER_BASE_VOXEL = 4 * 40
+#: The InfoNCE loss is computed over blocks of at most this many rows.
+LOSS_BLOCK_ROWS = 1024
+
+
+def estimate_step_memory(config: PretrainConfig) -> dict[str, int]:
+    """Bytes one training step needs, by part: the FPN3d activations for 2 × pairs_per_step patches, the
+    parameters with their gradients and Adam moments, the projected voxel features, and one InfoNCE block of
+    ``min(1024, N)`` rows × 2N similarities (N = pairs_per_step × max_voxels_per_pair voxels per view)."""
+    arch, s, t = config.architecture, config.sampling, config.train
+    channels = [arch.base_channels * 2**i for i in range(arch.num_scales)]
+    dim = sum(channels)
+    # FPN3d parameters: 2 ResStacks (4 convs 3³) per level except the bottom's one, plus 1×1 convs; exact enough
+    conv = sum(27 * c * c * 4 * (2 if i < arch.num_scales - 1 else 1) for i, c in enumerate(channels))
+    head = dim * dim + dim * t.projection_dim
+    parameters = (conv + 4 * sum(c * c for c in channels) + head) * 4 * 4  # weights, grads, 2 Adam moments, fp32
+    batch = 2 * s.pairs_per_step
+    activations = _FPN_BYTES_PER_BASE_VOXEL * arch.base_channels * math.prod(s.patch_size) * batch
+    n = s.pairs_per_step * s.max_voxels_per_pair
+    features = 2 * n * (dim * 3 + t.projection_dim * 2) * 4
+    loss = min(LOSS_BLOCK_ROWS, n) * 2 * n * 4 * 3  # logits, softmax, gradient
+    return {"activations": activations, "parameters": parameters, "features": features, "loss": loss,
+            "total": activations + parameters + features + loss}
+
+
+def available_memory(device: Any = None) -> tuple[int, str]:
+    """(bytes, what) of the memory a step can use: the CUDA device's, else the machine's RAM."""
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory), f"GPU memory of cuda:{index}"
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "RAM"
+
+
+def check_step_memory(config: PretrainConfig, device: Any = None, available: int | None = None,
+                      fraction: float = 0.9) -> int:
+    """Refuse a config whose one step would need more than ``fraction`` of the memory at hand; returns the estimate.
+
+    Call before training allocates anything (``prepare`` needs no such check).
+    """
+    estimate = estimate_step_memory(config)
+    if available is None:
+        available, what = available_memory(device)
+    else:
+        what = "the memory given"
+    if estimate["total"] > fraction * available:
+        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in estimate.items() if k != "total")
+        raise InputError(
+            f"one pre-training step needs about {estimate['total'] / 2**30:.1f} GiB ({parts}), more than "
+            f"{fraction:.0%} of the {available / 2**30:.1f} GiB {what}; lower sampling.pairs_per_step, "
+            "sampling.patch_size or architecture.base_channels (activations), architecture.num_scales "
+            "(parameters), or sampling.max_voxels_per_pair (loss)"
+        )
+    return estimate["total"]

@@ -125,8 +125,7 @@ def evaluate_dataset(
             per_case = {}
             for case, image, label_path in test:
                 source = pyramid_of(case, image) if setup in ("linear", "nonlinear") else image
-                prediction = load_volume(head.predict(source, progress=False)).array
-                per_case[case] = dice_scores(prediction, load_volume(label_path).array, class_ids).to_dict()
+                per_case[case] = dice_scores(head.predict(source, progress=False), label_path, class_ids).to_dict()
             result_path.parent.mkdir(parents=True, exist_ok=True)
             result_path.write_text(json.dumps({"setup": setup, "fold": fold, "test": [c for c, _, _ in test],
                                                "cases": per_case}, indent=2))
@@ -146,23 +145,34 @@ def _random_like(net):
 
 
 def summarise(output_dir: Path, setups: Sequence[str], folds: int, names: list[str]) -> dict[str, Any]:
-    """Per setup and class: the fold scores (mean over the fold's test cases, absent cases skipped), mean and std."""
+    """Per setup and class: the fold scores (mean over the fold's test cases, absent cases skipped), mean and std.
+
+    A class absent from every test case of a fold has no score for that fold (``None`` in ``folds``); the average
+    row's fold score is the mean over the classes scored in that fold.
+    """
     summary: dict[str, Any] = {"classes": names, "folds": folds, "setups": {}}
     for setup in setups:
-        per_class: dict[str, list[float]] = {n: [] for n in names}
+        per_class: dict[str, list[float | None]] = {n: [] for n in names}
         for fold in range(folds):
             data = json.loads((Path(output_dir) / "folds" / f"{setup}_fold{fold}.json").read_text())
             for name in names:
                 scores = [c["per_class"][name] for c in data["cases"].values() if c["per_class"][name] is not None]
-                if scores:
-                    per_class[name].append(float(np.mean(scores)))
-        stats = {n: {"mean": float(np.mean(v)) if v else math.nan, "std": float(np.std(v)) if v else math.nan,
-                     "folds": v} for n, v in per_class.items()}
+                per_class[name].append(float(np.mean(scores)) if scores else None)
+
+        def stats_of(values: list[float | None]) -> dict[str, Any]:
+            scored = [v for v in values if v is not None]
+            return {"mean": float(np.mean(scored)) if scored else math.nan,
+                    "std": float(np.std(scored)) if scored else math.nan, "folds": values}
+
+        stats = {n: stats_of(v) for n, v in per_class.items()}
         means = [s["mean"] for s in stats.values() if not math.isnan(s["mean"])]
-        fold_avgs = [float(np.mean([per_class[n][k] for n in names if k < len(per_class[n])]))
-                     for k in range(folds) if any(k < len(per_class[n]) for n in names)]
+        fold_avgs: list[float | None] = []
+        for k in range(folds):
+            scored = [per_class[n][k] for n in names if per_class[n][k] is not None]
+            fold_avgs.append(float(np.mean(scored)) if scored else None)
+        present = [v for v in fold_avgs if v is not None]
         stats["avg"] = {"mean": float(np.mean(means)) if means else math.nan,
-                        "std": float(np.std(fold_avgs)) if fold_avgs else math.nan, "folds": fold_avgs}
+                        "std": float(np.std(present)) if present else math.nan, "folds": fold_avgs}
         summary["setups"][setup] = stats
     return summary
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
+from vox2vec.config import check_int, check_number
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, pick_device, resolve_precision
 from vox2vec.model import Vox2VecModel
@@ -42,6 +43,28 @@ class FinetuneConfig:
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     multilabel: bool = False
     seed: int = 0
+
+    def problems(self) -> list[str]:
+        """Every mistyped or out-of-range field, as one line each (empty when the schedule can run)."""
+        found: list[str] = []
+        if not (isinstance(self.patch_size, (tuple, list)) and len(self.patch_size) == 3
+                and all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 1024 for p in self.patch_size)):
+            found.append(f"patch_size must be three whole numbers between 1 and 1024, got {self.patch_size!r}")
+        check_int(found, "batch_size", self.batch_size, 1, 4096)
+        check_number(found, "class_centred_probability", self.class_centred_probability, 0.0, 1.0)
+        check_int(found, "total_steps", self.total_steps, 1)
+        check_int(found, "frozen_steps", self.frozen_steps, 0)
+        check_int(found, "warmup_steps", self.warmup_steps, 0)
+        for name in ("backbone_lr_start", "backbone_lr", "head_lr"):
+            check_number(found, name, getattr(self, name), 0.0, 1.0, low_open=True)
+        check_int(found, "checkpoint_every", self.checkpoint_every, 1)
+        check_int(found, "keep_checkpoints", self.keep_checkpoints, 1)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            found.append(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if not isinstance(self.multilabel, bool):
+            found.append(f"multilabel must be True or False, got {self.multilabel!r}")
+        check_int(found, "seed", self.seed, 0)
+        return found
 
     def backbone_lr_at(self, step: int) -> float:
         """0 while frozen, then exponential warm-up, then constant."""
@@ -113,6 +136,22 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch
     return nn.functional.binary_cross_entropy_with_logits(logits, onehot) + dice.mean()
 
 
+def _checked_config(config: FinetuneConfig | None, overrides: Mapping[str, Any]) -> FinetuneConfig:
+    """The schedule with ``overrides`` applied, every value checked before any data or model is read."""
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise InputError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InputError(f"unknown finetune setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    config = dataclasses.replace(config or FinetuneConfig(), **overrides)
+    problems = config.problems()
+    if problems:
+        raise InputError("invalid finetune settings:\n  " + "\n  ".join(problems))
+    return config
+
+
 def finetune(
     data: Iterable[tuple[Any, Any]],
     output_dir: str | Path,
@@ -132,7 +171,7 @@ def finetune(
     """
     from vox2vec.inference.embed import resolve_model
 
-    config = dataclasses.replace(config or FinetuneConfig(), **overrides)
+    config = _checked_config(config, overrides)
     output_dir = Path(output_dir)
     device = pick_device(device)
     # CPU training stays fp32 under "auto": oneDNN's bf16 backward is not bit-reproducible, and resume must be exact

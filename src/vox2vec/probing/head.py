@@ -27,7 +27,7 @@ KINDS = {"linear": FPNLinearHead, "nonlinear": FPNNonLinearHead}
 
 def build_head_module(kind: str, base_channels: int, num_scales: int, outputs: int) -> nn.Module:
     if kind not in KINDS:
-        raise ValueError(f"kind must be 'linear' or 'nonlinear', got {kind!r}")
+        raise InputError(f"kind must be 'linear' or 'nonlinear', got {kind!r}")
     return KINDS[kind](base_channels, num_scales, outputs)
 
 
@@ -151,22 +151,70 @@ class Head:
         return Path(directory)
 
 
+def _head_config_problems(config: Any) -> list[str]:
+    """What is missing or out of range in a ``head.json`` (empty when it is usable)."""
+    if not isinstance(config, dict):
+        return [f"expected a JSON object, got {type(config).__name__}"]
+    problems = []
+    if config.get("kind") not in KINDS:
+        problems.append(f"kind must be 'linear' or 'nonlinear', got {config.get('kind')!r}")
+    if not isinstance(config.get("multilabel"), bool):
+        problems.append(f"multilabel must be true or false, got {config.get('multilabel')!r}")
+    classes = config.get("classes")
+    names, ids = (classes.get("names"), classes.get("ids")) if isinstance(classes, dict) else (None, None)
+    if not (isinstance(names, list) and isinstance(ids, list) and names and len(names) == len(ids)
+            and all(isinstance(n, str) and n for n in names)):
+        problems.append("classes must hold 'names' (non-empty strings) and 'ids' (one list of label ids per name)")
+    else:
+        bad = [i for group in ids for i in (group if isinstance(group, list) and group else [group])
+               if not (isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 2**31 - 1)]
+        if bad:
+            problems.append(f"class label ids must be whole numbers ≥ 1 (0 is background), got {bad[:5]}")
+    backbone = config.get("backbone")
+    arch = None
+    if isinstance(backbone, dict) and isinstance(backbone.get("config"), dict):
+        arch = backbone["config"].get("architecture")
+    if not isinstance(arch, dict):
+        problems.append("backbone.config.architecture is missing")
+    else:
+        for key, high in (("base_channels", 1024), ("num_scales", 10)):
+            value = arch.get(key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
+                problems.append(f"backbone.config.architecture.{key} must be a whole number in 1..{high}, "
+                                f"got {value!r}")
+    return problems
+
+
 def load_head(directory: str | os.PathLike, model: nn.Module | None = None) -> Head:
-    """Read a head written by :meth:`Head.save_pretrained`."""
+    """Read a head written by :meth:`Head.save_pretrained`; a broken or incomplete file is an :class:`InputError`
+    naming it."""
     from safetensors.torch import load_file
 
     from vox2vec.hub.pretrained import check_state_dict
 
     directory = Path(directory)
-    if not (directory / HEAD_CONFIG).is_file() or not (directory / HEAD_WEIGHTS).is_file():
+    config_path, weights_path = directory / HEAD_CONFIG, directory / HEAD_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
         raise InputError(f"{directory} is not a vox2vec head: expected {HEAD_CONFIG} and {HEAD_WEIGHTS}")
-    config = json.loads((directory / HEAD_CONFIG).read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"could not read {config_path} as JSON ({error}); the file is corrupt — save the head "
+                         "again") from None
+    problems = _head_config_problems(config)
+    if problems:
+        raise InputError(f"invalid head file {config_path}:\n  " + "\n  ".join(problems))
     classes = ClassMap.from_dict(config["classes"])
     arch = config["backbone"]["config"]["architecture"]
     outputs = classes.num_classes + (0 if config["multilabel"] else 1)
     module = build_head_module(config["kind"], arch["base_channels"], arch["num_scales"], outputs)
-    state = load_file(str(directory / HEAD_WEIGHTS))
-    check_state_dict(module, state, str(directory / HEAD_WEIGHTS))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error type for truncated or corrupt files
+        raise InputError(f"could not read {weights_path} ({error}); the file is truncated or corrupt — save the head "
+                         "again") from None
+    check_state_dict(module, state, str(weights_path))
     module.load_state_dict(state, strict=True)
+    history = config.get("history")
     return Head(module, config["kind"], classes, config["backbone"], config["multilabel"], model,
-                config.get("history"))
+                history if isinstance(history, list) else None)

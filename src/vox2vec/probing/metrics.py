@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from vox2vec.errors import InputError
+from vox2vec.geometry import Grid, describe_grid_difference
 
 
 @dataclass
@@ -37,22 +39,59 @@ class DiceReport:
                 "spurious": self.spurious}
 
 
-def _as_array(labels) -> np.ndarray:
-    if isinstance(labels, np.ndarray):
-        return labels
+_BARE_ARRAY = (
+    "{name} is a bare array, which carries neither axis order nor geometry; pass a file path, a SimpleITK image or "
+    "a Volume (they carry their geometry), or give axis_order='xyz' (Volume.array, SimpleITK index order) or "
+    "'zyx' (what SimpleITK.GetArrayFromImage returns)"
+)
+
+
+def _labels(labels: Any, name: str, axis_order: str | None) -> tuple[np.ndarray, Grid | None]:
+    """(array in x, y, z order, its grid or None for a bare array)."""
+    import torch
+
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+        if axis_order is None:
+            raise InputError(_BARE_ARRAY.format(name=name))
+        if axis_order not in ("xyz", "zyx"):
+            raise InputError(f"axis_order must be 'xyz' or 'zyx', got {axis_order!r}")
+        return (array.transpose(2, 1, 0) if axis_order == "zyx" and array.ndim == 3 else array), None
     from vox2vec.volume import load_volume
 
-    return load_volume(labels).array
+    volume = load_volume(labels, check_finite=False)
+    return volume.array, volume.grid
 
 
-def dice_scores(prediction, truth, classes: Mapping[str, list[int] | tuple[int, ...] | int]) -> DiceReport:
-    """Dice per class between two label maps on the same grid (arrays, images or paths).
+def dice_scores(
+    prediction: Any,
+    truth: Any,
+    classes: Mapping[str, list[int] | tuple[int, ...] | int],
+    *,
+    axis_order: str | None = None,
+) -> DiceReport:
+    """Dice per class between two label maps on the same grid.
+
+    Each map is a path, a ``SimpleITK.Image``, a nibabel image or a :class:`~vox2vec.Volume`: their geometry (size,
+    spacing, origin, direction) must agree, with the same rule and message as :func:`~vox2vec.train_head`, so a
+    mask shifted by a few millimetres is refused rather than scored. A bare numpy array / tensor carries no
+    geometry: give its ``axis_order`` (``"xyz"`` = ``Volume.array``, ``"zyx"`` = ``SimpleITK.GetArrayFromImage``);
+    it is then taken to lie on the other map's grid (or, if both are bare, compared voxel by voxel).
 
     ``classes`` maps a class name to the label id(s) that make it up in **both** maps.
     """
-    pred, true = _as_array(prediction), _as_array(truth)
+    pred, pred_grid = _labels(prediction, "prediction", axis_order)
+    true, true_grid = _labels(truth, "truth", axis_order)
+    if pred_grid is not None and true_grid is not None:
+        differences = describe_grid_difference(pred_grid, true_grid)
+        if differences:
+            raise InputError("the prediction is not on the truth's grid: " + "; ".join(differences)
+                             + ". Resample it onto the truth with nearest-neighbour interpolation first")
     if pred.shape != true.shape:
-        raise InputError(f"prediction {pred.shape} and truth {true.shape} are not on the same grid")
+        hint = ("; is the array's axis_order right?" if (pred_grid is None) != (true_grid is None)
+                else "; resample one onto the other's grid with nearest-neighbour interpolation first")
+        raise InputError(f"prediction {pred.shape} and truth {true.shape} are not on the same grid (sizes in x, y, z "
+                         f"order){hint}")
     report = DiceReport(per_class={})
     for name, ids in classes.items():
         ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
