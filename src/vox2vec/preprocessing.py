@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vox2vec.config import PreprocessingConfig
-from vox2vec.errors import InputError
+from vox2vec.errors import ConfigError, InputError
 from vox2vec.geometry import Grid, describe_grid_difference
 from vox2vec.resample import Mode, is_identity_mapping, resample
 from vox2vec.volume import Volume, load_volume
@@ -27,7 +27,7 @@ def orientation_direction(code: str) -> np.ndarray:
     """Direction matrix (LPS world) whose array axes point toward the three letters, e.g. ``"RAS"``."""
     code = code.upper()
     if len(code) != 3 or {_LETTER_TO_AXIS.get(c, (None,))[0] for c in code} != {0, 1, 2}:
-        raise ValueError(f"orientation must be three letters naming each world axis once (e.g. 'RAS'), got {code!r}")
+        raise ConfigError(f"orientation must be three letters naming each world axis once (e.g. 'RAS'), got {code!r}")
     direction = np.zeros((3, 3))
     for column, letter in enumerate(code):
         axis, sign = _LETTER_TO_AXIS[letter]

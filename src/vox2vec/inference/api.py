@@ -9,7 +9,7 @@ import torch
 
 from vox2vec.features import FeaturePyramid
 from vox2vec.inference.embed import embed_image, resolve_model
-from vox2vec.inference.precision import Precision, pick_device
+from vox2vec.inference.precision import Precision, check_batch_size, pick_device
 
 
 def embed_volume(
@@ -36,8 +36,9 @@ def embed_volume(
     ``precision="auto"`` is bf16 autocast on CUDA and on CPUs with native bf16, else fp32. The pyramid is stored in
     ``dtype`` (fp16) on the CPU.
     """
+    device = pick_device(device)  # argument checks first: a wrong device or batch size fails before any work
+    check_batch_size(batch_size)
     net = resolve_model(model)
-    device = pick_device(device)
     config = net.config
     prepared = net.preprocessor(ct, device=device, spacing=spacing, axis_order=axis_order, origin=origin,
                                 direction=direction)

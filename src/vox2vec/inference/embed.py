@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec.inference.precision import Precision, autocast, pick_device, resolve_precision
+from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
 from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
 
 
@@ -98,7 +98,7 @@ def embed_image(
     backbone = backbone.to(device).eval()
     if device.type != "mps":
         backbone = backbone.to(memory_format=torch.channels_last_3d)
-    batch_size = batch_size or default_batch_size(device)
+    batch_size = check_batch_size(batch_size) or default_batch_size(device)
     with tqdm(total=len(plans), desc="embedding", unit="window", disable=not progress) as bar:
         queue = list(plans)
         while queue:

@@ -3,18 +3,70 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Literal
 
 import torch
 
+from vox2vec.errors import ArgumentError, DeviceError
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-def pick_device(device: torch.device | str | None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def available_devices() -> list[str]:
+    """The devices this machine can run on, e.g. ``["cpu"]`` or ``["cpu", "cuda:0", "cuda:1"]``."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def pick_device(device: torch.device | str | int | None) -> torch.device:
+    """The requested device, checked against this machine; ``None`` → CUDA when present, else CPU.
+
+    Raises :class:`~vox2vec.errors.DeviceError` (listing what is available) for a device name torch does not know
+    (``"gpu"``) or one this machine lacks (``"cuda"`` without CUDA, ``"cuda:7"`` with one GPU).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = ", ".join(available_devices())
+    try:
+        resolved = device if isinstance(device, torch.device) else torch.device(
+            device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}; this machine has: {available} "
+                          "(write 'cuda' or 'cuda:N' for an NVIDIA GPU)") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {str(device)!r} requested, but this machine has no usable CUDA GPU "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                              f"available: {available}")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"device {str(device)!r} requested, but this machine has {count} CUDA GPU(s); "
+                              f"available: {available}")
+        return resolved
+    if resolved.type == "mps" and "mps" in available_devices():
+        return resolved
+    raise DeviceError(f"device {str(device)!r} is not available here; available: {available}")
+
+
+def check_batch_size(batch_size: int | None, name: str = "batch_size") -> int | None:
+    """``None`` (choose automatically) or a positive integer."""
+    if batch_size is None:
+        return None
+    try:
+        value = operator.index(batch_size)  # int or numpy integer; not float, not bool-as-number
+    except TypeError:
+        value = None
+    if value is None or isinstance(batch_size, bool) or value < 1:
+        raise ArgumentError(f"{name} must be a positive integer (windows per forward pass), got {batch_size!r}")
+    return value
 
 
 def cpu_supports_bf16() -> bool:
@@ -28,7 +80,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: Precision, device: torch.device) -> str:
     """``auto`` → bf16 on CUDA; on CPU bf16 where the CPU has native bf16 (about 3× faster there), else fp32."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        raise ArgumentError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec.inference.precision import Precision, autocast, pick_device, resolve_precision
+from vox2vec.errors import InputError
+from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
 from vox2vec.inference.windows import original_starts, overlap_voxels
 
 
@@ -32,6 +33,7 @@ def sliding_window_head(
 ) -> torch.Tensor:
     """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32)."""
     device = pick_device(device)
+    batch_size = check_batch_size(batch_size) or 1
     mode = resolve_precision(precision, device)
     shape = tuple(int(n) for n in image.shape)
     padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
@@ -58,5 +60,6 @@ def sliding_window_head(
             source = (b, slice(None), *(slice(lo, hi) for lo, hi in keep))
             target = (slice(None), *(slice(s + lo, s + hi) for s, (lo, hi) in zip(start, keep)))
             output[target] = logits[source]
-    assert output is not None
+    if output is None:
+        raise InputError(f"the image has no voxels (shape {shape}); nothing to segment")
     return output[:, : shape[0], : shape[1], : shape[2]]

@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vox2vec.errors import ArgumentError
+
 
 def overlap_voxels(window: int, overlap: float) -> int:
     """The original's overlap in voxels: ceil(overlap · window), rounded up to an even number."""
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        raise ArgumentError(f"overlap must be in [0, 1), got {overlap}")
     voxels = math.ceil(overlap * window)
     return voxels + voxels % 2
 
@@ -60,7 +62,8 @@ def aligned_starts(size: int, window: int, stride: int, num_levels: int) -> tupl
         if all(_has_aligned_cover(size, starts, window, level) for level in range(num_levels)):
             return starts, padded
         count += 1
-    raise ValueError(f"window {window} with stride {stride} cannot cover {num_levels} pyramid levels")
+    raise ArgumentError(f"window {window} with stride {stride} cannot cover {num_levels} pyramid levels; use a window "
+                        f"that is a multiple of {2 ** (num_levels - 1)} voxels")
 
 
 def _has_aligned_cover(size: int, starts: list[int], window: int, level: int) -> bool:
@@ -99,7 +102,8 @@ def level_owners(size: int, starts: list[int], window: int, padded: int, level: 
             if margin > best_margin:
                 best, best_margin = index, margin
         if best < 0:
-            raise AssertionError(f"no window aligned to level {level} covers cell {c}")
+            raise ArgumentError(f"no window of size {window} aligned to level {level} covers cell {c}; use a window "
+                                f"that is a multiple of {2 ** level} voxels")
         owners.append(best)
     runs: list[Assignment] = []
     for c, owner in enumerate(owners):

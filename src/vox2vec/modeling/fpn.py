@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vox2vec.errors import ConfigError
 from vox2vec.modeling.blocks import ResStack3d, upsample_and_crop
 
 
@@ -24,9 +25,9 @@ class FPN3d(nn.Module):
     def __init__(self, in_channels: int = 1, base_channels: int = 16, num_scales: int = 6) -> None:
         super().__init__()
         if num_scales < 2:
-            raise ValueError(f"num_scales must be at least 2, got {num_scales}")
+            raise ConfigError(f"num_scales must be at least 2, got {num_scales}")
         if base_channels < 1:
-            raise ValueError(f"base_channels must be positive, got {base_channels}")
+            raise ConfigError(f"base_channels must be positive, got {base_channels}")
         self.in_channels = in_channels
         self.base_channels = base_channels
         self.num_scales = num_scales

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from vox2vec.errors import InputError, UnsupportedTypeError
 from vox2vec.features import FeaturePyramid
 from vox2vec.modeling import FPNLinearHead, FPNNonLinearHead
 
@@ -39,7 +40,8 @@ def apply_head(head: nn.Module, pyramid: FeaturePyramid, *, device: torch.device
             if output is None:
                 output = torch.empty((logits.shape[0], *pyramid.shape), dtype=torch.float32, device=device)
             output[(slice(None), *(slice(s, e) for s, e in zip(start, stop)))] = logits
-    assert output is not None
+    if output is None:
+        raise InputError(f"the pyramid has no voxels (shape {pyramid.shape}); nothing to apply the head to")
     return output
 
 
@@ -81,4 +83,5 @@ def voxel_forward(head: nn.Module, features: torch.Tensor, channels: list[int]) 
         for up, skip, right, level in zip(head.up_blocks, head.skip_blocks, head.right_blocks, levels[-2::-1]):
             x = _resblock(right, _linear(up[0], x) + _linear(skip, level))
         return _linear(head.final_block, x)
-    raise TypeError(f"no voxel-wise form for {type(head).__name__}")
+    raise UnsupportedTypeError(f"no voxel-wise form for {type(head).__name__}; expected FPNLinearHead or "
+                               "FPNNonLinearHead")
