@@ -1,21 +1,68 @@
-"""The ``vox2vec`` command line: a thin layer over the Python API."""
+"""The ``vox2vec`` command line: a thin layer over the Python API.
+
+Every argument and output path is checked before any work starts. A user error prints one line
+``vox2vec: error: …`` on stderr and exits with status 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vox2vec.errors import InputError, Vox2VecError
+from vox2vec.outputs import check_output_dir, check_output_file
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (``vox2vec: error: …``) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"vox2vec: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _folds(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"k-fold evaluation needs at least 2 folds, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    from vox2vec.inference.precision import pick_device
+
+    try:
+        pick_device(text)
+    except Vox2VecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _model_paths(model) -> list[str]:
+    """The model argument, when it names a local file or folder (so that no output may replace it)."""
+    return [model] if isinstance(model, str) and os.path.exists(model) else []
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from vox2vec.inference import embed_volume
 
+    check_output_file(args.output, "pyramid", inputs=[args.input, *_model_paths(args.model)],
+                      overwrite=args.overwrite)
     pyramid = embed_volume(args.input, model=args.model, device=args.device, batch_size=args.batch_size,
                            precision=args.precision, progress=not args.no_progress)
-    pyramid.save(args.output)
+    pyramid.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {pyramid}")
     return 0
 
@@ -61,24 +108,53 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_classes(text: str | None) -> dict[int, str] | None:
-    """``"1=spleen,5=liver,32=vertebrae,33=vertebrae"`` → {1: "spleen", …}; bare ids name themselves."""
-    if not text:
+    """``"1=spleen,5=liver,32=vertebrae,33=vertebrae"`` → {1: "spleen", …}; bare ids name themselves.
+
+    Raises ``argparse.ArgumentTypeError`` (a usage error naming the entry) for anything else.
+    """
+    if text is None:
         return None
-    classes = {}
+    example = "e.g. --classes 1=spleen,5=liver"
+    classes: dict[int, str] = {}
     for item in text.split(","):
-        label_id, _, name = item.partition("=")
-        classes[int(label_id)] = name.strip() or label_id.strip()
+        label_id, has_name, name = (part.strip() for part in item.partition("="))
+        if not label_id and not name:
+            raise argparse.ArgumentTypeError(f"empty entry in {text!r}; the form is ID=NAME,ID=NAME ({example})")
+        if not _is_int(label_id):
+            if has_name and _is_int(name):
+                raise argparse.ArgumentTypeError(
+                    f"{item.strip()!r} looks reversed: the form is ID=NAME, e.g. {name}={label_id}")
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not ID=NAME with an integer label id ({example})")
+        value = int(label_id)
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"label id {value} in {item.strip()!r}: ids must be positive integers (0 is background)")
+        if value in classes:
+            raise argparse.ArgumentTypeError(f"label id {value} is listed twice in {text!r}")
+        classes[value] = name or label_id
     return classes
 
 
 def _cmd_train_head(args: argparse.Namespace) -> int:
     from vox2vec.probing import train_head
+    from vox2vec.probing.head import HEAD_CONFIG, HEAD_WEIGHTS
 
+    inputs = [path for pair in args.input for path in pair] + _model_paths(args.model)
+    check_output_dir(args.output, files=(HEAD_WEIGHTS, HEAD_CONFIG), inputs=inputs, overwrite=args.overwrite,
+                     what="head folder")
     head = train_head([tuple(pair) for pair in args.input], model=args.model, kind=args.kind,
-                      classes=_parse_classes(args.classes), multilabel=args.multilabel, steps=args.steps,
+                      classes=args.classes, multilabel=args.multilabel, steps=args.steps,
                       device=args.device, progress=not args.no_progress)
-    head.save_pretrained(args.output)
+    head.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {head}")
     return 0
 
@@ -87,10 +163,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from vox2vec.probing import load_head
     from vox2vec.volume import load_volume
 
+    check_output_file(args.output, "label-map", inputs=[args.input, args.head, *_model_paths(args.model)],
+                      overwrite=args.overwrite)
     head = load_head(args.head)
     model = args.model or head.backbone.get("name")
     prediction = head.predict(args.input, model=model, progress=not args.no_progress)
-    load_volume(prediction).save(args.output)
+    load_volume(prediction).save(args.output, kind="label-map", overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0
 
@@ -98,9 +176,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vox2vec.probing.evaluate import evaluate_dataset
 
+    check_output_dir(args.output, inputs=[args.dataset, *_model_paths(args.model)], what="results folder")
     finetune_options = {"total_steps": args.finetune_steps} if args.finetune_steps else {}
     evaluate_dataset(args.dataset, args.output, model=args.model, setups=args.setups, folds=args.folds,
-                     seed=args.seed, classes=_parse_classes(args.classes), finetune_options=finetune_options,
+                     seed=args.seed, classes=args.classes, finetune_options=finetune_options,
                      progress=not args.no_progress)
     print((Path(args.output) / "results.md").read_text())
     return 0
@@ -109,7 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vox2vec.demo import demo
 
-    demo(args.output, model=args.model, progress=not args.no_progress)
+    demo(args.output, model=args.model, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 
@@ -121,6 +200,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         inputs = args.inputs or list(config.data.inputs)
         if not inputs:
             raise InputError("no inputs: pass CT files, folders or globs, or set [data] inputs in the config")
+        check_output_dir(args.output or config.data.prepared_dir, inputs=inputs, what="prepared folder")
         manifest = pretrain.prepare(inputs, args.output or config.data.prepared_dir,
                                     preprocessing=config.preprocessing, patch_size=config.sampling.patch_size,
                                     workers=config.data.workers, progress=not args.no_progress)
@@ -131,8 +211,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         import torch
 
+        from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
+
+        run_dir = args.run_dir or config.train.output_dir
+        check_output_dir(args.output, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=[run_dir],
+                         what="model folder", hint="move it away or export to another folder")
         dtype = torch.float16 if args.dtype == "fp16" else None
-        out = pretrain.export(args.run_dir or config.train.output_dir, args.output, name=args.name,
+        out = pretrain.export(run_dir, args.output, name=args.name,
                               license=args.license, data_description=args.data, dtype=dtype)
         print(f"exported to {out}")
         if args.push_to_hub:
@@ -141,97 +226,123 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vox2vec", description="Voxel-level self-supervised features for CT.")
+    parser = _Parser(prog="vox2vec", description="Voxel-level self-supervised features for CT.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting the global value
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="offline demo on the bundled CT and model: embed, probe, predict, PNG")
+    def sub(group, name: str, **kwargs) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], **kwargs)
+
+    overwrite_help = "replace an existing output file that vox2vec did not write"
+
+    demo = sub(commands, "demo", help="offline demo on the bundled CT and model: embed, probe, predict, PNG")
     demo.add_argument("-o", "--output", default="vox2vec-demo", help="output folder (default: vox2vec-demo)")
     demo.add_argument("--model", default="fpn-ct-mini", help="backbone (default: the bundled fpn-ct-mini)")
+    demo.add_argument("--overwrite", action="store_true", help=overwrite_help)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_cmd_demo)
 
-    embed = commands.add_parser("embed", help="embed a CT into a feature pyramid (.safetensors)")
+    embed = sub(commands, "embed", help="embed a CT into a feature pyramid (.safetensors)")
     embed.add_argument("-i", "--input", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     embed.add_argument("-o", "--output", required=True, help="output .safetensors file")
     embed.add_argument("--model", default="fpn-ct", help="model name, directory or .pt file (default: fpn-ct)")
-    embed.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
-    embed.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    embed.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
+    embed.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    embed.add_argument("--overwrite", action="store_true", help=overwrite_help)
     embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(run=_cmd_embed)
 
-    download = commands.add_parser("download", help="download and convert a named model into the cache")
+    download = sub(commands, "download", help="download and convert a named model into the cache")
     download.add_argument("name", help="registered model name, e.g. fpn-ct")
     download.add_argument("--revision", default=None, help="Hub revision (default: the pinned one)")
     download.set_defaults(run=_cmd_download)
 
-    info = commands.add_parser("info", help="list known models with source, size and cache status")
+    info = sub(commands, "info", help="list known models with source, size and cache status")
     info.set_defaults(run=_cmd_info)
 
-    train = commands.add_parser("train-head", help="train a linear or non-linear head on frozen features")
+    train = sub(commands, "train-head", help="train a linear or non-linear head on frozen features")
     train.add_argument("-i", "--input", nargs=2, action="append", required=True, metavar=("CT", "LABELS"),
                        help="a CT and its label map (repeat -i for more scans)")
     train.add_argument("-o", "--output", required=True, help="output directory for the head")
     train.add_argument("--kind", default="linear", choices=["linear", "nonlinear"])
-    train.add_argument("--classes", help="ids to learn and their names, e.g. 1=spleen,5=liver (default: all ids)")
+    train.add_argument("--classes", type=_parse_classes,
+                       help="ids to learn and their names, e.g. 1=spleen,5=liver (default: all ids)")
     train.add_argument("--multilabel", action="store_true", help="sigmoid per class (BCE + Dice) instead of softmax")
-    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--steps", type=_positive_int, default=2000)
     train.add_argument("--model", default="fpn-ct")
-    train.add_argument("--device", default=None)
+    train.add_argument("--device", type=_device, default=None)
+    train.add_argument("--overwrite", action="store_true", help="replace head files in the folder that vox2vec did "
+                                                                "not write")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(run=_cmd_train_head)
 
-    predict = commands.add_parser("predict", help="segment a CT with a trained head (label map on the CT's grid)")
+    predict = sub(commands, "predict", help="segment a CT with a trained head (label map on the CT's grid)")
     predict.add_argument("-i", "--input", required=True, help="CT file or DICOM folder")
     predict.add_argument("--head", required=True, help="head directory written by train-head")
     predict.add_argument("-o", "--output", required=True, help="output label map, e.g. seg.nii.gz")
     predict.add_argument("--model", default=None, help="backbone (default: the one the head was trained on)")
+    predict.add_argument("--overwrite", action="store_true", help=overwrite_help)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
 
-    evaluate = commands.add_parser("eval", help="k-fold evaluation on an imagesTr/ + labelsTr/ dataset (Table 1)")
+    evaluate = sub(commands, "eval", help="k-fold evaluation on an imagesTr/ + labelsTr/ dataset (Table 1)")
     evaluate.add_argument("dataset", help="folder with imagesTr/ and labelsTr/")
     evaluate.add_argument("-o", "--output", required=True, help="results folder (resumable)")
     evaluate.add_argument("--setups", nargs="+", default=["linear", "nonlinear"],
                           choices=["linear", "nonlinear", "finetune", "from-scratch"])
-    evaluate.add_argument("--folds", type=int, default=5)
+    evaluate.add_argument("--folds", type=_folds, default=5)
     evaluate.add_argument("--seed", type=int, default=42)
-    evaluate.add_argument("--classes", help="ids and names, e.g. 1=spleen,2=kidney_right (default: all ids)")
-    evaluate.add_argument("--finetune-steps", type=int, help="total steps for finetune/from-scratch (default 45000)")
+    evaluate.add_argument("--classes", type=_parse_classes,
+                          help="ids and names, e.g. 1=spleen,2=kidney_right (default: all ids)")
+    evaluate.add_argument("--finetune-steps", type=_positive_int,
+                          help="total steps for finetune/from-scratch (default 45000)")
     evaluate.add_argument("--model", default="fpn-ct")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=_cmd_eval)
 
-    pre = commands.add_parser("pretrain", help="contrastive pre-training: prepare | train | export")
+    pre = sub(commands, "pretrain", help="contrastive pre-training: prepare | train | export")
     stages = pre.add_subparsers(dest="pretrain_command", required=True)
     for stage, text in [("prepare", "canonicalise, crop, resample and store CTs (resumable, parallel)"),
                         ("train", "pre-train or resume (single process, or under torchrun for DDP)"),
                         ("export", "checkpoint → model.safetensors + config.json + README.md")]:
-        sub = stages.add_parser(stage, help=text)
-        sub.add_argument("--config", help="TOML or JSON config (every field defaults to the paper's value)")
-        sub.add_argument("--no-progress", action="store_true")
-        sub.set_defaults(run=_cmd_pretrain)
+        stage_parser = sub(stages, stage, help=text)
+        stage_parser.add_argument("--config", help="TOML or JSON config (every field defaults to the paper's value)")
+        stage_parser.add_argument("--no-progress", action="store_true")
+        stage_parser.set_defaults(run=_cmd_pretrain)
         if stage == "prepare":
-            sub.add_argument("inputs", nargs="*", help="CT files, folders or globs (default: [data] inputs)")
-            sub.add_argument("-o", "--output", help="prepared folder (default: [data] prepared_dir)")
+            stage_parser.add_argument("inputs", nargs="*", help="CT files, folders or globs (default: [data] inputs)")
+            stage_parser.add_argument("-o", "--output", help="prepared folder (default: [data] prepared_dir)")
         if stage == "export":
-            sub.add_argument("-o", "--output", required=True, help="output model directory")
-            sub.add_argument("--run-dir", help="training output dir (default: [train] output_dir)")
-            sub.add_argument("--name", help="model name (default: the output folder's name)")
-            sub.add_argument("--license", default="MIT")
-            sub.add_argument("--data", default="unspecified", help="one line describing the pre-training data")
-            sub.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-            sub.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
+            stage_parser.add_argument("-o", "--output", required=True, help="output model directory")
+            stage_parser.add_argument("--run-dir", help="training output dir (default: [train] output_dir)")
+            stage_parser.add_argument("--name", help="model name (default: the output folder's name)")
+            stage_parser.add_argument("--license", default="MIT")
+            stage_parser.add_argument("--data", default="unspecified", help="one line describing the pre-training data")
+            stage_parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+            stage_parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors (``Vox2VecError``, ``OSError``) → one line on stderr and status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except Vox2VecError as error:
-        print(f"vox2vec: error: {error}", file=sys.stderr)
+    except (Vox2VecError, OSError) as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"vox2vec: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("vox2vec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,17 +15,23 @@ import torch
 
 DEMO = Path(__file__).resolve().parent / "assets" / "demo"
 IGNORE = 255
+PREDICTION, PICTURE = "prediction.nii.gz", "demo.png"
 
 
-def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini", progress: bool = True) -> dict:
-    """Run the demo; returns the Dice report as a dict and writes ``prediction.nii.gz`` and ``demo.png``."""
+def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini", progress: bool = True,
+         overwrite: bool = False) -> dict:
+    """Run the demo; returns the Dice report as a dict and writes ``prediction.nii.gz`` and ``demo.png``.
+
+    Other files in ``output_dir`` are left alone; files of those two names that vox2vec did not write are replaced
+    only with ``overwrite=True``.
+    """
     from vox2vec.hub import load_pretrained_cached
     from vox2vec.inference import embed_volume
+    from vox2vec.outputs import check_output_dir
     from vox2vec.probing import dice_scores, train_head
     from vox2vec.volume import load_volume
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_dir(output_dir, files=(PREDICTION, PICTURE), overwrite=overwrite, what="demo folder")
     net = load_pretrained_cached(model) if isinstance(model, str) else model
     ct = load_volume(DEMO / "ct.nii.gz")
     labels = load_volume(DEMO / "labels.nii.gz")
@@ -38,13 +44,14 @@ def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini",
     head = train_head([(pyramid, labels.with_array(training_labels).to_sitk())], model=net, classes=classes,
                       ignore_label=IGNORE, progress=progress)
     prediction = load_volume(head.predict(pyramid))
-    prediction.save(output_dir / "prediction.nii.gz")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prediction.save(output_dir / PREDICTION, kind="label-map", overwrite=overwrite)
     names = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}
     report = dice_scores(prediction.array[:, :, split:], labels.array[:, :, split:], names, axis_order="xyz")
     print(f"Dice on the held-out upper half (slices {split}–{ct.shape[2] - 1}), original grid:\n{report}")
-    picture = output_dir / "demo.png"
+    picture = output_dir / PICTURE
     write_picture(ct.array, prediction.array, pyramid, ct, picture, slice_index=split + split // 2)
-    print(f"wrote {output_dir / 'prediction.nii.gz'} and {picture}")
+    print(f"wrote {output_dir / PREDICTION} and {picture}")
     return report.to_dict()
 
 
@@ -73,7 +80,22 @@ def write_picture(ct: np.ndarray, prediction: np.ndarray, pyramid, volume, path:
     overlay = np.where(labels[..., None] > 0, 0.5 * grey[..., None] + 0.5 * palette[labels], grey[..., None])
     panels = [np.repeat(grey[..., None], 3, axis=2), overlay, rgb.reshape(*grey.shape, 3)]
     image = np.concatenate([_display(p, volume.grid) for p in panels], axis=1)
-    imsave(str(path), (image * 255).astype(np.uint8), check_contrast=False)
+    from vox2vec._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        imsave(str(tmp), (image * 255).astype(np.uint8), check_contrast=False)
+        _mark_png(tmp)
+
+
+def _mark_png(path: Path) -> None:
+    """Add a ``Software: vox2vec`` text chunk after the PNG header, so a later run knows the file is ours."""
+    import zlib
+
+    data = path.read_bytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    body = b"tEXt" + b"Software\0vox2vec demo"
+    chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    path.write_bytes(data[:ihdr_end] + chunk + data[ihdr_end:])
 
 
 def _display(panel: np.ndarray, grid) -> np.ndarray:

@@ -214,11 +214,11 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     path = Path(path)
     what = f"output {DESCRIPTIONS[kind]}"
     allowed = EXTENSIONS[kind]
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is an existing folder; give a file name, e.g. {path / ('out' + allowed[0])}")
     if _suffix(path) not in allowed:
         found = f"extension {_suffix(path)!r}" if _suffix(path) else "no extension"
         raise OutputError(f"cannot write {what} {path}: {found}; use {', '.join(allowed)}")
-    if path.is_dir():
-        raise OutputError(f"{what} {path} is an existing folder; give a file name, e.g. {path / ('out' + allowed[0])}")
     ours = written_by_vox2vec(path, kind)
     _check_not_an_input(path, _paths(inputs), what, ours)
     if path.exists() and not overwrite and not ours:
@@ -229,7 +229,7 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
 
 
 def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inputs: Iterable[Any] | Any = (),
-                     overwrite: bool = False, what: str = "output folder") -> Path:
+                     overwrite: bool = False, what: str = "output folder", hint: str = OVERWRITE_HINT) -> Path:
     """Refuse, before any compute, an output folder we must not or cannot write; returns the path.
 
     ``files``: the names we will write into it; an existing one is replaced only when vox2vec wrote it (or with
@@ -249,6 +249,6 @@ def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inpu
         ours = written_by_vox2vec(target)
         _check_not_an_input(target, sources, f"{what} file", ours)
         if target.exists() and not overwrite and not ours:
-            raise OutputError(f"{target} already exists and was not written by vox2vec; {OVERWRITE_HINT}")
+            raise OutputError(f"{target} already exists and was not written by vox2vec; {hint}")
     _check_writable(path / "_", what)
     return path
