@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from conftest import as_array, chest_training_pair, coarse_model, crop, ct_path, label_path, read_image
 from vox2vec import InputError
 from vox2vec.cli import main
-from vox2vec.probing.evaluate import evaluate_dataset, find_cases, kfold
+from vox2vec.probing.evaluate import evaluate_dataset, find_cases, kfold, markdown_table, summarise
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,30 @@ def test_dataset_without_labels_is_refused(tmp_path):
                     str(tmp_path / "imagesTr" / "x.nii.gz"))
     with pytest.raises(InputError, match="no label map"):
         find_cases(tmp_path)
+
+
+def test_summarise_keeps_each_score_in_its_own_fold(tmp_path):
+    """Class B is absent from fold 0: its fold-1 and fold-2 scores must not slide into folds 0 and 1.
+
+    Hand-computed: liver folds 0.2, 0.9 (mean of 1.0 and 0.8), 0.9; B folds —, 0.1, 0.1 (case b2 has no B).
+    Average row per fold: 0.2, (0.9 + 0.1) / 2 = 0.5, 0.5 (the old code gave 0.15, 0.5, 0.9).
+    """
+    folds = {0: {"a1": {"liver": 0.2, "B": None}},
+             1: {"b1": {"liver": 1.0, "B": 0.1}, "b2": {"liver": 0.8, "B": None}},
+             2: {"c1": {"liver": 0.9, "B": 0.1}}}
+    (tmp_path / "folds").mkdir()
+    for fold, cases in folds.items():
+        data = {"setup": "linear", "fold": fold, "test": list(cases),
+                "cases": {c: {"per_class": scores} for c, scores in cases.items()}}
+        (tmp_path / "folds" / f"linear_fold{fold}.json").write_text(json.dumps(data))
+    stats = summarise(tmp_path, ["linear"], 3, ["liver", "B"])["setups"]["linear"]
+    assert stats["liver"]["folds"] == pytest.approx([0.2, 0.9, 0.9])
+    assert stats["liver"]["mean"] == pytest.approx(2.0 / 3.0)
+    assert stats["liver"]["std"] == pytest.approx(np.std([0.2, 0.9, 0.9]))
+    assert stats["B"]["folds"][0] is None and stats["B"]["folds"][1:] == pytest.approx([0.1, 0.1])
+    assert stats["B"]["mean"] == pytest.approx(0.1) and stats["B"]["std"] == pytest.approx(0.0)
+    assert stats["avg"]["folds"] == pytest.approx([0.2, 0.5, 0.5])
+    assert stats["avg"]["mean"] == pytest.approx((2.0 / 3.0 + 0.1) / 2)
+    assert stats["avg"]["std"] == pytest.approx(np.std([0.2, 0.5, 0.5]))  # 0.1414, not std(0.15, 0.5, 0.9)
+    table = markdown_table({"classes": ["liver", "B"], "folds": 3, "setups": {"linear": stats}})
+    assert "| linear | 0.67 ± 0.33 | 0.10 ± 0.00 | 0.38 ± 0.14 |" in table

@@ -49,9 +49,20 @@ def test_runs_resumes_exactly_and_loads_back(tmp_path):
 
 def test_truncated_checkpoint_falls_back_to_the_previous(tmp_path):
     model = coarse_model()
-    finetune(_pairs(), tmp_path, model=model, classes={5: "liver"}, progress=False, **{**FAST, "total_steps": 4})
-    newest = tmp_path / "checkpoints" / "step_00000004.pt"
+    options = dict(model=model, classes={5: "liver"}, progress=False, **{**FAST, "total_steps": 4})
+    straight, straight_head = finetune(_pairs(), tmp_path / "straight", **options)
+    run = tmp_path / "run"
+    finetune(_pairs(), run, **options)
+    newest = run / "checkpoints" / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     with pytest.warns(UserWarning, match="unreadable"):
-        finetune(_pairs(), tmp_path, model=model, classes={5: "liver"}, progress=False, **{**FAST, "total_steps": 4})
-    assert (tmp_path / "checkpoints" / "step_00000004.pt").stat().st_size > 1000  # redone from step 2
+        resumed, resumed_head = finetune(_pairs(), run, **options)
+    # redone from the step-2 checkpoint, it ends exactly where an uninterrupted run does
+    for key, value in straight.backbone.state_dict().items():
+        assert torch.equal(resumed.backbone.state_dict()[key], value), key
+    for key, value in straight_head.module.state_dict().items():
+        assert torch.equal(resumed_head.module.state_dict()[key], value), key
+    assert not torch.equal(resumed.backbone.first_conv.weight, model.backbone.first_conv.weight)  # it did train
+    again = torch.load(newest, map_location="cpu", weights_only=True)
+    assert again["step"] == 4 and torch.equal(again["backbone"]["first_conv.weight"],
+                                              straight.backbone.state_dict()["first_conv.weight"])
