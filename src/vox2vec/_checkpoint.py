@@ -14,13 +14,16 @@ from vox2vec._atomic import atomic_path
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``step_<N>.pt`` atomically, then delete all but the newest ``keep`` checkpoints."""
-    path = Path(directory) / f"step_{step:08d}.pt"
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2,
+                    name: str | None = None) -> Path:
+    """Write ``step_<N>.pt`` (or ``name``) atomically, then delete all but the newest ``keep`` step checkpoints
+    (``keep=0``: delete none)."""
+    path = Path(directory) / (name or f"step_{step:08d}.pt")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
     return path
 
 

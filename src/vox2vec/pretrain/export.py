@@ -13,6 +13,7 @@ from vox2vec._checkpoint import load_latest_checkpoint
 from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig
 from vox2vec.errors import InputError
 from vox2vec.model import Vox2VecModel
+from vox2vec.pretrain.trainer import BEST_PROBE_NAME
 
 CARD = """---
 license: {license}
@@ -26,12 +27,13 @@ A vox2vec backbone (`FPN3d(1, {base}, {scales})`, {params:,} parameters, {dim}-d
 contrastively with the `vox2vec.pretrain` pipeline.
 
 * **Data**: {data}
-* **Steps**: {steps} (batch: {pairs} crop pairs of {patch} from one CT, ≤ {voxels} positives per pair)
+* **Steps**: {steps} (checkpoint: {select}); batch: {pairs} crop pairs of {patch} from one CT, ≤ {voxels} positives
+  per pair
 * **Objective**: symmetric InfoNCE, τ = {temperature}
 * **Input contract**: canonical RAS orientation, crop to voxels ≥ {threshold:g} HU, {spacing} mm, HU window
   {window} → [0, 1] (all in `config.json`; `vox2vec.embed_volume` applies it)
 * **Licence**: {license}
-
+{transfer}
 ## Use
 
 ```python
@@ -48,19 +50,39 @@ and may not transfer to other anatomy, scanners or modalities (it was trained on
 """
 
 
-def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
-           license: str = "MIT", data_description: str = "unspecified", dtype: torch.dtype | None = None) -> Path:
-    """Newest readable checkpoint of ``run_dir`` → a directory :func:`vox2vec.load_pretrained` reads."""
+SELECTIONS = ("last", "best-probe")
+
+
+def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
+    """``"last"``: the newest readable checkpoint; ``"best-probe"``: the one with the best online-probe mean Dice."""
+    if select not in SELECTIONS:
+        raise InputError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select == "best-probe":
+        path = Path(run_dir) / BEST_PROBE_NAME
+        if not path.is_file():
+            raise InputError(f"{run_dir} has no {BEST_PROBE_NAME}: the run had no online probe (set train.probe_every,"
+                             " probe_ct and probe_labels) or it never reached probe_every steps; use --select last")
+        return torch.load(path, map_location="cpu", weights_only=True)
     checkpoint = load_latest_checkpoint(Path(run_dir) / "checkpoints")
     if checkpoint is None:
         raise InputError(f"no readable checkpoint in {run_dir}/checkpoints")
+    return checkpoint
+
+
+def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
+           license: str = "MIT", data_description: str = "unspecified", dtype: torch.dtype | None = None,
+           select: str = "last", transfer: str | None = None) -> Path:
+    """A checkpoint of ``run_dir`` (see :func:`select_checkpoint`) → a directory :func:`vox2vec.load_pretrained`
+    reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card."""
+    checkpoint = select_checkpoint(run_dir, select)
     config = checkpoint["config"]
     arch = ArchitectureConfig(**config["architecture"])
     pre = PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v
                                  for k, v in config["preprocessing"].items()})
     name = name or Path(output_dir).name
     model_config = ModelConfig(arch, pre, name=name, license=license, source={
-        "pretrained_with": "vox2vec.pretrain", "steps": checkpoint["step"], "data": data_description,
+        "pretrained_with": "vox2vec.pretrain", "steps": checkpoint["step"], "selected": select,
+        "data": data_description,
         "sampling": config["sampling"], "temperature": config["train"]["temperature"],
     })
     model = Vox2VecModel(model_config)
@@ -70,7 +92,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     card = CARD.format(
         license=license.lower(), name=name, base=arch.base_channels, scales=arch.num_scales,
         params=sum(p.numel() for p in model.backbone.parameters()), dim=model.embedding_dim, data=data_description,
-        steps=checkpoint["step"], pairs=config["sampling"]["pairs_per_step"],
+        steps=checkpoint["step"], select=select, transfer=f"\n## Transfer\n\n{transfer.strip()}\n" if transfer else "",
+        pairs=config["sampling"]["pairs_per_step"],
         patch="×".join(map(str, config["sampling"]["patch_size"])), voxels=config["sampling"]["max_voxels_per_pair"],
         temperature=config["train"]["temperature"], threshold=pre.body_threshold_hu,
         spacing="×".join(f"{s:g}" for s in pre.spacing), window=list(pre.clip_hu),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import signal
@@ -88,7 +89,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     arch = config.architecture
     model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
     model = model.to(device)
-    if device.type == "cuda" and t.channels_last:
+    if t.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
     step = 0
@@ -106,20 +107,28 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     dataset = PairDataset(cases, config.sampling, t.seed, rank)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(step, t.steps), num_workers=t.num_workers,
-        collate_fn=collate_single, pin_memory=device.type == "cuda",
+        collate_fn=collate_single, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
         persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
     )
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / f"log_rank{rank}.jsonl", "a")  # noqa: SIM115 - one JSONL log per rank, closed below
     writer = _tensorboard(out) if rank == 0 else None
     started, last_time, last_step = time.perf_counter(), time.perf_counter(), step
+    waited = 0.0  # seconds blocked on the DataLoader since the last log record
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
     with _StopFlag() as stop, bar:
-        for batch in loader:
+        with _stop_signals_blocked():  # workers start with them blocked, then ignore them (_ignore_stop_signals)
+            batches = iter(loader)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            waited += time.perf_counter() - asked
             generator = torch.Generator().manual_seed(augmentation_seed(t.seed, rank, step))
             hu = batch.patches.to(device, non_blocking=True).float().flatten(0, 1)  # (2n, 1, X, Y, Z)
             views, _ = augment(hu, config.augmentation, generator)
-            if device.type == "cuda" and t.channels_last:
+            if t.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last_3d)
             view_1, view_2 = views.chunk(2)
             with autocast(mode, device):
@@ -135,8 +144,9 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
                 now = time.perf_counter()
                 record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
                           "steps_per_s": (step - last_step) / (now - last_time), "memory_mb": _memory_mb(device),
+                          "data_wait_share": waited / (now - last_time), "elapsed_s": round(now - started, 2),
                           "positives": int(len(z1)), "case": batch.case}
-                last_time, last_step = now, step
+                last_time, last_step, waited = now, step, 0.0
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if writer is not None:
@@ -158,6 +168,32 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Hold SIGTERM/SIGINT while DataLoader workers are forked; the main process receives them right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and then stops them.
+
+    Schedulers (SLURM's scancel, ``timeout``, ``kill`` of a process group, Ctrl-C in a terminal) signal every
+    process of the job; a worker that died first would make the main process fail before it could write its
+    checkpoint. Workers are forked with the signals blocked (no window in which they would die) and ignore them
+    from here on; a signal that arrived meanwhile is discarded.
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def augmentation_seed(seed: int, rank: int, step: int) -> int:
@@ -186,12 +222,18 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path) -> None:
-    """Linear probe of the current backbone on the validation CT; Dice per class goes to ``probe.jsonl``."""
+BEST_PROBE_NAME = "best_probe.pt"
+
+
+def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path) -> float:
+    """Linear probe of the current backbone: fit on ``probe_ct``, Dice on ``probe_test_ct`` (default: the same CT).
+
+    With a test CT of another patient this is the transfer trend of the run; it goes to ``probe.jsonl`` and the
+    backbone with the best mean so far is kept as ``best_probe.pt`` (``pretrain export --select best-probe``).
+    """
     from vox2vec.config import ModelConfig
     from vox2vec.model import Vox2VecModel
     from vox2vec.probing import dice_scores, train_head
-    from vox2vec.volume import load_volume
 
     t = config.train
     net = Vox2VecModel(ModelConfig(config.architecture, config.preprocessing, name=f"pretrain-step{step}"))
@@ -199,8 +241,14 @@ def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, ou
     classes = {int(k): v for k, v in (t.probe_classes or {}).items()} or None
     head = train_head([(t.probe_ct, t.probe_labels)], model=net.eval(), classes=classes, steps=300, progress=False)
     ids = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}
-    report = dice_scores(load_volume(head.predict(t.probe_ct, progress=False)).array,
-                         load_volume(t.probe_labels).array, ids)
+    test_ct, test_labels = t.probe_test_ct or t.probe_ct, t.probe_test_labels or t.probe_labels
+    report = dice_scores(head.predict(test_ct, progress=False, output="volume"), test_labels, ids)
+    history = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()] \
+        if (out / "probe.jsonl").exists() else []
+    best = max((r["mean"] for r in history if r.get("mean") is not None and r["step"] < step), default=-math.inf)
     with open(out / "probe.jsonl", "a") as handle:
-        handle.write(json.dumps({"step": step, **report.to_dict()}) + "\n")
-
+        handle.write(json.dumps({"step": step, "test_ct": str(test_ct), **report.to_dict()}) + "\n")
+    if report.mean > best:
+        save_checkpoint(out, step, {"model": model.state_dict(), "step": step, "config": config.to_dict(),
+                                    "probe": report.to_dict()}, keep=0, name=BEST_PROBE_NAME)
+    return report.mean

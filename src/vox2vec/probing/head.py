@@ -94,11 +94,14 @@ class Head:
         return labels
 
     def predict(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
-                grid: str = "original"):
+                grid: str = "original", output: str = "image"):
         """Label map (original label ids) as a ``SimpleITK.Image`` on the input's original grid and geometry.
 
-        ``grid="model"`` returns a :class:`Volume` on the model grid instead. Outside the body → 0.
+        ``output="volume"`` returns a :class:`Volume` (array + grid, no SimpleITK needed) instead;
+        ``grid="model"`` returns a :class:`Volume` on the model grid. Outside the body → 0.
         """
+        if output not in ("image", "volume"):
+            raise InputError(f"output must be 'image' or 'volume', got {output!r}")
         logits, pyramid = self.logits(data, model=model, progress=progress)
         labels = self._labels_on_model_grid(logits, pyramid)
         ids = torch.as_tensor(self.classes.output_ids())[labels.cpu()]
@@ -108,7 +111,8 @@ class Head:
             raise InputError("this pyramid does not know its original grid; use grid='model'")
         dtype = torch.uint8 if int(ids.max()) < 256 else torch.int32
         original = resample(ids.to(dtype), pyramid.grid, pyramid.source_grid, mode="nearest", fill=0)
-        return Volume(original.numpy(), pyramid.source_grid).to_sitk()
+        volume = Volume(original.numpy(), pyramid.source_grid)
+        return volume if output == "volume" else volume.to_sitk()
 
     def predict_proba(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
                       grid: str = "original") -> np.ndarray:

