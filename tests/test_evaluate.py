@@ -48,7 +48,7 @@ def test_protocol_writes_table_and_resumes(dataset, tmp_path):
     assert set(summary["setups"]) == {"linear", "finetune"}
     liver = summary["setups"]["linear"]["liver"]
     assert len(liver["folds"]) == 3 and 0.0 <= liver["mean"] <= 1.0
-    table = (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert table.splitlines()[0] == "| setup | liver | aorta | avg |" and "| linear | " in table
     fold_file = tmp_path / "folds" / "linear_fold0.json"
     stamp = fold_file.stat().st_mtime_ns

@@ -131,7 +131,7 @@ def evaluate_dataset(
                                                "cases": per_case}, indent=2))
     summary = summarise(output_dir, setups, folds, list(class_map.names))
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "results.md").write_text(markdown_table(summary))
+    (output_dir / "results.md").write_text(markdown_table(summary), encoding="utf-8")
     return summary
 
 
