@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent H100/H200 (device tool), ≤ 10 minutes: pre-train with the paper's configuration in bf16 —
 # FPN3d(1, 16, 6) (configs/gpu-paper.toml) and, beside it, the small FPN3d(1, 8, 5) (configs/gpu-mini.toml) — for at
-# most PRETRAIN_SECONDS (default 300), then run the transfer benchmark of both against their random twins.
+# most PRETRAIN_SECONDS (default 280), then run the transfer benchmark of both against their random twins.
 #
 #   bash benchmarks/gpu_pretrain.sh --export     # here, once: inputs → scratch/gpu8 (≈ 50 MB; carry it)
 #   bash benchmarks/gpu_pretrain.sh              # there: results and the small model → $OUT
@@ -27,7 +27,7 @@ PY
 fi
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-scratch/gpu8/out}
-SECONDS_BUDGET=${PRETRAIN_SECONDS:-300}
+SECONDS_BUDGET=${PRETRAIN_SECONDS:-280}
 SOLO=${SOLO_SECONDS:-60}
 WORK=/tmp/vox2vec-gpu
 PAPER_CONFIG=${PAPER_CONFIG:-configs/gpu-paper.toml}  # both write under $WORK
@@ -54,7 +54,8 @@ python -m vox2vec pretrain export --config "$MINI_CONFIG" -o "$OUT/fpn-ct-mini" 
   --data "4 CTs of the project's shared data (rider_lung_chest, invesalius_head, pyradiomics_lung1, pyradiomics_lung2)"
 python -m vox2vec pretrain export --config "$PAPER_CONFIG" -o "$WORK/fpn-ct-paper" --name fpn-ct-paper \
   --dtype fp16 --data "the same 4 CTs"
-for head in linear nonlinear; do  # every model's linear rows first: a run cut short keeps the most useful part
-  timeout "${TRANSFER_SECONDS:-120}" python benchmarks/transfer_probe.py --data "$DATA/transfer" \
-    --model "$OUT/fpn-ct-mini" "$WORK/fpn-ct-paper" --heads "$head" --output "$OUT/transfer_$head.json" || true
-done
+# every model's linear rows first: a run cut short keeps the most useful part
+timeout "${LINEAR_SECONDS:-170}" python benchmarks/transfer_probe.py --data "$DATA/transfer" \
+  --model "$OUT/fpn-ct-mini" "$WORK/fpn-ct-paper" --heads linear --output "$OUT/transfer_linear.json" || true
+timeout "${NONLINEAR_SECONDS:-70}" python benchmarks/transfer_probe.py --data "$DATA/transfer" \
+  --model "$OUT/fpn-ct-mini" "$WORK/fpn-ct-paper" --heads nonlinear --output "$OUT/transfer_nonlinear.json" || true

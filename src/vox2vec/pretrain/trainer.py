@@ -25,7 +25,7 @@ from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
 from vox2vec.inference.precision import autocast
 from vox2vec.modeling import FPN3d
 from vox2vec.pretrain.augment import augment
-from vox2vec.pretrain.config import PretrainConfig
+from vox2vec.pretrain.config import PretrainConfig, check_step_memory
 from vox2vec.pretrain.objective import ContrastiveModel, info_nce
 from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
 
@@ -78,6 +78,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     device = torch.device(device) if device is not None else default_device
     t = config.train
     out = Path(t.output_dir)
+    check_step_memory(config, device)  # a step that cannot fit fails now, not after the machine starts swapping
     cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
