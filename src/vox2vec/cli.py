@@ -206,6 +206,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                                     workers=config.data.workers, progress=not args.no_progress)
         print(f"prepared {len(manifest['cases'])} CTs, skipped {len(manifest['skipped'])}")
     elif args.pretrain_command == "train":
+        check_output_dir(config.train.output_dir, what="run folder (train.output_dir)")
         out = pretrain.train(config, progress=not args.no_progress)
         print(f"checkpoints in {out / 'checkpoints'}")
     else:
