@@ -132,7 +132,9 @@ def probe(features: dict, kind: str, device: str) -> dict:
         else:
             train_labels, test, truth_keep = labels, features["pyramids"][target], None
         started = time.perf_counter()
-        head = vox2vec.train_head([(pyramid, train_labels)], kind=kind, classes=CLASSES, device=device,
+        present = set(np.unique(train_labels.array).tolist())
+        classes = {i: name for i, name in CLASSES.items() if i in present}  # a class it never saw scores 0
+        head = vox2vec.train_head([(pyramid, train_labels)], kind=kind, classes=classes, device=device,
                                   ignore_label=IGNORE if target == "in-scan" else None, progress=False)
         prediction = head.predict(test, output="volume", progress=False)
         truth = features["labels"][source if target == "in-scan" else target][1]
@@ -150,7 +152,8 @@ def embed_all(scans: dict, embed) -> dict:
 def table(results: dict) -> str:
     names = list(dict.fromkeys(class_ids()))
     lines = []
-    for pair in next(iter(results.values())):
+    first_row = next(iter(results.values()))
+    for pair in next(iter(first_row.values())):
         lines += [f"\n**{pair}**\n", "| features | head | " + " | ".join(names) + " | mean |",
                   "|---|---|" + "---:|" * (len(names) + 1)]
         for row, per_head in results.items():
