@@ -119,7 +119,7 @@ def random_twin(model: vox2vec.Vox2VecModel, seed: int) -> vox2vec.Vox2VecModel:
     return vox2vec.Vox2VecModel(config).eval()
 
 
-def probe(features: dict, kind: str, device: str) -> dict:
+def probe(features: dict, kind: str, device: str, regularization: str | float | None = "auto") -> dict:
     """Fit the default ``kind`` head for every pair on the given features → per-pair Dice reports."""
     results = {}
     for source, target in PAIRS:
@@ -135,7 +135,8 @@ def probe(features: dict, kind: str, device: str) -> dict:
         present = set(np.unique(train_labels.array).tolist())
         classes = {i: name for i, name in CLASSES.items() if i in present}  # a class it never saw scores 0
         head = vox2vec.train_head([(pyramid, train_labels)], kind=kind, classes=classes, device=device,
-                                  ignore_label=IGNORE if target == "in-scan" else None, progress=False)
+                                  ignore_label=IGNORE if target == "in-scan" else None, progress=False,
+                                  regularization=regularization)
         prediction = head.predict(test, output="volume", progress=False)
         truth = features["labels"][source if target == "in-scan" else target][1]
         if truth_keep is not None:
@@ -176,14 +177,15 @@ def run(args: argparse.Namespace, save) -> dict:
             net = net.to(device)
             features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
                                                                                  progress=False))
-            results[row] = {kind: probe(features, kind, device) for kind in args.heads}
+            results[row] = {kind: probe(features, kind, device, args.regularization) for kind in args.heads}
             save(results)
             print(f"{row}: " + ", ".join(f"{k} {p}: {r['mean']:.3f}" for k, v in results[row].items()
                                          for p, r in v.items()), flush=True)
     if args.reference:
         preprocessing = vox2vec.load_pretrained(args.model[0]).config.preprocessing if args.model else None
         features = embed_all(scans, lambda ct: intensity_pyramid(ct, preprocessing))
-        results["intensity reference"] = {kind: probe(features, kind, device) for kind in args.heads}
+        results["intensity reference"] = {kind: probe(features, kind, device, args.regularization)
+                                          for kind in args.heads}
         save(results)
     return results
 
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", default=[], help="model names or folders (each with its random twin)")
     parser.add_argument("--heads", nargs="+", default=["linear"], choices=["linear", "nonlinear"])
     parser.add_argument("--reference", action="store_true", help="add the intensity-only reference")
+    parser.add_argument("--regularization", default="auto", type=lambda v: None if v == "none" else
+                        (v if v == "auto" else float(v)), help="train_head's: auto (default), none, or an L2 strength")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")

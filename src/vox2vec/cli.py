@@ -218,8 +218,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         check_output_dir(args.output, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=[run_dir],
                          what="model folder", hint="move it away or export to another folder")
         dtype = torch.float16 if args.dtype == "fp16" else None
-        out = pretrain.export(run_dir, args.output, name=args.name,
-                              license=args.license, data_description=args.data, dtype=dtype)
+        transfer = Path(args.transfer).read_text() if args.transfer else None
+        out = pretrain.export(run_dir, args.output, name=args.name, license=args.license,
+                              data_description=args.data, dtype=dtype, select=args.select, transfer=transfer)
         print(f"exported to {out}")
         if args.push_to_hub:
             print(pretrain.push_to_hub(out, args.push_to_hub))
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--license", default="MIT")
             stage_parser.add_argument("--data", default="unspecified", help="one line describing the pre-training data")
             stage_parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+            stage_parser.add_argument("--select", default="last", choices=["last", "best-probe"],
+                                      help="the newest checkpoint, or the best by online-probe Dice (best_probe.pt)")
+            stage_parser.add_argument("--transfer", metavar="MARKDOWN_FILE",
+                                      help="measured transfer results to put in the model card")
             stage_parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
     return parser
 

@@ -258,7 +258,7 @@ class _HeadSpec:
 
 def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, held: torch.Tensor, steps: int,
                generator: torch.Generator, progress: bool) -> tuple[float, dict[str, float]]:
-    """The L2 strength of :data:`REGULARIZATION_GRID` whose head, fit on the other slabs for a quarter of the
+    """The L2 strength of :data:`REGULARIZATION_GRID` whose head, fit on the other slabs for an eighth of the
     steps, has the lowest class-weighted loss on the held-out slabs (the middle of the grid if a side is empty)."""
     if held.all() or not held.any():
         return REGULARIZATION_GRID[len(REGULARIZATION_GRID) // 2], {}
@@ -268,7 +268,7 @@ def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, h
     fit_x, fit_y = features.index_select(0, fit_rows), targets.index_select(0, fit_rows)
     losses = {}
     for l2 in tqdm(REGULARIZATION_GRID, desc="choosing the L2 strength", disable=not progress):
-        module, _ = _fit(spec, fit_x, fit_y, steps=max(100, steps // 4), l2=l2, generator=generator, progress=False)
+        module, _ = _fit(spec, fit_x, fit_y, steps=max(100, steps // 8), l2=l2, generator=generator, progress=False)
         with torch.no_grad():
             logits = voxel_forward(module.eval(), held_x, spec.channels)
             losses[f"{l2:g}"] = float(_loss(logits, held_y, spec.class_weights, spec.multilabel))
