@@ -159,8 +159,11 @@ def test_config_validation_fails_before_work(tmp_path, corpus):
     root, _ = corpus
     config = load_config(None, data={"prepared_dir": str(root / "prepared")},
                          sampling={"patch_size": [512, 512, 64]}, train={"output_dir": str(tmp_path / "run")})
+    with pytest.raises(InputError, match=r"one pre-training step needs about .* GiB.*lower sampling.pairs_per_step"):
+        train(config, progress=False)  # the paper's backbone on 20 patches of 512 × 512 × 64 cannot fit in RAM
+    small = config.replace(architecture={"base_channels": 2, "num_scales": 3}, sampling={"pairs_per_step": 1})
     with pytest.raises(InputError, match="larger than every prepared CT"):
-        train(config, progress=False)
+        train(small, progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -71,9 +71,15 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
 
 def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
            license: str = "MIT", data_description: str = "unspecified", dtype: torch.dtype | None = None,
-           select: str = "last", transfer: str | None = None) -> Path:
+           select: str = "last", transfer: str | None = None, overwrite: bool = False) -> Path:
     """A checkpoint of ``run_dir`` (see :func:`select_checkpoint`) → a directory :func:`vox2vec.load_pretrained`
-    reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card."""
+    reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card. Files in the
+    folder that vox2vec did not write are left alone, or refused if they carry our names (unless ``overwrite``)."""
+    from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
+    from vox2vec.outputs import check_output_dir
+
+    check_output_dir(output_dir, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=[run_dir], overwrite=overwrite,
+                     what="model folder")
     checkpoint = select_checkpoint(run_dir, select)
     config = checkpoint["config"]
     arch = ArchitectureConfig(**config["architecture"])
@@ -88,7 +94,7 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     model = Vox2VecModel(model_config)
     prefix = "backbone."
     model.backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
-    out = model.save_pretrained(output_dir, dtype=dtype)
+    out = model.save_pretrained(output_dir, dtype=dtype, overwrite=overwrite)
     card = CARD.format(
         license=license.lower(), name=name, base=arch.base_channels, scales=arch.num_scales,
         params=sum(p.numel() for p in model.backbone.parameters()), dim=model.embedding_dim, data=data_description,

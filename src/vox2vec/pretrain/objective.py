@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from vox2vec.errors import InputError
 from vox2vec.modeling import FPN3d, ProjectionHead
@@ -60,6 +61,7 @@ class _BlockwiseInfoNCE(torch.autograd.Function):
         return total / rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         z, lse = ctx.saved_tensors
         rows, tau = len(z), ctx.temperature
@@ -92,6 +94,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, block
     Computed ``block`` rows at a time (forward and backward), so memory is O(block · 2N) instead of the three
     N × N matrices of :func:`info_nce_dense`, with the same value and gradient.
     """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise InputError(f"info_nce block must be a positive number of rows, got {block!r}")
     if len(z1) != len(z2) or len(z1) < 1:
         raise InputError(f"info_nce needs two equally long, non-empty sets of embeddings, got {len(z1)} and {len(z2)}")
     z = torch.cat([z1, z2])

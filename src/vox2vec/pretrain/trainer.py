@@ -189,8 +189,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     Schedulers (SLURM's scancel, ``timeout``, ``kill`` of a process group, Ctrl-C in a terminal) signal every
     process of the job; a worker that died first would make the main process fail before it could write its
-    checkpoint. Workers are forked with the signals blocked (no window in which they would die) and ignore them
-    from here on; a signal that arrived meanwhile is discarded.
+    checkpoint. Workers are forked (the DataLoader's default on Linux) with the signals blocked, so there is no
+    window in which they would die, and ignore them from here on; a signal that arrived meanwhile is discarded.
     """
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -240,16 +240,19 @@ def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, ou
     net = Vox2VecModel(ModelConfig(config.architecture, config.preprocessing, name=f"pretrain-step{step}"))
     net.backbone.load_state_dict({k: v.detach().cpu() for k, v in model.backbone.state_dict().items()})
     classes = {int(k): v for k, v in (t.probe_classes or {}).items()} or None
-    head = train_head([(t.probe_ct, t.probe_labels)], model=net.eval(), classes=classes, steps=300, progress=False)
+    # a fixed, mild L2 (not "auto"): the same head every time, so the trend reflects the features alone
+    head = train_head([(t.probe_ct, t.probe_labels)], model=net.eval(), classes=classes, steps=300, progress=False,
+                      regularization=1e-3)
     ids = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}
     test_ct, test_labels = t.probe_test_ct or t.probe_ct, t.probe_test_labels or t.probe_labels
     report = dice_scores(head.predict(test_ct, progress=False, output="volume"), test_labels, ids)
     history = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()] \
         if (out / "probe.jsonl").exists() else []
-    best = max((r["mean"] for r in history if r.get("mean") is not None and r["step"] < step), default=-math.inf)
+    best = max((r["mean"] for r in history if r["step"] < step and math.isfinite(r.get("mean") or math.nan)),
+               default=-math.inf)
     with open(out / "probe.jsonl", "a") as handle:
         handle.write(json.dumps({"step": step, "test_ct": str(test_ct), **report.to_dict()}) + "\n")
-    if report.mean > best:
+    if math.isfinite(report.mean) and report.mean > best:
         save_checkpoint(out, step, {"model": model.state_dict(), "step": step, "config": config.to_dict(),
                                     "probe": report.to_dict()}, keep=0, name=BEST_PROBE_NAME)
     return report.mean
