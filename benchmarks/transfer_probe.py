@@ -173,7 +173,8 @@ def run(args: argparse.Namespace, save) -> dict:
     for spec in args.model:
         model = vox2vec.load_pretrained(spec).eval()
         label = model.config.name
-        for row, net in ((label, model), (f"{label} random init", random_twin(model, args.seed))):
+        rows = [(label, model)] + ([] if args.no_twin else [(f"{label} random init", random_twin(model, args.seed))])
+        for row, net in rows:
             net = net.to(device)
             features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
                                                                                  progress=False))
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="*", default=[], help="model names or folders (each with its random twin)")
     parser.add_argument("--heads", nargs="+", default=["linear"], choices=["linear", "nonlinear"])
     parser.add_argument("--reference", action="store_true", help="add the intensity-only reference")
+    parser.add_argument("--no-twin", action="store_true", help="skip the random-init twin")
     parser.add_argument("--regularization", default="auto", type=lambda v: None if v == "none" else
                         (v if v == "auto" else float(v)), help="train_head's: auto (default), none, or an L2 strength")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")

@@ -181,7 +181,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     evaluate_dataset(args.dataset, args.output, model=args.model, setups=args.setups, folds=args.folds,
                      seed=args.seed, classes=args.classes, finetune_options=finetune_options,
                      progress=not args.no_progress)
-    print((Path(args.output) / "results.md").read_text())
+    print((Path(args.output) / "results.md").read_text(encoding="utf-8"))
     return 0
 
 
@@ -218,7 +218,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         check_output_dir(args.output, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=[run_dir],
                          what="model folder", hint="move it away or export to another folder")
         dtype = torch.float16 if args.dtype == "fp16" else None
-        transfer = Path(args.transfer).read_text() if args.transfer else None
+        transfer = Path(args.transfer).read_text(encoding="utf-8") if args.transfer else None
         out = pretrain.export(run_dir, args.output, name=args.name, license=args.license,
                               data_description=args.data, dtype=dtype, select=args.select, transfer=transfer)
         print(f"exported to {out}")

@@ -209,7 +209,7 @@ class ModelConfig:
         """Read and validate ``config.json``; errors name the file."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InputError(f"could not read {path} as JSON ({error}); the file is corrupt — export or download "
                              "the model again") from None

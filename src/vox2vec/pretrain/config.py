@@ -115,7 +115,7 @@ def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Pretrain
         path = Path(path)
         if not path.is_file():
             raise InputError(f"config file {path} does not exist")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             data = json.loads(text)
         else:

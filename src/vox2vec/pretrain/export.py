@@ -105,7 +105,7 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
         spacing="×".join(f"{s:g}" for s in pre.spacing), window=list(pre.clip_hu),
     )
     with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(card)
+        tmp.write_text(card, encoding="utf-8")
     return out
 
 

@@ -147,7 +147,7 @@ def train_head(
     steps: int = 2000,
     batch_size: int = 4096,
     lr: float | None = None,
-    regularization: str | float | None = "auto",
+    regularization: str | float | None = None,
     patience: int = 5,
     eval_every: int = 100,
     ignore_label: int | None = None,
@@ -163,10 +163,11 @@ def train_head(
     runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with
     class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft Dice, as the original).
 
-    ``regularization``: an L2 penalty on the head's weights (for the linear head, on the weights of standardised
-    features). ``"auto"`` (default) picks it from :data:`REGULARIZATION_GRID` by the loss on held-out voxels of the
-    training scans — alternating 32 mm slabs along the body axis, so that neighbours of training voxels do not
-    score it — then refits on every voxel; a float sets it; ``None`` is the paper's unregularised head.
+    ``regularization``: ``None`` (default) is the paper's unregularised head; a float puts that L2 penalty on the
+    head's weights (for the linear head, on the weights of standardised features); ``"auto"`` picks it from
+    :data:`REGULARIZATION_GRID` by the loss on held-out voxels of the training scans — alternating 32 mm slabs along
+    the body axis, so that neighbours of training voxels do not score it — then refits on every voxel. (Measured on
+    two patients, docs/benchmarks.md, "auto" lowered transfer Dice, so it is not the default.)
     With ``validation`` pairs it keeps the best head by validation loss and stops after ``patience`` evaluations
     without improvement. Voxels labelled ``ignore_label`` (partial annotations) are never sampled. Seeded and
     deterministic on CPU.
