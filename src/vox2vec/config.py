@@ -33,6 +33,20 @@ def _numbers(value: Any, count: int, integer: bool = False) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == count and all(check(v) for v in value)
 
 
+def known_settings(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as keyword arguments for the dataclass ``cls`` (lists become tuples); an unknown key is an
+    InputError naming ``what`` (e.g. "setting(s) in [train]") and every known key."""
+    import dataclasses
+
+    from vox2vec.errors import InputError
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"unknown {what}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
 def check_int(problems: list[str], name: str, value: Any, low: int, high: int | None = None) -> None:
     """Append a problem unless ``value`` is an int in [low, high]."""
     if not _is_int(value) or value < low or (high is not None and value > high):

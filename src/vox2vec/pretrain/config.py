@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vox2vec.config import ArchitectureConfig, PreprocessingConfig, check_int, check_number, check_range_pair
+from vox2vec.config import (
+    ArchitectureConfig,
+    PreprocessingConfig,
+    check_int,
+    check_number,
+    check_range_pair,
+    known_settings,
+)
 from vox2vec.errors import InputError
 
 
@@ -87,11 +94,7 @@ class PretrainConfig:
 def _section(cls, data: dict[str, Any], name: str):
     if not isinstance(data, dict):
         raise InputError(f"[{name}] must be a table of settings, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise InputError(f"unknown setting(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values = known_settings(cls, data, f"setting(s) in [{name}]")
     if name == "data" and isinstance(values.get("inputs"), str):
         values["inputs"] = (values["inputs"],)  # one path or glob
     return cls(**values)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
-from vox2vec.config import check_int, check_number
+from vox2vec.config import check_int, check_number, known_settings
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, pick_device, resolve_precision
 from vox2vec.model import Vox2VecModel
@@ -140,11 +140,7 @@ def _checked_config(config: FinetuneConfig | None, overrides: Mapping[str, Any])
     """The schedule with ``overrides`` applied, every value checked before any data or model is read."""
     if config is not None and not isinstance(config, FinetuneConfig):
         raise InputError(f"config must be a FinetuneConfig, got {type(config).__name__}")
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise InputError(f"unknown finetune setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    overrides = known_settings(FinetuneConfig, dict(overrides), "finetune setting(s)")
     config = dataclasses.replace(config or FinetuneConfig(), **overrides)
     problems = config.problems()
     if problems:
