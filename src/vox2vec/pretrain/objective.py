@@ -14,7 +14,7 @@ def gather_voxels(pyramid: list[torch.Tensor], voxels: list[torch.Tensor]) -> to
     """Concatenated level features at each patch's voxels: patch j's (m_j, 3) indices → (Σ m_j, Σ C_i)."""
     rows = []
     for j, index in enumerate(voxels):
-        index = index.to(pyramid[0].device).long()
+        index = index.to(pyramid[0].device, non_blocking=True).long()
         rows.append(torch.cat([level[j, :, (index[:, 0] >> i), (index[:, 1] >> i), (index[:, 2] >> i)].T
                                for i, level in enumerate(pyramid)], dim=1))
     return torch.cat(rows)

@@ -6,6 +6,7 @@ workers need no shared state, and DDP ranks draw distinct streams.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,13 @@ class PairBatch:
     voxels_1: list[torch.Tensor]
     voxels_2: list[torch.Tensor]
     case: str
+
+    def pin_memory(self) -> PairBatch:
+        """Page-locked patches, so that ``.to(cuda, non_blocking=True)`` overlaps the copy with compute (the
+        DataLoader calls this with ``pin_memory=True``; without it a dataclass batch stays in pageable memory)."""
+        return dataclasses.replace(self, patches=self.patches.pin_memory(),
+                                   voxels_1=[v.pin_memory() for v in self.voxels_1],
+                                   voxels_2=[v.pin_memory() for v in self.voxels_2])
 
 
 def _random_body_voxel(case: PreparedCase, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
-from vox2vec.inference.precision import autocast
+from vox2vec.errors import DeviceError
+from vox2vec.inference.precision import autocast, training_precision
 from vox2vec.modeling import FPN3d
 from vox2vec.pretrain.augment import augment
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
@@ -55,13 +56,27 @@ def _distributed() -> tuple[int, int, torch.device]:
     """Initialise DDP when launched by torchrun; returns (rank, world size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = _local_device(local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world, device
+
+
+def _local_device(local_rank: int) -> torch.device:
+    """This process's GPU: ``cuda:LOCAL_RANK`` when it sees every GPU of the node; ``cuda:0`` when the launcher (SLURM,
+    a container per rank) exposes one GPU per process; the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise DeviceError(f"LOCAL_RANK {local_rank} but this process sees {count} GPUs: start at most {count} processes "
+                      "per node, or expose one GPU per process (CUDA_VISIBLE_DEVICES)")
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -83,8 +98,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    # "auto": bf16 autocast on CUDA; fp32 on CPU (oneDNN's bf16 backward is not bit-reproducible, resume must be)
-    mode = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    mode = training_precision(t.precision, device)
 
     torch.manual_seed(t.seed)
     arch = config.architecture

@@ -10,6 +10,7 @@ from torch import nn
 
 from vox2vec.errors import InputError, UnsupportedTypeError
 from vox2vec.features import FeaturePyramid
+from vox2vec.inference.placement import inference_copy
 from vox2vec.modeling import FPNLinearHead, FPNNonLinearHead
 
 _TILE = (128, 128, 64)  # level-0 voxels per tile; a multiple of every cell size up to 2^6
@@ -25,7 +26,7 @@ def apply_head(head: nn.Module, pyramid: FeaturePyramid, *, device: torch.device
     device = torch.device(device) if device is not None else pyramid.device
     coarsest = 2 ** (pyramid.num_levels - 1)
     tile = tuple(max(coarsest, t - t % coarsest) for t in tile)
-    head = head.to(device).eval()
+    head = inference_copy(head, device)  # the caller's head stays where and as it is
     output: torch.Tensor | None = None
     ranges = [range(0, n, t) for n, t in zip(pyramid.shape, tile)]
     with torch.inference_mode():

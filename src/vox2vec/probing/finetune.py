@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
 from vox2vec.config import check_int, check_number, known_settings
 from vox2vec.errors import InputError
-from vox2vec.inference.precision import autocast, pick_device, resolve_precision
+from vox2vec.inference.precision import autocast, pick_device, training_precision
 from vox2vec.model import Vox2VecModel
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
@@ -59,8 +59,9 @@ class FinetuneConfig:
             check_number(found, name, getattr(self, name), 0.0, 1.0, low_open=True)
         check_int(found, "checkpoint_every", self.checkpoint_every, 1)
         check_int(found, "keep_checkpoints", self.keep_checkpoints, 1)
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            found.append(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            found.append(f"precision must be 'auto', 'fp32' or 'bf16' (fp16 training would need loss scaling), "
+                         f"got {self.precision!r}")
         if not isinstance(self.multilabel, bool):
             found.append(f"multilabel must be True or False, got {self.multilabel!r}")
         check_int(found, "seed", self.seed, 0)
@@ -170,9 +171,7 @@ def finetune(
     config = _checked_config(config, overrides)
     output_dir = Path(output_dir)
     device = pick_device(device)
-    # CPU training stays fp32 under "auto": oneDNN's bf16 backward is not bit-reproducible, and resume must be exact
-    cpu_auto = config.precision == "auto" and device.type == "cpu"
-    mode = "fp32" if cpu_auto else resolve_precision(config.precision, device)
+    mode = training_precision(config.precision, device)
     pairs = list(data)
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")

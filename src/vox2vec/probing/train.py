@@ -68,12 +68,14 @@ def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-balanced voxel features: up to ``per_class`` voxels of every class from every pyramid, inside the body
     (background) or anywhere labelled (foreground). Returns (M, D) features in the pyramids' storage dtype (fp16 by
-    default: exact, and half the memory) and (M,) class indices. With a ``holdout`` list, appends to it whether each
-    voxel lies in an odd :data:`HOLDOUT_SLAB_MM` slab along the model grid's third (S) axis."""
+    default: exact, and half the memory) and (M,) class indices, both on the CPU whatever device the pyramids are on.
+    With a ``holdout`` list, appends to it whether each voxel lies in an odd :data:`HOLDOUT_SLAB_MM` slab along the
+    model grid's third (S) axis."""
     features, targets = [], []
     for item in items:
-        labels = item.labels
-        body = item.pyramid.body if item.pyramid.body is not None else torch.ones_like(labels, dtype=torch.bool)
+        labels = item.labels  # on the CPU, wherever the pyramid is stored
+        body = item.pyramid.body.to(labels.device) if item.pyramid.body is not None else \
+            torch.ones_like(labels, dtype=torch.bool)
         for k in range(num_classes + 1):
             mask = (labels == k) & body if k == 0 else labels == k
             index = mask.reshape(-1).nonzero().squeeze(1)
@@ -82,7 +84,7 @@ def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class:
             if index.numel() > per_class:
                 index = index[torch.randperm(index.numel(), generator=generator)[:per_class]]
             coords = torch.stack(torch.unravel_index(index, labels.shape), dim=1)
-            features.append(item.pyramid.at_grid_indices(coords, dtype=item.pyramid.dtype))
+            features.append(item.pyramid.at_grid_indices(coords, dtype=item.pyramid.dtype).cpu())
             targets.append(torch.full((len(index),), k, dtype=torch.long))
             if holdout is not None:
                 thickness = max(1, round(HOLDOUT_SLAB_MM / item.pyramid.grid.spacing[2]))
