@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vox2vec.config import ArchitectureConfig, ModelConfig
-from vox2vec.model import Vox2VecModel
+from vox2vec.configured_model import Vox2VecModel
 
 try:  # lazily: the GPU machine has no SimpleITK, and its tests (-m cuda) need none
     import SimpleITK as sitk

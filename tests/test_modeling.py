@@ -1,5 +1,6 @@
 """The backbone is the published FPN3d: same state_dict names and shapes, same function, same pyramid shapes."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -101,3 +102,23 @@ def test_linear_head_is_a_linear_map_of_the_concatenated_embedding():
     point = (7, 3, 4)
     embedding = torch.cat([lv[0, :, point[0] >> i, point[1] >> i, point[2] >> i] for i, lv in enumerate(pyramid)])
     torch.testing.assert_close(logits[0, :, point[0], point[1], point[2]], weight @ embedding + head.layers[0].bias)
+
+
+@pytest.mark.parametrize("head_type", [FPNLinearHead, FPNNonLinearHead])
+@pytest.mark.parametrize("training", [False, True])
+def test_voxel_wise_forward_is_the_module_on_one_voxel_pyramids(head_type, training):
+    """Heads train on sampled voxel rows (forward_voxels); that must be the module's own forward, BatchNorm included."""
+    torch.manual_seed(0)
+    head = head_type(2, 4, 3)
+    for layer in head.modules():
+        if isinstance(layer, torch.nn.BatchNorm3d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+    twin = copy.deepcopy(head)
+    head.train(training), twin.train(training)
+    channels = [2, 4, 8, 16]
+    rows = torch.randn(64, sum(channels))
+    pyramid = [part[:, :, None, None, None] for part in torch.split(rows, channels, dim=1)]
+    torch.testing.assert_close(head.forward_voxels(rows), twin(pyramid)[:, :, 0, 0, 0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(head.buffers(), twin.buffers()):  # running statistics updated alike in training mode
+        torch.testing.assert_close(a, b)

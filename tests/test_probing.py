@@ -90,7 +90,7 @@ def test_level_by_level_equals_per_window_evaluation():
 
         points = torch.stack([torch.randint(0, n, (200,)) for n in image.shape], dim=1)
         with torch.no_grad():
-            direct = voxel_forward(head, pyramid.at_grid_indices(points), pyramid.channels)
+            direct = voxel_forward(head, pyramid.at_grid_indices(points))
         torch.testing.assert_close(whole[:, points[:, 0], points[:, 1], points[:, 2]].T, direct, atol=1e-4, rtol=1e-4)
 
 
@@ -197,7 +197,7 @@ def test_standardised_linear_training_folds_into_the_saved_layout():
     with torch.no_grad():
         trained = standardised_linear_forward(head, features.float(), mean, std)
         _fold_standardisation(head, mean, std, channels)
-        torch.testing.assert_close(voxel_forward(head, features.float(), channels), trained, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(voxel_forward(head, features.float()), trained, atol=1e-4, rtol=1e-4)
 
 
 def test_label_ids_match_numpy_unique():

@@ -144,10 +144,10 @@ def test_os_errors_are_one_line_too(files, capsys, monkeypatch):
 # -- one error hierarchy ---------------------------------------------------------------------------------------
 def test_deliberate_errors_are_vox2vec_errors():
     from vox2vec.config import ArchitectureConfig, ModelConfig
+    from vox2vec.configured_model import Vox2VecModel
     from vox2vec.hub.registry import get_spec, register_model
     from vox2vec.inference.precision import resolve_precision
     from vox2vec.inference.windows import overlap_voxels
-    from vox2vec.model import Vox2VecModel
     from vox2vec.modeling import FPN3d
     from vox2vec.preprocessing import orientation_direction
     from vox2vec.probing.apply import voxel_forward
@@ -160,7 +160,7 @@ def test_deliberate_errors_are_vox2vec_errors():
         lambda: register_model(get_spec("fpn-ct")),
         lambda: resolve_precision("fp8", torch.device("cpu")),
         lambda: Vox2VecModel(ModelConfig(architecture=ArchitectureConfig(type="UNet3d"))),
-        lambda: voxel_forward(torch.nn.Identity(), torch.zeros(1, 4), [4]),
+        lambda: voxel_forward(torch.nn.Identity(), torch.zeros(1, 4)),
     ]
     for case in cases:
         with pytest.raises(Vox2VecError) as error:
@@ -170,7 +170,7 @@ def test_deliberate_errors_are_vox2vec_errors():
         FPN3d(1, 16, 1)
 
 
-OWNED = ["model.py", "hub/registry.py", "inference", "modeling", "preprocessing.py", "probing/apply.py", "cli.py",
+OWNED = ["configured_model.py", "hub/registry.py", "inference", "modeling", "preprocessing.py", "probing/apply.py", "cli.py",
          "outputs.py", "_atomic.py", "demo.py"]
 
 

@@ -113,8 +113,8 @@ def test_train_head_output_folder_equal_to_an_input_is_refused(scan, tmp_path, c
 
 def _fake_run(run_dir, seed=0):
     """A pre-training run folder with one checkpoint of a tiny backbone (what `pretrain train` leaves)."""
-    from vox2vec._checkpoint import save_checkpoint
     from vox2vec.pretrain import load_config
+    from vox2vec.training_checkpoints import save_checkpoint
 
     config = load_config(None, architecture={"base_channels": 2, "num_scales": 4}).to_dict()
     model = tiny_model(base_channels=2, num_scales=4, seed=seed)

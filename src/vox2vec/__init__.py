@@ -1,6 +1,7 @@
 """vox2vec: self-supervised voxel-level representations of CT scans (Goncharov et al., MICCAI 2023)."""
 
 from vox2vec.config import ModelConfig
+from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import (
     CheckpointMismatchError,
     ChecksumError,
@@ -12,7 +13,6 @@ from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import Grid
 from vox2vec.hub import ModelSpec, list_models, load_pretrained, register_model
 from vox2vec.inference import embed_volume, sliding_window_head
-from vox2vec.model import Vox2VecModel
 from vox2vec.preprocessing import PreprocessedVolume, Preprocessor
 from vox2vec.probing import ClassMap, DiceReport, Head, dice_scores, load_head, train_head
 from vox2vec.volume import Volume, load_volume

@@ -6,10 +6,11 @@ from vox2vec.hub.pretrained import (
     load_pretrained,
     load_pretrained_cached,
     load_vox2vec_directory,
+    resolve_model,
 )
 from vox2vec.hub.registry import ModelSpec, get_spec, list_models, register_model
 
 __all__ = [
     "ModelSpec", "get_spec", "list_models", "load_original_checkpoint", "load_pretrained",
-    "load_pretrained_cached", "load_vox2vec_directory", "register_model", "vox2vec_home",
+    "load_pretrained_cached", "load_vox2vec_directory", "register_model", "resolve_model", "vox2vec_home",
 ]

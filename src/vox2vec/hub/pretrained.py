@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
+from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
 from vox2vec.hub.cache import converted_dir, verify_download
 from vox2vec.hub.registry import ModelSpec, get_spec, is_registered, known_names
-from vox2vec.model import Vox2VecModel
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOADED: dict[str, Vox2VecModel] = {}
@@ -208,3 +208,10 @@ def load_pretrained_cached(name_or_path: str) -> Vox2VecModel:
     if name_or_path not in _LOADED:
         _LOADED[name_or_path] = load_pretrained(name_or_path)
     return _LOADED[name_or_path]
+
+
+def resolve_model(model: Any) -> Vox2VecModel:
+    """A loaded model as it is, or a name / path through :func:`load_pretrained` (loaded once per process)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    return load_pretrained_cached(str(model))

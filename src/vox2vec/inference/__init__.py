@@ -1,6 +1,6 @@
 """Sliding-window inference: the embedding pyramid and the original per-window head evaluation."""
 
-from vox2vec.inference.api import embed_volume
+from vox2vec.inference.ct_to_pyramid import embed_volume
 from vox2vec.inference.embed import embed_image
 from vox2vec.inference.sliding import sliding_window_head
 

@@ -6,7 +6,6 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -144,11 +143,3 @@ def _forward(
     with torch.inference_mode(), autocast(mode, device):
         return backbone(crops)
 
-
-def resolve_model(model: Any, device: torch.device | None = None) -> nn.Module:
-    """A loaded model, or a name / path resolved through :func:`vox2vec.load_pretrained` (cached per process)."""
-    if isinstance(model, nn.Module):
-        return model
-    from vox2vec.hub import load_pretrained_cached
-
-    return load_pretrained_cached(str(model))

@@ -41,10 +41,9 @@ class FPN3d(nn.Module):
         )
         self.bottom_block = ResStack3d(channels[-1])
         decoder = channels[-2::-1]  # coarse → fine, without the bottom level
-        self.up_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1), nn.Upsample(scale_factor=2, mode="nearest"))
-            for c in decoder
-        )
+        # one-element Sequentials keep the published key names (up_blocks.k.0.*); the original also held an
+        # nn.Upsample there, parameter-free and unused — the ×2 upsampling is upsample_and_crop in forward
+        self.up_blocks = nn.ModuleList(nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1)) for c in decoder)
         self.skip_blocks = nn.ModuleList(nn.Conv3d(c, c, kernel_size=1) for c in decoder)
         self.right_blocks = nn.ModuleList(ResStack3d(c) for c in decoder)
 

@@ -30,6 +30,14 @@ class FPNLinearHead(nn.Module):
             x = upsample_and_crop(x, level) + layer(level)
         return x
 
+    def matrix(self) -> torch.Tensor:
+        """The (K, D) matrix on the concatenated embedding (the bias is level 0's conv bias)."""
+        return torch.cat([layer.weight[:, :, 0, 0, 0] for layer in self.layers], dim=1)
+
+    def forward_voxels(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) concatenated voxel embeddings → (B, K) logits: ``forward`` on one-voxel pyramids, as one product."""
+        return nn.functional.linear(features, self.matrix(), self.layers[0].bias)
+
 
 class FPNNonLinearHead(nn.Module):
     """The original non-linear head: the backbone's decoder with every kernel 1×1×1, then a 1×1×1 classifier."""
@@ -40,19 +48,52 @@ class FPNNonLinearHead(nn.Module):
         channels = pyramid_channels(base_channels, num_scales)
         decoder = channels[-2::-1]
         self.bottom_block = ResBlock3d(channels[-1], channels[-1], kernel_size=1)
-        self.up_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1), nn.Upsample(scale_factor=2, mode="nearest"))
-            for c in decoder
-        )
+        # a one-element Sequential keeps the original key names (up_blocks.k.0.*); the ×2 upsampling is
+        # upsample_and_crop in forward, which also crops to odd-sized levels
+        self.up_blocks = nn.ModuleList(nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1)) for c in decoder)
         self.skip_blocks = nn.ModuleList(nn.Conv3d(c, c, kernel_size=1) for c in decoder)
         self.right_blocks = nn.ModuleList(ResBlock3d(c, c, kernel_size=1) for c in decoder)
         self.final_block = nn.Conv3d(base_channels, num_classes, kernel_size=1)
+        self.channels = channels
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
         x = self.bottom_block(pyramid[-1])
         for up, skip, right, level in zip(self.up_blocks, self.skip_blocks, self.right_blocks, pyramid[-2::-1]):
             x = right(upsample_and_crop(up[0](x), level) + skip(level))
         return self.final_block(x)
+
+    def forward_voxels(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) concatenated voxel embeddings → (B, K) logits, exactly ``forward`` on one-voxel pyramids.
+
+        Every kernel is 1×1×1 and nearest upsampling of one voxel is the identity, so the head is a per-voxel MLP;
+        written on (B, C) rows it trains on sampled voxels without the 5-D overhead.
+        """
+        levels = torch.split(features, self.channels, dim=1)
+        x = _residual_rows(self.bottom_block, levels[-1])
+        for up, skip, right, level in zip(self.up_blocks, self.skip_blocks, self.right_blocks, levels[-2::-1]):
+            x = _residual_rows(right, _conv_rows(up[0], x) + _conv_rows(skip, level))
+        return _conv_rows(self.final_block, x)
+
+
+def _conv_rows(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1×1 convolution applied to (B, C) rows."""
+    return nn.functional.linear(x, conv.weight[:, :, 0, 0, 0], conv.bias)
+
+
+def _residual_rows(block: ResBlock3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1×1-kernel :class:`ResBlock3d` (identity skip) applied to (B, C) rows."""
+    bn1, _, conv1, bn2, _, conv2 = block.layers
+    h = _conv_rows(conv1, torch.relu(_batch_norm_rows(bn1, x)))
+    return _conv_rows(conv2, torch.relu(_batch_norm_rows(bn2, h))) + x
+
+
+def _batch_norm_rows(bn: nn.BatchNorm3d, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm3d on (B, C) rows: the same statistics and running-average updates as on a (B, C, 1, 1, 1) map."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    return nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                    bn.training or not bn.track_running_stats, momentum, bn.eps)
 
 
 class ProjectionHead(nn.Sequential):

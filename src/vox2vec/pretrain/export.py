@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from vox2vec._atomic import atomic_path
-from vox2vec._checkpoint import load_latest_checkpoint
 from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig
+from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import InputError
-from vox2vec.model import Vox2VecModel
 from vox2vec.pretrain.trainer import BEST_PROBE_NAME
+from vox2vec.training_checkpoints import load_latest_checkpoint
 
 CARD = """---
 license: {license}

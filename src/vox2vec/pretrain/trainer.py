@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
 from vox2vec.errors import DeviceError
 from vox2vec.inference.precision import autocast, training_precision
 from vox2vec.modeling import FPN3d
@@ -29,6 +28,7 @@ from vox2vec.pretrain.augment import augment
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
 from vox2vec.pretrain.objective import ContrastiveModel, info_nce
 from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
+from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 
 
 class _StopFlag:
@@ -247,7 +247,7 @@ def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, ou
     backbone with the best mean so far is kept as ``best_probe.pt`` (``pretrain export --select best-probe``).
     """
     from vox2vec.config import ModelConfig
-    from vox2vec.model import Vox2VecModel
+    from vox2vec.configured_model import Vox2VecModel
     from vox2vec.probing import dice_scores, train_head
 
     t = config.train

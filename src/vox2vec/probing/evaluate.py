@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
+from vox2vec.hub import resolve_model
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.metrics import dice_scores
 from vox2vec.volume import load_volume
@@ -77,7 +78,6 @@ def evaluate_dataset(
     """
     from vox2vec.features import FeaturePyramid
     from vox2vec.inference import embed_volume
-    from vox2vec.inference.embed import resolve_model
     from vox2vec.probing.finetune import finetune
     from vox2vec.probing.train import train_head
 
@@ -138,7 +138,7 @@ def evaluate_dataset(
 def _random_like(net):
     import torch
 
-    from vox2vec.model import Vox2VecModel
+    from vox2vec.configured_model import Vox2VecModel
 
     torch.manual_seed(0)
     return Vox2VecModel(net.config).eval()

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec._checkpoint import load_latest_checkpoint, save_checkpoint
 from vox2vec.config import check_int, check_number, known_settings
+from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import InputError
+from vox2vec.hub import resolve_model
 from vox2vec.inference.precision import autocast, pick_device, training_precision
-from vox2vec.model import Vox2VecModel
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
+from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 from vox2vec.volume import load_volume
 
 
@@ -166,7 +167,6 @@ def finetune(
     Writes the result as ``output_dir/backbone`` (read by :func:`vox2vec.load_pretrained`) and ``output_dir/head``
     (read by :func:`vox2vec.load_head`). ``overrides`` replace single :class:`FinetuneConfig` fields.
     """
-    from vox2vec.inference.embed import resolve_model
 
     config = _checked_config(config, overrides)
     output_dir = Path(output_dir)
@@ -229,13 +229,9 @@ def finetune(
                     "optimiser": optimiser.state_dict(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "step": step, "config": dataclasses.asdict(config),
                 }, keep=config.keep_checkpoints)
-    net = net.cpu().eval()
-    net._fingerprint = None
-    net.config = dataclasses.replace(net.config, name=f"{net.config.name}-finetuned",
-                                     source=dict(net.config.source, finetuned_from=base.fingerprint()))
+    net = net.cpu().eval().derive(f"{net.config.name}-finetuned", finetuned_from=base.fingerprint())
     net.save_pretrained(output_dir / "backbone")
-    backbone = {"name": net.config.name, "fingerprint": net.fingerprint(), "config": net.config.to_dict()}
-    result = Head(head.cpu().eval(), "nonlinear", class_map, backbone, config.multilabel, net, history)
+    result = Head(head.cpu().eval(), "nonlinear", class_map, net.record(), config.multilabel, net, history)
     result.save_pretrained(output_dir / "head")
     (output_dir / "finetune.json").write_text(json.dumps({"config": dataclasses.asdict(config), "steps": step}))
     return net, result

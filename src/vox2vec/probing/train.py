@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import describe_grid_difference
+from vox2vec.hub import resolve_model
 from vox2vec.inference.precision import pick_device
-from vox2vec.probing.apply import linear_head_matrix, voxel_forward
+from vox2vec.probing.apply import voxel_forward
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.resample import resample
@@ -36,7 +37,6 @@ def _embed(ct: Any, model: Any, progress: bool) -> tuple[FeaturePyramid, Any]:
     if isinstance(ct, FeaturePyramid):
         return ct, None
     from vox2vec.inference import embed_volume
-    from vox2vec.inference.embed import resolve_model
 
     net = resolve_model(model)
     return embed_volume(ct, model=net, progress=progress), net
@@ -120,7 +120,7 @@ def standardised_linear_forward(head: nn.Module, features: torch.Tensor, mean: t
 
 def _raw_feature_weights(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, b) of a linear head trained on (x − μ)/σ, rewritten to take x: W/σ and b − (W/σ)·μ."""
-    weight = linear_head_matrix(head) / std
+    weight = head.matrix() / std
     return weight, head.layers[0].bias - weight @ mean
 
 
@@ -224,8 +224,7 @@ def train_head(
                            patience=patience, eval_every=eval_every, progress=progress)
     if search:
         history.insert(0, {"l2_search_heldout_loss": search})
-    backbone = {"name": reference.meta.get("model"), "fingerprint": reference.meta.get("fingerprint"),
-                "config": _backbone_config(net, reference)}
+    backbone = net.record() if net is not None else _record_from_pyramid(reference)
     return Head(module.cpu().eval(), kind, class_map, backbone, multilabel, net, history)
 
 
@@ -273,7 +272,7 @@ def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, h
     for l2 in tqdm(REGULARIZATION_GRID, desc="choosing the L2 strength", disable=not progress):
         module, _ = _fit(spec, fit_x, fit_y, steps=max(100, steps // 8), l2=l2, generator=generator, progress=False)
         with torch.no_grad():
-            logits = voxel_forward(module.eval(), held_x, spec.channels)
+            logits = voxel_forward(module.eval(), held_x)
             losses[f"{l2:g}"] = float(_loss(logits, held_y, spec.class_weights, spec.multilabel))
     best = min(losses, key=losses.get)
     return float(best), losses
@@ -298,7 +297,7 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
         std = std.clamp(min=1e-6)
         forward = lambda x: standardised_linear_forward(module, x, mean, std)
     else:
-        forward = lambda x: voxel_forward(module, x, spec.channels)
+        forward = lambda x: voxel_forward(module, x)
     optimiser = torch.optim.Adam(module.parameters(), lr=spec.lr)
     features, targets = features.to(spec.device), targets.to(spec.device)
     history: list[dict[str, float]] = []
@@ -346,9 +345,9 @@ def _fold_standardisation(head: nn.Module, mean: torch.Tensor, std: torch.Tensor
     head.layers[0].bias.copy_(bias)
 
 
-def _backbone_config(net: Any, pyramid: FeaturePyramid) -> dict[str, Any]:
-    if net is not None:
-        return net.config.to_dict()
+def _record_from_pyramid(pyramid: FeaturePyramid) -> dict[str, Any]:
+    """The backbone record (as :meth:`Vox2VecModel.record`) of a head trained on pyramids alone."""
     channels = pyramid.channels
-    return {"architecture": {"base_channels": channels[0], "num_scales": len(channels)},
-            "preprocessing": pyramid.meta.get("preprocessing", {})}
+    return {"name": pyramid.meta.get("model"), "fingerprint": pyramid.meta.get("fingerprint"),
+            "config": {"architecture": {"base_channels": channels[0], "num_scales": len(channels)},
+                       "preprocessing": pyramid.meta.get("preprocessing", {})}}

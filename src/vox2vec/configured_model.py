@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +29,7 @@ class Vox2VecModel(nn.Module):
         if arch.type != "FPN3d":
             raise ConfigError(f"unknown architecture type {arch.type!r}; this vox2vec knows 'FPN3d'")
         self.backbone = FPN3d(arch.in_channels, arch.base_channels, arch.num_scales)
-        self._fingerprint: str | None = None
+        self._fingerprint: tuple[tuple, str] | None = None  # (weight versions, digest)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(x)
@@ -53,18 +55,29 @@ class Vox2VecModel(nn.Module):
         return next(self.parameters()).device
 
     def fingerprint(self) -> str:
-        """A short sha256 of the weights: heads and pyramids record it to refuse a mismatched backbone."""
-        if self._fingerprint is None:
+        """A short sha256 of the weights: heads and pyramids record it to refuse a mismatched backbone.
+
+        Cached until a weight changes (loading, an optimiser step: any in-place update bumps a tensor's version).
+        """
+        state = self.backbone.state_dict()
+        versions = tuple((t.data_ptr(), t._version) for t in state.values())
+        if self._fingerprint is None or self._fingerprint[0] != versions:
             digest = hashlib.sha256()
-            for key, tensor in self.backbone.state_dict().items():
+            for key, tensor in state.items():
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:16]
-        return self._fingerprint
+            self._fingerprint = (versions, digest.hexdigest()[:16])
+        return self._fingerprint[1]
 
-    def load_state_dict(self, *args, **kwargs):  # noqa: D102 - invalidates the cached fingerprint
-        self._fingerprint = None
-        return super().load_state_dict(*args, **kwargs)
+    def record(self) -> dict[str, Any]:
+        """Name, fingerprint and config: what a head stores about the backbone it was trained on."""
+        return {"name": self.config.name, "fingerprint": self.fingerprint(), "config": self.config.to_dict()}
+
+    def derive(self, name: str, **provenance: Any) -> Vox2VecModel:
+        """Rename this model after its weights were changed (fine-tuning): a new name, with ``provenance`` added to
+        its config's ``source`` (e.g. ``finetuned_from=<fingerprint>``). Returns the model itself."""
+        self.config = dataclasses.replace(self.config, name=name, source={**self.config.source, **provenance})
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         overwrite: bool = False) -> Path:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from vox2vec.features import FeaturePyramid
-from vox2vec.inference.embed import embed_image, resolve_model
+from vox2vec.hub import resolve_model
+from vox2vec.inference.embed import embed_image
 from vox2vec.inference.precision import Precision, check_batch_size, pick_device
 
 
