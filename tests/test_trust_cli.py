@@ -170,8 +170,8 @@ def test_deliberate_errors_are_vox2vec_errors():
         FPN3d(1, 16, 1)
 
 
-OWNED = ["configured_model.py", "hub/registry.py", "inference", "modeling", "preprocessing.py", "probing/apply.py", "cli.py",
-         "outputs.py", "_atomic.py", "demo.py"]
+OWNED = ["configured_model.py", "hub/registry.py", "inference", "modeling", "preprocessing.py", "probing/apply.py",
+         "cli.py", "outputs.py", "_atomic.py", "demo.py"]
 
 
 def test_no_plain_builtin_errors_or_asserts_left():

@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vox2vec.errors import InputError, Vox2VecError
+from vox2vec.inference.precision import PRECISIONS
 from vox2vec.outputs import check_output_dir, check_output_file
+from vox2vec.pretrain.export import SELECTIONS
+from vox2vec.probing.evaluate import SETUPS
+from vox2vec.probing.head import HEAD_KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -254,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
     embed.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
     embed.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    embed.add_argument("--precision", default="auto", choices=PRECISIONS)
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(run=_cmd_embed)
 
@@ -270,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-i", "--input", nargs=2, action="append", required=True, metavar=("CT", "LABELS"),
                        help="a CT and its label map (repeat -i for more scans)")
     train.add_argument("-o", "--output", required=True, help="output directory for the head")
-    train.add_argument("--kind", default="linear", choices=["linear", "nonlinear"])
+    train.add_argument("--kind", default="linear", choices=HEAD_KINDS)
     train.add_argument("--classes", type=_parse_classes,
                        help="ids to learn and their names, e.g. 1=spleen,5=liver (default: all ids)")
     train.add_argument("--multilabel", action="store_true", help="sigmoid per class (BCE + Dice) instead of softmax")
@@ -295,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("dataset", help="folder with imagesTr/ and labelsTr/")
     evaluate.add_argument("-o", "--output", required=True, help="results folder (resumable)")
     evaluate.add_argument("--setups", nargs="+", default=["linear", "nonlinear"],
-                          choices=["linear", "nonlinear", "finetune", "from-scratch"])
+                          choices=SETUPS)
     evaluate.add_argument("--folds", type=_folds, default=5)
     evaluate.add_argument("--seed", type=int, default=42)
     evaluate.add_argument("--classes", type=_parse_classes,
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--license", default="MIT")
             stage_parser.add_argument("--data", default="unspecified", help="one line describing the pre-training data")
             stage_parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-            stage_parser.add_argument("--select", default="last", choices=["last", "best-probe"],
+            stage_parser.add_argument("--select", default="last", choices=SELECTIONS,
                                       help="the newest checkpoint, or the best by online-probe Dice (best_probe.pt)")
             stage_parser.add_argument("--transfer", metavar="MARKDOWN_FILE",
                                       help="measured transfer results to put in the model card")

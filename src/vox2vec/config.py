@@ -156,7 +156,7 @@ class ModelConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     name: str = "vox2vec"
-    license: str = "MIT"
+    license: str = "unknown"  # named weights say theirs (the registry, export); nothing is assumed for the rest
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -199,20 +199,13 @@ class ModelConfig:
             values = data.get(name, {})
             if not isinstance(values, dict):
                 raise InputError(f"{name} must be an object of settings, got {type(values).__name__}")
-            fields = set(section_cls.__dataclass_fields__)
-            extra = sorted(set(values) - fields)
-            if extra:
-                raise InputError(f"unknown setting(s) in {name}: {', '.join(extra)}; "
-                                 f"known: {', '.join(sorted(fields))}")
-            return section_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            return section_cls(**known_settings(section_cls, values, f"setting(s) in {name}"))
 
         return cls(
             architecture=section("architecture", ArchitectureConfig),
             preprocessing=section("preprocessing", PreprocessingConfig),
             inference=section("inference", InferenceConfig),
-            name=data.get("name", "vox2vec"),
-            license=data.get("license", "unknown"),
-            source=data.get("source", {}),
+            **{key: data[key] for key in ("name", "license", "source") if key in data},  # else the defaults above
         )
 
     def to_json(self) -> str:

@@ -124,3 +124,11 @@ def describe_grid_difference(a: Grid, b: Grid, atol: float = 1e-3) -> list[str]:
     if not np.allclose(a.direction, b.direction, atol=atol):
         differences.append(f"direction {a.direction} vs {b.direction}")
     return differences
+
+
+def check_same_grid(grid: Grid, reference: Grid, what: str = "the label map", reference_name: str = "its CT") -> None:
+    """An :class:`InputError` naming every difference when ``grid`` is not ``reference`` (label maps, predictions)."""
+    differences = describe_grid_difference(grid, reference)
+    if differences:
+        raise InputError(f"{what} is not on {reference_name}'s grid: " + "; ".join(differences)
+                         + f". Resample it onto {reference_name} with nearest-neighbour interpolation first")

@@ -16,7 +16,7 @@ import torch
 
 from vox2vec.config import PreprocessingConfig
 from vox2vec.errors import ConfigError, InputError
-from vox2vec.geometry import Grid, describe_grid_difference
+from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.resample import Mode, is_identity_mapping, resample
 from vox2vec.volume import Volume, load_volume
 
@@ -67,7 +67,7 @@ class PreprocessedVolume:
         """The original's body mask on the model grid (outside air removed, internal air kept)."""
         from vox2vec.body import body_mask
 
-        return torch.from_numpy(body_mask(self.image, threshold_hu=self.body_threshold))
+        return torch.from_numpy(body_mask(self.image, threshold=self.body_threshold))
 
     def to_original(self, data: torch.Tensor | np.ndarray, *, mode: Mode = "nearest", fill: float = 0) -> np.ndarray:
         """Map an array on the model grid ((C,) X, Y, Z) back onto the original voxels (outside the crop → fill)."""
@@ -83,12 +83,7 @@ class PreprocessedVolume:
             volume = None
         else:
             volume = load_volume(data)
-            differences = describe_grid_difference(volume.grid, self.source_grid)
-            if differences:
-                raise InputError(
-                    "the label map is not on its CT's grid: " + "; ".join(differences)
-                    + ". Resample it onto the CT (nearest neighbour) or pass the matching pair"
-                )
+            check_same_grid(volume.grid, self.source_grid)
             array = volume.array
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         return resample(tensor, self.source_grid, self.grid, mode=mode, fill=fill)

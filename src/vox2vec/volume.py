@@ -22,7 +22,16 @@ from vox2vec.errors import InputError
 from vox2vec.geometry import Grid
 
 AxisOrder = Literal["xyz", "zyx"]
-_READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series directory"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # single files we read (.gz first)
+_READABLE = ", ".join(IMAGE_SUFFIXES) + " or a DICOM series directory"
+
+
+def image_stem(name: str) -> str | None:
+    """``name`` without its image suffix ("a.nii.gz" → "a"); ``None`` when it is not an image file we read."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 #: Plausible CT voxel sizes and scan extents (mm). Outside them the spacing was almost surely given in other units
 #: (µm, cm) — and resampling such a volume to the model grid would try to allocate terabytes.
 SPACING_RANGE_MM = (0.01, 50.0)

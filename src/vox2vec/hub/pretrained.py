@@ -56,9 +56,18 @@ def backbone_state_from_original(obj: Any, source: str) -> dict[str, torch.Tenso
         raise InputError(f"{source} does not hold a state_dict (found {type(obj).__name__})")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if any(k.startswith("backbone.") for k in obj):
-        obj = {k[len("backbone."):]: v for k, v in obj.items() if k.startswith("backbone.")}
+    if any(k.startswith(BACKBONE_PREFIX) for k in obj):
+        obj = backbone_entries(obj)
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+BACKBONE_PREFIX = "backbone."
+
+
+def backbone_entries(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The backbone's entries of a training state_dict (backbone + projection head), without the ``backbone.``
+    prefix: the original's Lightning checkpoints and ``vox2vec.pretrain``'s both store it so."""
+    return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 def load_original_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Vox2VecModel:

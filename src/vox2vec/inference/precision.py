@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from vox2vec.errors import ArgumentError, DeviceError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling (see training_precision)
 
 
 def available_devices() -> list[str]:
@@ -79,8 +81,8 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
     """``auto`` → bf16 on CUDA; on CPU bf16 where the CPU has native bf16 (about 3× faster there), else fp32."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ArgumentError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

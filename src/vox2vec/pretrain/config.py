@@ -19,6 +19,7 @@ from vox2vec.config import (
     known_settings,
 )
 from vox2vec.errors import InputError
+from vox2vec.inference.precision import TRAINING_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,9 @@ def problems_of(config: PretrainConfig) -> list[str]:
     check_number(problems, "train.grad_clip", t.grad_clip, 0.0, None, low_open=True)
     check_number(problems, "train.temperature", t.temperature, 0.0, 100.0, low_open=True)
     check_int(problems, "train.projection_dim", t.projection_dim, 1, 65536)
-    if t.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.precision not in TRAINING_PRECISIONS:
+        problems.append(f"train.precision must be one of {', '.join(TRAINING_PRECISIONS)} (fp16 would need loss "
+                        f"scaling), got {t.precision!r}")
     _check_bool(problems, "train.channels_last", t.channels_last)
     _check_bool(problems, "train.compile", t.compile)
     check_int(problems, "train.num_workers", t.num_workers, 0, 256)

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from vox2vec._atomic import atomic_path
-from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig
+from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig, known_settings
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import InputError
+from vox2vec.hub.pretrained import backbone_entries
 from vox2vec.pretrain.trainer import BEST_PROBE_NAME
 from vox2vec.training_checkpoints import load_latest_checkpoint
 
@@ -82,9 +83,9 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
                      what="model folder")
     checkpoint = select_checkpoint(run_dir, select)
     config = checkpoint["config"]
-    arch = ArchitectureConfig(**config["architecture"])
-    pre = PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in config["preprocessing"].items()})
+    arch = ArchitectureConfig(**known_settings(ArchitectureConfig, config["architecture"], "[architecture] setting(s)"))
+    pre = PreprocessingConfig(**known_settings(PreprocessingConfig, config["preprocessing"],
+                                               "[preprocessing] setting(s)"))
     name = name or Path(output_dir).name
     model_config = ModelConfig(arch, pre, name=name, license=license, source={
         "pretrained_with": "vox2vec.pretrain", "steps": checkpoint["step"], "selected": select,
@@ -92,8 +93,7 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
         "sampling": config["sampling"], "temperature": config["train"]["temperature"],
     })
     model = Vox2VecModel(model_config)
-    prefix = "backbone."
-    model.backbone.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)})
+    model.backbone.load_state_dict(backbone_entries(checkpoint["model"]))
     out = model.save_pretrained(output_dir, dtype=dtype, overwrite=overwrite)
     card = CARD.format(
         license=license.lower(), name=name, base=arch.base_channels, scales=arch.num_scales,

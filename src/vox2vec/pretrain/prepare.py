@@ -22,9 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_directory, atomic_path
-from vox2vec.config import PreprocessingConfig
+from vox2vec.config import PreprocessingConfig, known_settings
+from vox2vec.volume import IMAGE_SUFFIXES, image_stem
 
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _INT16 = np.iinfo(np.int16)
 
 
@@ -50,16 +50,12 @@ def _scan_directory(root: Path) -> list[Path]:
         names = sorted(files)
         if any(n.lower().endswith(".dcm") for n in names):
             out.append(Path(folder))
-        out.extend(Path(folder) / n for n in names if n.endswith(_SUFFIXES) and "label" not in n.lower())
+        out.extend(Path(folder) / n for n in names if n.endswith(IMAGE_SUFFIXES) and "label" not in n.lower())
     return out
 
 
 def case_id(path: Path, taken: set[str]) -> str:
-    name = path.name
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = image_stem(path.name) or path.name
     if name in {"ct", "image", "img"}:
         name = f"{path.parent.name}_{name}"
     unique, k = name, 1
@@ -79,7 +75,7 @@ def prepare_case(source: str, target: str, preprocessing: dict[str, Any], patch_
 
     try:
         volume = load_volume(source)
-        config = PreprocessingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
+        config = PreprocessingConfig(**known_settings(PreprocessingConfig, preprocessing, "[preprocessing] setting(s)"))
         preprocessor = Preprocessor(config)
         hu, grid = preprocessor.resample_hu(volume, clip=(config.clip_hu[0], float(_INT16.max)))
     except (Vox2VecError, OSError, RuntimeError, ValueError) as error:

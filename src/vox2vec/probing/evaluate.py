@@ -15,18 +15,18 @@ from vox2vec.errors import InputError
 from vox2vec.hub import resolve_model
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.metrics import dice_scores
-from vox2vec.volume import load_volume
+from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
 
 SETUPS = ("linear", "nonlinear", "finetune", "from-scratch")
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return image_stem(path.name) or path.stem
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files of a folder (hidden files skipped), sorted."""
+    return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES) and not p.name.startswith("."))
 
 
 def find_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
@@ -36,9 +36,9 @@ def find_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
     images, labels = root / "imagesTr", root / "labelsTr"
     if not images.is_dir() or not labels.is_dir():
         raise InputError(f"{root} needs imagesTr/ and labelsTr/ folders (the BTCV / MSD layout)")
-    label_files = {_stem(p): p for p in labels.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith(".")}
+    label_files = {_stem(p): p for p in _image_files(labels)}
     cases = []
-    for image in sorted(p for p in images.iterdir() if p.name.endswith(_SUFFIXES) and not p.name.startswith(".")):
+    for image in _image_files(images):
         stem = _stem(image)
         candidates = [stem, stem.removesuffix("_0000"), stem.replace("img", "label", 1)]
         match = next((label_files[c] for c in candidates if c in label_files), None)

@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.config import check_int, check_number, known_settings
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import InputError
 from vox2vec.hub import resolve_model
-from vox2vec.inference.precision import autocast, pick_device, training_precision
+from vox2vec.inference.precision import TRAINING_PRECISIONS, autocast, pick_device, training_precision
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
+from vox2vec.probing.losses import head_loss
 from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 from vox2vec.volume import load_volume
 
@@ -60,9 +60,9 @@ class FinetuneConfig:
             check_number(found, name, getattr(self, name), 0.0, 1.0, low_open=True)
         check_int(found, "checkpoint_every", self.checkpoint_every, 1)
         check_int(found, "keep_checkpoints", self.keep_checkpoints, 1)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            found.append(f"precision must be 'auto', 'fp32' or 'bf16' (fp16 training would need loss scaling), "
-                         f"got {self.precision!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            found.append(f"precision must be one of {', '.join(TRAINING_PRECISIONS)} (fp16 training would need loss "
+                         f"scaling), got {self.precision!r}")
         if not isinstance(self.multilabel, bool):
             found.append(f"multilabel must be True or False, got {self.multilabel!r}")
         check_int(found, "seed", self.seed, 0)
@@ -126,16 +126,6 @@ def sample_patches(cases: list[_Case], config: FinetuneConfig, rng: np.random.Ge
         images.append(case.image[box])
         labels.append(case.labels[box])
     return torch.stack(images)[:, None], torch.stack(labels)
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    if not multilabel:
-        return nn.functional.cross_entropy(logits, target)
-    onehot = nn.functional.one_hot(target, logits.shape[1] + 1)[..., 1:].movedim(-1, 1).float()
-    probability = torch.sigmoid(logits)
-    dims = (0, 2, 3, 4)
-    dice = 1 - (2 * (probability * onehot).sum(dims) + 1) / (probability.pow(2).sum(dims) + onehot.sum(dims) + 1)
-    return nn.functional.binary_cross_entropy_with_logits(logits, onehot) + dice.mean()
 
 
 def _checked_config(config: FinetuneConfig | None, overrides: Mapping[str, Any]) -> FinetuneConfig:
@@ -215,7 +205,7 @@ def finetune(
                 with torch.set_grad_enabled(not frozen):
                     pyramid = net.backbone(images)
                 logits = head([level.float() if frozen else level for level in pyramid])
-                loss = _loss(logits.float(), labels, config.multilabel)
+                loss = head_loss(logits.float(), labels, config.multilabel)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

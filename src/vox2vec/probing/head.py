@@ -23,11 +23,16 @@ from vox2vec.volume import Volume
 HEAD_CONFIG = "head.json"
 HEAD_WEIGHTS = "head.safetensors"
 KINDS = {"linear": FPNLinearHead, "nonlinear": FPNNonLinearHead}
+HEAD_KINDS = tuple(KINDS)
+
+
+def check_head_kind(kind: Any) -> None:
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
 
 
 def build_head_module(kind: str, base_channels: int, num_scales: int, outputs: int) -> nn.Module:
-    if kind not in KINDS:
-        raise InputError(f"kind must be 'linear' or 'nonlinear', got {kind!r}")
+    check_head_kind(kind)
     return KINDS[kind](base_channels, num_scales, outputs)
 
 

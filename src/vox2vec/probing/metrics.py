@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vox2vec.errors import InputError
-from vox2vec.geometry import Grid, describe_grid_difference
+from vox2vec.geometry import Grid, check_same_grid
 
 
 @dataclass
@@ -83,10 +83,7 @@ def dice_scores(
     pred, pred_grid = _labels(prediction, "prediction", axis_order)
     true, true_grid = _labels(truth, "truth", axis_order)
     if pred_grid is not None and true_grid is not None:
-        differences = describe_grid_difference(pred_grid, true_grid)
-        if differences:
-            raise InputError("the prediction is not on the truth's grid: " + "; ".join(differences)
-                             + ". Resample it onto the truth with nearest-neighbour interpolation first")
+        check_same_grid(pred_grid, true_grid, "the prediction", "the truth")
     if pred.shape != true.shape:
         hint = ("; is the array's axis_order right?" if (pred_grid is None) != (true_grid is None)
                 else "; resample one onto the other's grid with nearest-neighbour interpolation first")

@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
-from vox2vec.geometry import describe_grid_difference
+from vox2vec.geometry import check_same_grid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.precision import pick_device
 from vox2vec.probing.apply import voxel_forward
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
-from vox2vec.probing.head import Head, build_head_module
+from vox2vec.probing.head import Head, build_head_module, check_head_kind
+from vox2vec.probing.losses import head_loss
 from vox2vec.resample import resample
 from vox2vec.volume import load_volume
 
@@ -48,10 +49,7 @@ def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMa
     volume = load_volume(labels, check_finite=False) if not isinstance(labels, np.ndarray) else None
     if volume is None:
         raise InputError("pass label maps as files or images (with geometry), not bare arrays")
-    differences = describe_grid_difference(volume.grid, pyramid.source_grid)
-    if differences:
-        raise InputError("the label map is not on its CT's grid: " + "; ".join(differences)
-                         + ". Resample it onto the CT with nearest-neighbour interpolation first")
+    check_same_grid(volume.grid, pyramid.source_grid)
     array = check_integer_labels(volume.array)
     encoded = classes.encode(array)
     if ignore_label is not None:
@@ -122,16 +120,6 @@ def _raw_feature_weights(head: nn.Module, mean: torch.Tensor, std: torch.Tensor)
     """(W, b) of a linear head trained on (x − μ)/σ, rewritten to take x: W/σ and b − (W/σ)·μ."""
     weight = head.matrix() / std
     return weight, head.layers[0].bias - weight @ mean
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    if not multilabel:
-        return nn.functional.cross_entropy(logits, target, weight=weights)
-    onehot = nn.functional.one_hot(target, logits.shape[1] + 1)[:, 1:].float()
-    bce = nn.functional.binary_cross_entropy_with_logits(logits, onehot)
-    probability = torch.sigmoid(logits)
-    dice = 1 - (2 * (probability * onehot).sum(0) + 1) / (probability.pow(2).sum(0) + onehot.sum(0) + 1)
-    return bce + dice.mean()
 
 
 REGULARIZATION_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths tried by regularization="auto"
@@ -231,8 +219,7 @@ def train_head(
 def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: Any, lr: Any, regularization: Any,
                      patience: Any, eval_every: Any) -> None:
     """Every training setting is checked before any scan is read."""
-    if kind not in ("linear", "nonlinear"):
-        raise InputError(f"kind must be 'linear' or 'nonlinear', got {kind!r}")
+    check_head_kind(kind)
     for name, value in (("voxels_per_class", voxels_per_class), ("steps", steps), ("batch_size", batch_size),
                         ("patience", patience), ("eval_every", eval_every)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -273,7 +260,7 @@ def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, h
         module, _ = _fit(spec, fit_x, fit_y, steps=max(100, steps // 8), l2=l2, generator=generator, progress=False)
         with torch.no_grad():
             logits = voxel_forward(module.eval(), held_x)
-            losses[f"{l2:g}"] = float(_loss(logits, held_y, spec.class_weights, spec.multilabel))
+            losses[f"{l2:g}"] = float(head_loss(logits, held_y, spec.multilabel, spec.class_weights))
     best = min(losses, key=losses.get)
     return float(best), losses
 
@@ -307,7 +294,7 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
             batch = torch.randint(0, len(targets), (min(spec.batch_size, len(targets)),), generator=generator)
             batch = batch.to(spec.device)
             logits = forward(features.index_select(0, batch).float())
-            loss = _loss(logits, targets[batch], spec.class_weights, spec.multilabel)
+            loss = head_loss(logits, targets[batch], spec.multilabel, spec.class_weights)
             objective = loss + l2 * _l2_penalty(module) if l2 else loss
             optimiser.zero_grad(set_to_none=True)
             objective.backward()
@@ -319,7 +306,7 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
             if val is not None:
                 module.eval()
                 with torch.no_grad():
-                    record["val_loss"] = float(_loss(forward(val[0]), val[1], spec.class_weights, spec.multilabel))
+                    record["val_loss"] = float(head_loss(forward(val[0]), val[1], spec.multilabel, spec.class_weights))
                 module.train()
                 if record["val_loss"] < best_loss - 1e-4:
                     best_loss, best_state, waited = record["val_loss"], copy.deepcopy(module.state_dict()), 0
