@@ -99,74 +99,30 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     mode = training_precision(t.precision, device)
-
-    torch.manual_seed(t.seed)
-    arch = config.architecture
-    model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
-    model = model.to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
-    step = 0
-    checkpoint = load_latest_checkpoint(out / "checkpoints")
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimiser.load_state_dict(checkpoint["optimiser"])
-        step = int(checkpoint["step"])
+    model, optimiser, step = _model_and_optimiser(config, device, out / "checkpoints")
     wrapped: nn.Module = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     forward = torch.compile(wrapped) if t.compile else wrapped
-
-    dataset = PairDataset(cases, config.sampling, t.seed, rank)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=range(step, t.steps), num_workers=t.num_workers,
-        collate_fn=collate_single, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
-        persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
-    )
+    loader = _pair_loader(PairDataset(cases, config.sampling, t.seed, rank), config, step, device)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / f"log_rank{rank}.jsonl", "a")  # noqa: SIM115 - one JSONL log per rank, closed below
-    writer = _tensorboard(out) if rank == 0 else None
-    started, last_time, last_step = time.perf_counter(), time.perf_counter(), step
-    waited = 0.0  # seconds blocked on the DataLoader since the last log record
+    log = _StepLog(out, rank, step, device)
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
-    with _StopFlag() as stop, bar:
+    with _StopFlag() as stop, bar, log:
         with _stop_signals_blocked():  # workers start with them blocked, then ignore them (_ignore_stop_signals)
             batches = iter(loader)
         while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
+            batch = log.wait_for(batches)
             if batch is None:
                 break
-            waited += time.perf_counter() - asked
             generator = torch.Generator().manual_seed(augmentation_seed(t.seed, rank, step))
-            hu = batch.patches.to(device, non_blocking=True).float().flatten(0, 1)  # (2n, 1, X, Y, Z)
-            views, _ = augment(hu, config.augmentation, generator)
-            if t.channels_last:
-                views = views.contiguous(memory_format=torch.channels_last_3d)
-            view_1, view_2 = views.chunk(2)
-            with autocast(mode, device):
-                z1, z2 = forward(view_1, view_2, batch.voxels_1, batch.voxels_2)
-            loss = info_nce(z1, z2, t.temperature)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimiser.step()
+            loss, grad_norm, positives = _contrastive_step(batch, model, forward, optimiser, config, mode, device,
+                                                           generator)
             step += 1
             bar.update()
             if step % t.log_every == 0 or step == t.steps:
-                now = time.perf_counter()
-                record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                          "steps_per_s": (step - last_step) / (now - last_time), "memory_mb": _memory_mb(device),
-                          "data_wait_share": waited / (now - last_time), "elapsed_s": round(now - started, 2),
-                          "positives": int(len(z1)), "case": batch.case}
-                last_time, last_step, waited = now, step, 0.0
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if writer is not None:
-                    for key in ("loss", "steps_per_s", "memory_mb"):
-                        writer.add_scalar(f"pretrain/{key}", record[key], step)
+                log.record(step, loss, grad_norm, positives, batch.case)
             stopping = _all_agree(stop.requested, world, device)
             if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps or stopping):
                 save_checkpoint(out / "checkpoints", step, {
@@ -177,12 +133,101 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
                 _online_probe(model, config, step, out)
             if stopping:
                 break
-    log.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - started,
-                          "parameter_checksum": _checksum(model)}) + "\n")
-    log.close()
+        log.end(step, _checksum(model))
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def _model_and_optimiser(config: PretrainConfig, device: torch.device,
+                         checkpoints: Path) -> tuple[ContrastiveModel, torch.optim.Optimizer, int]:
+    """Backbone + projection head and Adam, seeded — or as the newest readable checkpoint left them; and the step."""
+    t, arch = config.train, config.architecture
+    torch.manual_seed(t.seed)
+    model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
+    model = model.to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
+    checkpoint = load_latest_checkpoint(checkpoints)
+    if checkpoint is None:
+        return model, optimiser, 0
+    model.load_state_dict(checkpoint["model"])
+    optimiser.load_state_dict(checkpoint["optimiser"])
+    return model, optimiser, int(checkpoint["step"])
+
+
+def _pair_loader(dataset: PairDataset, config: PretrainConfig, step: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of steps ``step … steps - 1``, prepared by worker processes (pinned for a GPU)."""
+    t = config.train
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(step, t.steps), num_workers=t.num_workers,
+        collate_fn=collate_single, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+        persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
+    )
+
+
+def _contrastive_step(batch, model: ContrastiveModel, forward: nn.Module, optimiser: torch.optim.Optimizer,
+                      config: PretrainConfig, mode: str, device: torch.device,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Augment both views on the device, embed, InfoNCE, one clipped Adam step; (loss, grad norm, positives)."""
+    t = config.train
+    hu = batch.patches.to(device, non_blocking=True).float().flatten(0, 1)  # (2n, 1, X, Y, Z)
+    views, _ = augment(hu, config.augmentation, generator)
+    if t.channels_last:
+        views = views.contiguous(memory_format=torch.channels_last_3d)
+    view_1, view_2 = views.chunk(2)
+    with autocast(mode, device):
+        z1, z2 = forward(view_1, view_2, batch.voxels_1, batch.voxels_2)
+    loss = info_nce(z1, z2, t.temperature)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimiser.step()
+    return loss, grad_norm, int(len(z1))
+
+
+class _StepLog:
+    """``log_rank<k>.jsonl`` (and TensorBoard on rank 0 when installed): loss, speed, memory, time waiting for data."""
+
+    def __init__(self, out: Path, rank: int, step: int, device: torch.device) -> None:
+        self.path, self.device = out / f"log_rank{rank}.jsonl", device
+        self.writer = _tensorboard(out) if rank == 0 else None
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = step
+        self.waited = 0.0  # seconds blocked on the DataLoader since the last record
+
+    def __enter__(self) -> _StepLog:
+        self.handle = open(self.path, "a")  # noqa: SIM115 - closed in __exit__
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def wait_for(self, batches):
+        """The next batch (``None`` at the end), timing the wait."""
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        self.waited += time.perf_counter() - asked
+        return batch
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, positives: int, case: str) -> None:
+        now = time.perf_counter()
+        record = {"step": step, "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                  "steps_per_s": (step - self.last_step) / (now - self.last_time), "memory_mb": _memory_mb(self.device),
+                  "data_wait_share": self.waited / (now - self.last_time), "elapsed_s": round(now - self.started, 2),
+                  "positives": positives, "case": case}
+        self.last_time, self.last_step, self.waited = now, step, 0.0
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.writer is not None:
+            for key in ("loss", "steps_per_s", "memory_mb"):
+                self.writer.add_scalar(f"pretrain/{key}", record[key], step)
+
+    def end(self, step: int, checksum: float) -> None:
+        self.handle.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - self.started,
+                                      "parameter_checksum": checksum}) + "\n")
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vox2vec._atomic import atomic_path
 from vox2vec.errors import InputError
 from vox2vec.hub import resolve_model
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
@@ -76,63 +77,91 @@ def evaluate_dataset(
     Results per fold and setup go to ``output_dir/folds/<setup>_fold<k>.json`` (a rerun skips finished ones), pyramids
     are cached in ``output_dir/pyramids``; the summary is ``results.json`` and ``results.md`` (Table 1 layout).
     """
-    from vox2vec.features import FeaturePyramid
-    from vox2vec.inference import embed_volume
-    from vox2vec.probing.finetune import finetune
-    from vox2vec.probing.train import train_head
-
     unknown = set(setups) - set(SETUPS)
     if unknown:
         raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
     output_dir = Path(output_dir)
     cases = find_cases(root)
-    present = set()
-    for _, _, label_path in cases:
-        present |= label_ids(check_integer_labels(load_volume(label_path).array))
-    class_map = ClassMap.build(classes, present)
-    class_ids = {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)}
-    requested = {i: n for n, ids in class_ids.items() for i in ids}
+    class_map = _dataset_classes(cases, classes)
     net = resolve_model(model)
-
-    def pyramid_of(case: str, image: Path) -> FeaturePyramid:
-        path = output_dir / "pyramids" / f"{case}.safetensors"
-        if path.exists():
-            return FeaturePyramid.load(path)
-        pyramid = embed_volume(image, model=net, progress=False)
-        pyramid.save(path)
-        return pyramid
-
+    pyramids = _PyramidCache(output_dir / "pyramids", net)
     splits = kfold(len(cases), folds, seed)
     for setup in setups:
         for fold, test_index in enumerate(tqdm(splits, desc=setup, disable=not progress)):
             result_path = output_dir / "folds" / f"{setup}_fold{fold}.json"
-            if result_path.exists():
+            if result_path.exists():  # finished by an earlier run
                 continue
             train = [cases[i] for i in range(len(cases)) if i not in set(test_index)]
             test = [cases[i] for i in test_index]
-            if setup in ("linear", "nonlinear"):
-                pairs = [(pyramid_of(c, img), lab) for c, img, lab in train]
-                head = train_head(pairs, model=net, kind=setup, classes=requested, progress=False,
-                                  **dict(head_options or {}))
-            else:
-                start = net if setup == "finetune" else _random_like(net)
-                options = dict(finetune_options or {})
-                if setup == "from-scratch":
-                    options["frozen_steps"] = 0
-                workdir = output_dir / "runs" / f"{setup}_fold{fold}"
-                _, head = finetune([(img, lab) for _, img, lab in train], workdir, model=start, classes=requested,
-                                   progress=False, **options)
-            per_case = {}
-            for case, image, label_path in test:
-                source = pyramid_of(case, image) if setup in ("linear", "nonlinear") else image
-                per_case[case] = dice_scores(head.predict(source, progress=False), label_path, class_ids).to_dict()
-            result_path.parent.mkdir(parents=True, exist_ok=True)
-            result_path.write_text(json.dumps({"setup": setup, "fold": fold, "test": [c for c, _, _ in test],
-                                               "cases": per_case}, indent=2))
+            head = _fit(setup, train, net, class_map, pyramids, output_dir / "runs" / f"{setup}_fold{fold}",
+                        head_options, finetune_options)
+            per_case = _score(head, test, class_map, pyramids if setup in ("linear", "nonlinear") else None)
+            with atomic_path(result_path) as tmp:
+                tmp.write_text(json.dumps({"setup": setup, "fold": fold, "test": [c for c, _, _ in test],
+                                           "cases": per_case}, indent=2))
     summary = summarise(output_dir, setups, folds, list(class_map.names))
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "results.md").write_text(markdown_table(summary), encoding="utf-8")
+    with atomic_path(output_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    with atomic_path(output_dir / "results.md") as tmp:
+        tmp.write_text(markdown_table(summary), encoding="utf-8")
     return summary
+
+
+def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any) -> ClassMap:
+    """The classes to score: as given, or every id present in the dataset's label maps."""
+    present: set[int] = set()
+    for _, _, label_path in cases:
+        present |= label_ids(check_integer_labels(load_volume(label_path).array))
+    return ClassMap.build(classes, present)
+
+
+class _PyramidCache:
+    """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``)."""
+
+    def __init__(self, folder: Path, net: Any) -> None:
+        self.folder, self.net = folder, net
+
+    def __call__(self, case: str, image: Path):
+        from vox2vec.features import FeaturePyramid
+        from vox2vec.inference import embed_volume
+
+        path = self.folder / f"{case}.safetensors"
+        if path.exists():
+            return FeaturePyramid.load(path)
+        pyramid = embed_volume(image, model=self.net, progress=False)
+        pyramid.save(path)
+        return pyramid
+
+
+def _fit(setup: str, train: list[tuple[str, Path, Path]], net: Any, class_map: ClassMap, pyramids: _PyramidCache,
+         workdir: Path, head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None):
+    """The head of one setup on one fold's training cases: on cached pyramids (linear, non-linear) or trained end to
+    end from the model (finetune) or from random weights (from-scratch)."""
+    from vox2vec.probing.finetune import finetune
+    from vox2vec.probing.train import train_head
+
+    requested = {i: name for name, ids in zip(class_map.names, class_map.ids) for i in ids}
+    if setup in ("linear", "nonlinear"):
+        pairs = [(pyramids(case, image), labels) for case, image, labels in train]
+        return train_head(pairs, model=net, kind=setup, classes=requested, progress=False, **dict(head_options or {}))
+    start = net if setup == "finetune" else _random_like(net)
+    options = dict(finetune_options or {})
+    if setup == "from-scratch":
+        options["frozen_steps"] = 0
+    _, head = finetune([(image, labels) for _, image, labels in train], workdir, model=start, classes=requested,
+                       progress=False, **options)
+    return head
+
+
+def _score(head: Any, test: list[tuple[str, Path, Path]], class_map: ClassMap,
+           pyramids: _PyramidCache | None) -> dict[str, Any]:
+    """Per test case, Dice of every class on the case's original grid (from its cached pyramid when given)."""
+    class_ids = {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)}
+    per_case = {}
+    for case, image, label_path in test:
+        source = pyramids(case, image) if pyramids is not None else image
+        per_case[case] = dice_scores(head.predict(source, progress=False), label_path, class_ids).to_dict()
+    return per_case
 
 
 def _random_like(net):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.config import check_int, check_number, known_settings
@@ -166,62 +167,97 @@ def finetune(
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")
     base = resolve_model(model)
-    coarsest = 2 ** (base.config.architecture.num_scales - 1)
+    _check_batch_statistics(config, base.config.architecture.num_scales)
+    cases, class_map = _prepare_cases(pairs, base, classes, config.patch_size)
+    run = _FinetuneRun.start(base, class_map.num_classes + (0 if config.multilabel else 1), config, device)
+    checkpoint = load_latest_checkpoint(output_dir / "checkpoints") if resume else None
+    if checkpoint is not None:
+        run.restore(checkpoint)
+    history: list[dict[str, float]] = []
+    with tqdm(total=config.total_steps, initial=run.step, desc="fine-tuning", disable=not progress) as bar:
+        while run.step < config.total_steps:
+            history.append(run.train_step(cases, config, mode, device))
+            bar.update()
+            bar.set_postfix(loss=round(history[-1]["loss"], 4))
+            if run.step % config.checkpoint_every == 0 or run.step == config.total_steps:
+                save_checkpoint(output_dir / "checkpoints", run.step, run.state(config),
+                                keep=config.keep_checkpoints)
+    return _save_result(run, base, class_map, config, history, output_dir)
+
+
+def _check_batch_statistics(config: FinetuneConfig, num_scales: int) -> None:
+    """BatchNorm needs two values per channel at the coarsest level of a batch."""
+    coarsest = 2 ** (num_scales - 1)
     if config.batch_size * int(np.prod([-(-p // coarsest) for p in config.patch_size])) < 2:
         raise InputError(
             f"batch_size {config.batch_size} with patches {config.patch_size} leaves one value per channel at the "
             "coarsest level, where BatchNorm cannot train; use a larger batch or patch"
         )
-    net = copy.deepcopy(base).to(device)
-    cases, class_map = _prepare_cases(pairs, base, classes, config.patch_size)
-    arch = net.config.architecture
-    outputs = class_map.num_classes + (0 if config.multilabel else 1)
-    torch.manual_seed(config.seed)
-    head = build_head_module("nonlinear", arch.base_channels, arch.num_scales, outputs).to(device)
-    optimiser = torch.optim.Adam([
-        {"params": head.parameters(), "lr": config.head_lr},
-        {"params": net.backbone.parameters(), "lr": 0.0},
-    ])
-    rng = np.random.default_rng(config.seed)
-    step = 0
-    checkpoint = load_latest_checkpoint(output_dir / "checkpoints") if resume else None
-    if checkpoint is not None:
-        net.backbone.load_state_dict(checkpoint["backbone"])
-        head.load_state_dict(checkpoint["head"])
-        optimiser.load_state_dict(checkpoint["optimiser"])
-        rng.bit_generator.state = checkpoint["rng"]
+
+
+@dataclass
+class _FinetuneRun:
+    """What a fine-tuning run carries from step to step (and through a checkpoint)."""
+
+    net: Vox2VecModel
+    head: nn.Module
+    optimiser: torch.optim.Optimizer
+    rng: np.random.Generator
+    step: int = 0
+
+    @classmethod
+    def start(cls, base: Vox2VecModel, outputs: int, config: FinetuneConfig, device: torch.device) -> _FinetuneRun:
+        """A copy of ``base`` (the caller's model is not trained) and a fresh non-linear head, seeded."""
+        net = copy.deepcopy(base).to(device)
+        arch = net.config.architecture
+        torch.manual_seed(config.seed)
+        head = build_head_module("nonlinear", arch.base_channels, arch.num_scales, outputs).to(device)
+        optimiser = torch.optim.Adam([
+            {"params": head.parameters(), "lr": config.head_lr},
+            {"params": net.backbone.parameters(), "lr": 0.0},
+        ])
+        return cls(net, head, optimiser, np.random.default_rng(config.seed))
+
+    def train_step(self, cases: list[_Case], config: FinetuneConfig, mode: str, device: torch.device) -> dict:
+        """One batch: the backbone frozen (eval mode, no gradients) for the first ``frozen_steps``, then warmed up."""
+        frozen = self.step < config.frozen_steps
+        backbone_lr = config.backbone_lr_at(self.step)
+        self.optimiser.param_groups[1]["lr"] = backbone_lr
+        images, labels = sample_patches(cases, config, self.rng)
+        images, labels = images.to(device), labels.to(device)
+        self.net.backbone.train(not frozen)
+        self.head.train()
+        with autocast(mode, device):
+            with torch.set_grad_enabled(not frozen):
+                pyramid = self.net.backbone(images)
+            logits = self.head([level.float() if frozen else level for level in pyramid])
+            loss = head_loss(logits.float(), labels, config.multilabel)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimiser.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), "backbone_lr": backbone_lr}
+
+    def state(self, config: FinetuneConfig) -> dict[str, Any]:
+        return {"backbone": self.net.backbone.state_dict(), "head": self.head.state_dict(),
+                "optimiser": self.optimiser.state_dict(), "rng": self.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "step": self.step, "config": dataclasses.asdict(config)}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.net.backbone.load_state_dict(checkpoint["backbone"])
+        self.head.load_state_dict(checkpoint["head"])
+        self.optimiser.load_state_dict(checkpoint["optimiser"])
+        self.rng.bit_generator.state = checkpoint["rng"]
         torch.set_rng_state(checkpoint["torch_rng"])
-        step = checkpoint["step"]
-    history: list[dict[str, float]] = []
-    with tqdm(total=config.total_steps, initial=step, desc="fine-tuning", disable=not progress) as bar:
-        while step < config.total_steps:
-            frozen = step < config.frozen_steps
-            optimiser.param_groups[1]["lr"] = config.backbone_lr_at(step)
-            images, labels = sample_patches(cases, config, rng)
-            images, labels = images.to(device), labels.to(device)
-            net.backbone.train(not frozen)
-            head.train()
-            with autocast(mode, device):
-                with torch.set_grad_enabled(not frozen):
-                    pyramid = net.backbone(images)
-                logits = head([level.float() if frozen else level for level in pyramid])
-                loss = head_loss(logits.float(), labels, config.multilabel)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            step += 1
-            history.append({"step": step, "loss": float(loss.detach()), "backbone_lr": config.backbone_lr_at(step - 1)})
-            bar.update()
-            bar.set_postfix(loss=round(history[-1]["loss"], 4))
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                save_checkpoint(output_dir / "checkpoints", step, {
-                    "backbone": net.backbone.state_dict(), "head": head.state_dict(),
-                    "optimiser": optimiser.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(), "step": step, "config": dataclasses.asdict(config),
-                }, keep=config.keep_checkpoints)
-    net = net.cpu().eval().derive(f"{net.config.name}-finetuned", finetuned_from=base.fingerprint())
+        self.step = checkpoint["step"]
+
+
+def _save_result(run: _FinetuneRun, base: Vox2VecModel, class_map: ClassMap, config: FinetuneConfig,
+                 history: list[dict], output_dir: Path) -> tuple[Vox2VecModel, Head]:
+    """The fine-tuned backbone (renamed, with its origin) and head, written as ``backbone/`` and ``head/``."""
+    net = run.net.cpu().eval().derive(f"{run.net.config.name}-finetuned", finetuned_from=base.fingerprint())
     net.save_pretrained(output_dir / "backbone")
-    result = Head(head.cpu().eval(), "nonlinear", class_map, net.record(), config.multilabel, net, history)
+    result = Head(run.head.cpu().eval(), "nonlinear", class_map, net.record(), config.multilabel, net, history)
     result.save_pretrained(output_dir / "head")
-    (output_dir / "finetune.json").write_text(json.dumps({"config": dataclasses.asdict(config), "steps": step}))
+    (output_dir / "finetune.json").write_text(json.dumps({"config": dataclasses.asdict(config), "steps": run.step}))
     return net, result

@@ -166,42 +166,22 @@ def train_head(
     device = torch.device("cpu") if device is None else pick_device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    pairs = list(data)
-    if not pairs:
-        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
-    net = None
-    embedded = []
-    for ct, labels in tqdm(pairs, desc="embedding training scans", disable=not progress or len(pairs) < 2):
-        pyramid, loaded = _embed(ct, model if net is None else net, progress)
-        net = net or loaded
-        embedded.append((pyramid, load_volume(labels, check_finite=False)))
-    fingerprints = {p.meta.get("fingerprint") for p, _ in embedded}
-    if len(fingerprints) != 1:
-        raise InputError(f"training pyramids come from different backbones: {sorted(map(str, fingerprints))}")
-    present = set()
-    for _, labels in embedded:
-        present |= label_ids(check_integer_labels(labels.array))
-    present.discard(ignore_label)
-    class_map = ClassMap.build(classes, present)
+    embedded, net = _embed_training_scans(list(data), model, progress)
+    class_map = _class_map(classes, [labels for _, labels in embedded], ignore_label)
     items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map, ignore_label)) for p, lab in embedded]
-    val_items = []
-    for ct, labels in validation or []:
-        pyramid, _ = _embed(ct, net or model, progress)
-        val_items.append(LabelledPyramid(pyramid, _labels_on_model_grid(load_volume(labels), pyramid, class_map,
-                                                                        ignore_label)))
+    val_items = [LabelledPyramid(p, _labels_on_model_grid(load_volume(labels), p, class_map, ignore_label))
+                 for p, labels in ((_embed(ct, net or model, progress)[0], labels) for ct, labels in validation or [])]
 
-    reference = embedded[0][0]
     holdout: list[torch.Tensor] | None = [] if regularization == "auto" else None
     features, targets = sample_voxels(items, class_map.num_classes, voxels_per_class, generator, holdout)
-    counts = torch.bincount(targets, minlength=class_map.num_classes + 1).float()
-    weights = (counts.sum() / counts.clamp(min=1) / (counts > 0).sum()).to(device)
-    if multilabel:
-        weights = weights[1:]
-    val = sample_voxels(val_items, class_map.num_classes, voxels_per_class, generator) if val_items else None
-    if val is not None:
-        val = (val[0].to(device).float(), val[1].to(device))
+    val = None
+    if val_items:
+        val_x, val_y = sample_voxels(val_items, class_map.num_classes, voxels_per_class, generator)
+        val = (val_x.to(device).float(), val_y.to(device))
+    reference = embedded[0][0]
     spec = _HeadSpec(kind, reference.channels, class_map.num_classes + (0 if multilabel else 1), multilabel,
-                     weights, batch_size, lr or (1e-2 if kind == "linear" else 3e-3), device)
+                     _class_weights(targets, class_map.num_classes, multilabel).to(device), batch_size,
+                     lr or (1e-2 if kind == "linear" else 3e-3), device)
 
     search: dict[str, float] = {}
     if regularization == "auto":
@@ -214,6 +194,39 @@ def train_head(
         history.insert(0, {"l2_search_heldout_loss": search})
     backbone = net.record() if net is not None else _record_from_pyramid(reference)
     return Head(module.cpu().eval(), kind, class_map, backbone, multilabel, net, history)
+
+
+def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, progress: bool) -> tuple[list, Any]:
+    """(pyramid, label volume) per pair — each CT embedded once, all by one backbone — and the backbone if loaded."""
+    if not pairs:
+        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
+    net = None
+    embedded = []
+    for ct, labels in tqdm(pairs, desc="embedding training scans", disable=not progress or len(pairs) < 2):
+        pyramid, loaded = _embed(ct, model if net is None else net, progress)
+        net = net or loaded
+        embedded.append((pyramid, load_volume(labels, check_finite=False)))
+    fingerprints = {p.meta.get("fingerprint") for p, _ in embedded}
+    if len(fingerprints) != 1:
+        raise InputError(f"training pyramids come from different backbones: {sorted(map(str, fingerprints))}")
+    return embedded, net
+
+
+def _class_map(classes: Any, label_volumes: list, ignore_label: int | None) -> ClassMap:
+    """The classes to learn: as given, or every id present in the label maps (``ignore_label`` excluded)."""
+    present: set[int] = set()
+    for labels in label_volumes:
+        present |= label_ids(check_integer_labels(labels.array))
+    present.discard(ignore_label)
+    return ClassMap.build(classes, present)
+
+
+def _class_weights(targets: torch.Tensor, num_classes: int, multilabel: bool) -> torch.Tensor:
+    """Inverse-frequency weights of the sampled classes (mean 1 over the classes present); no background for
+    multi-label heads."""
+    counts = torch.bincount(targets, minlength=num_classes + 1).float()
+    weights = counts.sum() / counts.clamp(min=1) / (counts > 0).sum()
+    return weights[1:] if multilabel else weights
 
 
 def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: Any, lr: Any, regularization: Any,
