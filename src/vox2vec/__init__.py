@@ -2,6 +2,7 @@
 
 from vox2vec.config import ModelConfig
 from vox2vec.configured_model import Vox2VecModel
+from vox2vec.correspondence import Matches, match
 from vox2vec.errors import (
     CheckpointMismatchError,
     ChecksumError,
@@ -23,5 +24,5 @@ __all__ = [
     "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
     "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume",
     "Vox2VecError", "Vox2VecModel", "dice_scores", "embed_volume", "list_models", "load_head", "load_pretrained",
-    "load_volume", "register_model", "sliding_window_head", "train_head",
+    "load_volume", "match", "Matches", "register_model", "sliding_window_head", "train_head",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vox2vec.errors import InputError, Vox2VecError
+from vox2vec.geometry import check_same_grid
 from vox2vec.inference.precision import PRECISIONS
 from vox2vec.outputs import check_output_dir, check_output_file
 from vox2vec.pretrain.export import SELECTIONS
@@ -177,6 +178,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_match(args: argparse.Namespace) -> int:
+    from vox2vec.correspondence import match
+    from vox2vec.hub import resolve_model
+    from vox2vec.inference import embed_volume
+    from vox2vec.tables import read_points, write_table
+    from vox2vec.volume import load_volume
+
+    inputs = [args.source, args.target, args.points, args.target_labels, *_model_paths(args.model)]
+    check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
+    names, points = read_points(args.points)
+    labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
+    model = resolve_model(args.model)
+    source = embed_volume(args.source, model=model, progress=not args.no_progress)
+    target = embed_volume(args.target, model=model, progress=not args.no_progress)
+    if labels is not None:
+        check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
+    found = match(points, source, target, top_k=args.top_k)
+    columns = ["name", "x", "y", "z", "rank", "matched_x", "matched_y", "matched_z", "score"]
+    columns += ["label"] if labels is not None else []
+    rows = []
+    for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):
+        for rank, (where, score) in enumerate(zip(matched, scores), 1):
+            row = [name, *map(float, point), rank, *map(float, where), float(score)]
+            if labels is not None:
+                row.append(_label_at(labels, where))
+            rows.append(row)
+    write_table(args.output, columns, rows)
+    print(f"wrote {args.output}: {len(names)} points, top {args.top_k}")
+    return 0
+
+
+def _label_at(labels, point) -> int | str:
+    """The label map's value at a world point (nearest voxel); empty outside it or for an unmatched point."""
+    import numpy as np
+
+    if not np.isfinite(point).all():
+        return ""
+    index = np.floor(labels.grid.world_to_index(np.asarray(point)[None])[0] + 0.5).astype(int)
+    if np.any(index < 0) or np.any(index >= np.asarray(labels.shape)):
+        return ""
+    return int(labels.array[tuple(index)])
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vox2vec.probing.evaluate import evaluate_dataset
 
@@ -193,6 +237,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from vox2vec.demo import demo
 
     demo(args.output, model=args.model, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def _world_point(text: str) -> tuple[float, float, float]:
+    """``"x,y,z"`` (world LPS millimetres) → three finite floats, or a usage error naming the form."""
+    import math
+
+    parts = text.split(",")
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected x,y,z in world millimetres (LPS), e.g. --point 12.5,-140,830; "
+                                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from vox2vec.viz.render import require_matplotlib
+
+    require_matplotlib()  # before anything is read: the one thing pip can fix
+    check_output_file(args.output, "picture", inputs=[args.input, args.head, args.pyramid, *_model_paths(args.model)],
+                      overwrite=args.overwrite)
+    from vox2vec.viz import show
+
+    show(args.input, args.output, model=args.model, pyramid=args.pyramid, head=args.head, point=args.point,
+         overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -251,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_cmd_demo)
 
+    show = sub(commands, "show", help="PNG of three planes: the CT, its features (PCA-RGB), a head or a point's "
+                                      "similarity (needs vox2vec[viz])")
+    show.add_argument("input", metavar="CT", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    show.add_argument("-o", "--output", required=True, help="output picture, e.g. view.png")
+    show.add_argument("--head", default=None, help="head folder written by train-head: overlay its prediction")
+    show.add_argument("--point", type=_world_point, default=None, metavar="X,Y,Z",
+                      help="world point in LPS mm: planes through it and its cosine-similarity map (default planes: "
+                           "through the body's centre)")
+    show.add_argument("--pyramid", default=None, help="the CT's saved pyramid (vox2vec embed) instead of embedding")
+    show.add_argument("--model", default=None, help="backbone (default: the head's, else fpn-ct)")
+    show.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    show.add_argument("--no-progress", action="store_true", help="no progress bar")
+    show.set_defaults(run=_cmd_show)
+
     embed = sub(commands, "embed", help="embed a CT into a feature pyramid (.safetensors)")
     embed.add_argument("-i", "--input", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
     embed.add_argument("-o", "--output", required=True, help="output .safetensors file")
@@ -294,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true", help=overwrite_help)
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(run=_cmd_predict)
+
+    matching = sub(commands, "match", help="find world points of one CT in another (feature correspondence)")
+    matching.add_argument("-s", "--source", required=True, help="the CT the points are in")
+    matching.add_argument("-t", "--target", required=True, help="the CT to find them in")
+    matching.add_argument("--points", required=True, help="CSV with columns x, y, z (world LPS mm), optional name")
+    matching.add_argument("-o", "--output", required=True, help="output CSV (adds matched_x/y/z, score, label)")
+    matching.add_argument("--target-labels", default=None, help="label map of the target: report the label found")
+    matching.add_argument("--top-k", type=_positive_int, default=1, help="best matches per point (default 1)")
+    matching.add_argument("--model", default="fpn-ct", help="model name, directory or .pt file (default: fpn-ct)")
+    matching.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    matching.add_argument("--no-progress", action="store_true")
+    matching.set_defaults(run=_cmd_match)
 
     evaluate = sub(commands, "eval", help="k-fold evaluation on an imagesTr/ + labelsTr/ dataset (Table 1)")
     evaluate.add_argument("dataset", help="folder with imagesTr/ and labelsTr/")

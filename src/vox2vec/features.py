@@ -127,6 +127,61 @@ class FeaturePyramid:
             raise InputError("this pyramid does not know its original image grid; query with at_world()")
         return self.at_world(self.source_grid.index_to_world(np.asarray(indices).reshape(-1, 3)), dtype)
 
+    def similarity(self, point: Sequence[float], *, grid: str = "original", output: str = "image"):
+        """Cosine similarity of the embedding at world ``point`` (LPS mm) to every voxel's: a heat map of where
+        "the same thing" is — in this CT or, for a point's vector, anywhere (see :func:`vox2vec.match`).
+
+        Computed level by level (Σ_i <v_i, x_i> / (‖v‖ ‖x‖), never the full-dimensional array). On the original grid
+        by default (linear interpolation; outside the embedded region −1) as a ``SimpleITK.Image`` (writable as
+        NIfTI), or a :class:`~vox2vec.volume.Volume` with ``output="volume"``; ``grid="model"`` gives a ``Volume``
+        on the model grid.
+        """
+        from vox2vec.correspondence import check_world_points
+
+        if grid not in ("original", "model") or output not in ("image", "volume"):
+            raise InputError(f"grid must be 'original' or 'model' and output 'image' or 'volume', got {grid!r}, "
+                             f"{output!r}")
+        point = check_world_points(self, point, "the point")
+        return self.similarity_to(self.at_world(point)[0], grid=grid, output=output)
+
+    def similarity_to(self, vector: torch.Tensor, *, grid: str = "original", output: str = "image"):
+        """:meth:`similarity` for a given (dim,) embedding (e.g. a point of another CT's pyramid)."""
+        from vox2vec.resample import resample
+        from vox2vec.volume import Volume
+
+        vector = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
+        if vector.numel() != self.dim:
+            raise InputError(f"the embedding has {vector.numel()} values but this pyramid's have {self.dim}: they "
+                             "come from different backbones")
+        cosine = self.cosine_map(vector)
+        if grid == "model":
+            return Volume(cosine.numpy(), self.grid)
+        if self.source_grid is None:
+            raise InputError("this pyramid does not know its original grid; use grid='model'")
+        volume = Volume(resample(cosine, self.grid, self.source_grid, mode="linear", fill=-1.0).numpy(),
+                        self.source_grid)
+        return volume if output == "volume" else volume.to_sitk()
+
+    def cosine_map(self, vector: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """(X, Y, Z) float32 cosine similarities of every model voxel's embedding to ``vector`` (dim,), on the CPU.
+
+        Each level contributes its dot product and squared norm at its own resolution (``chunk`` slabs of its first
+        axis at a time, in fp32), upsampled to level 0 only as two scalar maps.
+        """
+        vector = vector.to(torch.float32).cpu()
+        dot = torch.zeros(self.shape)
+        squares = torch.zeros(self.shape)
+        for i, (part, level) in enumerate(zip(torch.split(vector, self.channels), self.levels)):
+            level_dot = torch.empty(level.shape[1:])
+            level_squares = torch.empty(level.shape[1:])
+            for start in range(0, level.shape[1], chunk):
+                block = level[:, start : start + chunk].to(device="cpu", dtype=torch.float32)
+                level_dot[start : start + chunk] = torch.einsum("c,cxyz->xyz", part, block)
+                level_squares[start : start + chunk] = block.square().sum(0)
+            dot += _nearest_up(level_dot, 2**i, self.shape)
+            squares += _nearest_up(level_squares, 2**i, self.shape)
+        return dot / (squares.sqrt() * vector.norm()).clamp(min=1e-12)
+
     def region(
         self, start: Sequence[int], stop: Sequence[int], dtype: torch.dtype | None = None
     ) -> torch.Tensor:
@@ -220,3 +275,21 @@ class FeaturePyramid:
         except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError
             problem = f"{type(error).__name__}: {error}"
         raise InputError(f"feature pyramid {path} has broken metadata ({problem}); embed the CT again")
+
+    # -- pictures ------------------------------------------------------------------------------------------
+    def pca(self, k: int = 3, *, samples: int = 20_000, seed: int = 0, grid: str = "original",
+            output: str = "image"):
+        """The first ``k`` principal components of the voxel embeddings (fitted on ``samples`` random body voxels) as a
+        k-component ``SimpleITK.Image`` on the original grid — write it as NIfTI for 3D Slicer / ITK-SNAP — or k
+        :class:`~vox2vec.volume.Volume` s (``output="volume"``); see :func:`vox2vec.viz.pca.pyramid_pca`."""
+        from vox2vec.viz.pca import pyramid_pca
+
+        return pyramid_pca(self, k, samples=samples, seed=seed, grid=grid, output=output)
+
+
+def _nearest_up(values: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.Tensor:
+    """A level's (ceil(X/cell), …) map repeated onto the (X, Y, Z) level-0 grid (each cell over its voxels)."""
+    if cell > 1:
+        for axis in range(3):
+            values = values.repeat_interleave(cell, dim=axis)
+    return values[: shape[0], : shape[1], : shape[2]]

@@ -18,7 +18,7 @@ How we recognise our own files (:func:`written_by_vox2vec`), without reading the
   ``vox2vec:<kind>``, e.g. ``vox2vec:label-map`` — :meth:`vox2vec.volume.Volume.save` writes it;
 * ``config.json`` / ``head.json``: a JSON object with a model config's ``architecture`` or a head's ``classes`` and
   ``backbone``; ``README.md``: a model card with ``library_name: vox2vec``; ``.png``: a ``Software`` text chunk
-  ``vox2vec``.
+  ``vox2vec``; ``.csv``: a first line ``# vox2vec:table``.
 
 A file someone edits after vox2vec wrote it may keep the marker (e.g. a label map re-saved by a viewer that keeps the
 NIfTI description); it is then treated as ours.
@@ -41,8 +41,12 @@ EXTENSIONS = {
     "pyramid": (".safetensors",),
     "label-map": IMAGE_EXTENSIONS,
     "volume": IMAGE_EXTENSIONS,
+    "table": (".csv",),
+    "picture": (".png",),
 }
-DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume"}
+DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
+                "picture": "picture"}
+TABLE_MARKER = "# vox2vec:table"  # the first line of every CSV we write (pandas: read_csv(path, comment="#"))
 OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
 
 
@@ -130,6 +134,14 @@ def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool
         if note is None:
             return False
         return note == marker(kind) if kind is not None else note.startswith("vox2vec:")
+    if suffix == ".csv":
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return handle.readline().startswith(TABLE_MARKER) and kind in (None, "table")
+        except OSError:
+            return False
+    if suffix == ".png":
+        return (_png_software(path) or "").startswith("vox2vec") and kind in (None, "picture")
     if kind is not None:
         return False
     if suffix == ".json":
@@ -145,8 +157,6 @@ def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool
             return "library_name: vox2vec" in path.read_text(errors="replace")[:2000]
         except OSError:
             return False
-    if suffix == ".png":
-        return (_png_software(path) or "").startswith("vox2vec")
     return False
 
 
@@ -206,7 +216,8 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
                       overwrite: bool = False) -> Path:
     """Refuse, before any compute, an output file we must not or cannot write; returns the path.
 
-    ``kind``: "pyramid" (``.safetensors``), "label-map" or "volume" (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
+    ``kind``: "pyramid" (``.safetensors``), "label-map" or "volume" (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``),
+    "table" (``.csv``, first line :data:`TABLE_MARKER`) or "picture" (``.png`` with a ``Software: vox2vec`` chunk).
     ``inputs``: the paths this run reads (non-path inputs are ignored).
     """
     if kind not in EXTENSIONS:

@@ -1,0 +1,204 @@
+"""Correspondence between CTs: for a world point of one CT, the voxels of another whose embeddings match it best.
+
+Searched coarse to fine over the pyramid, never over the full-dimensional embedding of every voxel: every cell of a
+coarse level is scored with the embedding's coarse part (levels ≥ ``coarse_level``, in chunks of cells), the best
+``candidates`` cells are kept, and each is refined level by level — its 2 × 2 × 2 children and their neighbours,
+scored with the levels at or above that level — down to single voxels scored with the whole embedding (the same
+cosine similarity as :meth:`FeaturePyramid.similarity`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vox2vec.errors import InputError
+from vox2vec.features import FeaturePyramid
+
+_CELL_CHUNK = 16384  # coarse cells scored at once (bounds memory: chunk × coarse dim floats)
+_QUERY_CHUNK = 32  # queries refined at once
+
+
+@dataclass
+class Matches:
+    """``matched[n, k]``: the k-th best world point (LPS mm) of the target for query ``points[n]``, with its cosine
+    similarity ``scores[n, k]`` (best first). ``voxels``: the same points as model-grid indices of the target."""
+
+    points: np.ndarray  # (N, 3)
+    matched: np.ndarray  # (N, top_k, 3)
+    scores: np.ndarray  # (N, top_k)
+    voxels: np.ndarray  # (N, top_k, 3)
+
+
+def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
+    """(N, 3) finite world points inside ``pyramid``'s embedded region, or an error that says which convention
+    (world millimetres vs voxel indices) the values look like."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be numbers, (x, y, z) in world millimetres (LPS)") from None
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
+        raise InputError(f"{what} must be (N, 3) world coordinates x, y, z in LPS millimetres, got shape "
+                         f"{np.shape(points)}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} contain NaN or infinite values")
+    inside = pyramid.contains(array)
+    if inside.all():
+        return array
+    bad = array[~inside][0]
+    hint = ""
+    source = pyramid.source_grid
+    if source is not None and np.all((array >= 0) & (array < np.asarray(source.shape))):
+        hint = (" — they look like voxel indices of the image; points are world coordinates (LPS mm): convert with "
+                "grid.index_to_world(indices)")
+    low = pyramid.grid.index_to_world(np.zeros((1, 3)))[0]
+    high = pyramid.grid.index_to_world(np.asarray(pyramid.shape)[None] - 1)[0]
+    box = ", ".join(f"{min(a, b):.0f}…{max(a, b):.0f}" for a, b in zip(low, high))
+    raise InputError(f"{int((~inside).sum())} of {len(array)} {what} fall outside the embedded region (world "
+                     f"x, y, z in mm: {box}), e.g. {tuple(round(v, 1) for v in bad)}{hint}")
+
+
+def _as_pyramid(data: Any, model: Any, progress: bool) -> FeaturePyramid:
+    if isinstance(data, FeaturePyramid):
+        return data
+    from vox2vec.inference import embed_volume
+
+    return embed_volume(data, model=model, progress=progress)
+
+
+def _cell_features(pyramid: FeaturePyramid, level: int, cells: torch.Tensor) -> torch.Tensor:
+    """(M, 3) cells of ``level`` → (M, Σ_{j ≥ level} C_j) fp32 features of the levels at or above it."""
+    parts = []
+    for j in range(level, pyramid.num_levels):
+        index = cells >> (j - level)
+        parts.append(pyramid.levels[j][:, index[:, 0], index[:, 1], index[:, 2]].T.float())
+    return torch.cat(parts, dim=1)
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _coarse_candidates(queries: torch.Tensor, target: FeaturePyramid, level: int, count: int) -> torch.Tensor:
+    """(N, count, 3) cells of ``level`` whose coarse embeddings best match each query's coarse part."""
+    shape = tuple(target.levels[level].shape[1:])
+    total = int(np.prod(shape))
+    count = min(count, total)
+    best_scores = torch.full((len(queries), count), -np.inf)
+    best_index = torch.zeros((len(queries), count), dtype=torch.long)
+    for start in range(0, total, _CELL_CHUNK):
+        flat = torch.arange(start, min(start + _CELL_CHUNK, total))
+        cells = torch.stack(torch.unravel_index(flat, shape), dim=1)
+        scores = queries @ _normalised(_cell_features(target, level, cells)).T  # (N, chunk)
+        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_index = torch.cat([best_index, flat.expand(len(queries), -1)], dim=1)
+        best_scores, order = merged_scores.topk(count, dim=1)
+        best_index = merged_index.gather(1, order)
+    return torch.stack(torch.unravel_index(best_index, shape), dim=-1)
+
+
+_CHILDREN = torch.tensor(list(itertools.product(range(-1, 3), repeat=3)))  # 2×2×2 children and a 1-cell margin
+
+
+def _refine(queries: torch.Tensor, target: FeaturePyramid, cells: torch.Tensor,
+            level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paths (N, K, 3) of cells at ``level`` → their best level-0 voxels (N, K, 3) and full cosine scores (N, K)."""
+    scores = None
+    for finer in range(level - 1, -1, -1):
+        limits = torch.tensor(target.levels[finer].shape[1:])
+        options = (2 * cells[:, :, None, :] + _CHILDREN).clamp(min=torch.zeros(3, dtype=torch.long), max=limits - 1)
+        n, k, m, _ = options.shape
+        dims = sum(target.channels[finer:])
+        features = _normalised(_cell_features(target, finer, options.reshape(-1, 3))).reshape(n, k, m, -1)
+        part = _normalised(queries[:, -dims:])  # the levels at or above ``finer`` are the embedding's last channels
+        option_scores = torch.einsum("nd,nkmd->nkm", part, features)
+        scores, best = option_scores.max(dim=2)
+        cells = options.gather(2, best[:, :, None, None].expand(-1, -1, 1, 3)).squeeze(2)
+    if scores is None:  # already at level 0
+        features = _normalised(_cell_features(target, 0, cells.reshape(-1, 3))).reshape(*cells.shape[:2], -1)
+        scores = torch.einsum("nd,nkd->nk", queries, features)
+    return cells, scores
+
+
+def _distinct_best(voxels: torch.Tensor, scores: torch.Tensor, top_k: int,
+                   separation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query the ``top_k`` best voxels at least ``separation`` voxels apart (Chebyshev); NaN-padded if fewer."""
+    out_voxels = torch.full((len(voxels), top_k, 3), -1, dtype=torch.long)
+    out_scores = torch.full((len(voxels), top_k), float("nan"))
+    for n in range(len(voxels)):
+        chosen: list[torch.Tensor] = []
+        for k in scores[n].argsort(descending=True):
+            voxel = voxels[n, k]
+            if any(int((voxel - c).abs().max()) < separation for c in chosen):
+                continue
+            out_voxels[n, len(chosen)], out_scores[n, len(chosen)] = voxel, scores[n, k]
+            chosen.append(voxel)
+            if len(chosen) == top_k:
+                break
+    return out_voxels, out_scores
+
+
+def match(
+    points: Sequence[Sequence[float]] | np.ndarray,
+    source: Any,
+    target: Any,
+    *,
+    top_k: int = 1,
+    model: Any = "fpn-ct",
+    coarse_level: int | None = None,
+    candidates: int = 8,
+    progress: bool = False,
+) -> Matches:
+    """For each world point (LPS mm) of ``source``, the ``top_k`` best-matching world points of ``target``.
+
+    ``source`` / ``target``: CTs (anything :func:`vox2vec.embed_volume` reads, embedded with ``model``) or
+    :class:`FeaturePyramid` s of the same backbone. The search is coarse to fine (see the module docstring):
+    ``coarse_level`` (default: level 3, or the coarsest if there are fewer) is scored everywhere; the best
+    ``candidates`` cells per point are refined to voxels. Memory stays bounded: at most ``_CELL_CHUNK`` coarse cells
+    at a time, never the full-dimensional embedding of every voxel. A point outside the source's embedded region is
+    an error, never a silent nearest edge.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"top_k must be a positive whole number, got {top_k!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < top_k:
+        raise InputError(f"candidates must be a whole number ≥ top_k ({top_k}), got {candidates!r}")
+    if not (isinstance(source, FeaturePyramid) and isinstance(target, FeaturePyramid)):
+        from vox2vec.hub import resolve_model
+
+        model = resolve_model(model)  # loaded once for both CTs
+    source = _as_pyramid(source, model, progress)
+    target = _as_pyramid(target, model, progress)
+    _check_same_backbone(source, target)
+    level = min(3, target.num_levels - 1) if coarse_level is None else coarse_level
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < target.num_levels:
+        raise InputError(f"coarse_level must be a level of the pyramid, 0…{target.num_levels - 1}, got {level!r}")
+    array = check_world_points(source, points, "source points")
+    queries = _normalised(source.at_world(array).cpu())
+    coarse_dims = sum(target.channels[level:])
+    voxels, scores = [], []
+    for start in range(0, len(queries), _QUERY_CHUNK):
+        chunk = queries[start : start + _QUERY_CHUNK]
+        cells = _coarse_candidates(_normalised(chunk[:, -coarse_dims:]), target, level, candidates)
+        found, found_scores = _refine(chunk, target, cells, level)
+        best, best_scores = _distinct_best(found, found_scores, top_k, separation=max(1, 2 ** level))
+        voxels.append(best)
+        scores.append(best_scores)
+    voxels_array = torch.cat(voxels).numpy()
+    world = target.grid.index_to_world(voxels_array.reshape(-1, 3)).reshape(voxels_array.shape)
+    world[np.isnan(torch.cat(scores).numpy())] = np.nan
+    return Matches(array, world, torch.cat(scores).numpy(), voxels_array)
+
+
+def _check_same_backbone(a: FeaturePyramid, b: FeaturePyramid) -> None:
+    fa, fb = a.meta.get("fingerprint"), b.meta.get("fingerprint")
+    if a.channels != b.channels or (fa and fb and fa != fb):
+        raise InputError(f"the pyramids come from different backbones: {a.meta.get('model')!r} (fingerprint {fa}, "
+                         f"channels {a.channels}) and {b.meta.get('model')!r} (fingerprint {fb}, channels "
+                         f"{b.channels}); embed both CTs with the same model")

@@ -1,0 +1,56 @@
+"""CSV tables in and out: world points to read, results to write (atomically, marked as ours)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vox2vec._atomic import atomic_path
+from vox2vec.errors import InputError
+from vox2vec.outputs import TABLE_MARKER
+
+
+def read_points(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """A CSV of world points: columns ``x, y, z`` (LPS millimetres) and optionally ``name``; lines starting with
+    ``#`` are comments. Returns the names (``point_<row>`` where absent) and the (N, 3) points."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"could not read the points file {path} ({error}); expected a CSV with columns x, y, z "
+                         "and optionally name") from None
+    rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else [])}
+    missing = [c for c in ("x", "y", "z") if c not in header]
+    if not rows or missing:
+        raise InputError(f"{path} needs a header with columns x, y, z (world LPS mm) and at least one row"
+                         + (f"; missing {', '.join(missing)}" if rows and missing else ""))
+    names, points = [], []
+    for number, row in enumerate(rows, 2):
+        try:
+            points.append([float(row[header[c]]) for c in ("x", "y", "z")])
+        except (TypeError, ValueError):
+            raise InputError(f"{path}, line {number}: x, y, z must be numbers, got "
+                             f"{[row.get(header[c]) for c in ('x', 'y', 'z')]}") from None
+        name = row.get(header["name"], "").strip() if "name" in header else ""
+        names.append(name or f"point_{number - 1}")
+    return names, np.asarray(points)
+
+
+def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """A CSV whose first line is :data:`~vox2vec.outputs.TABLE_MARKER` (read it with ``comment="#"``); floats to
+    4 decimals, NaN as an empty cell. Written to a temporary name, then renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        handle.write(TABLE_MARKER + "\n")
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if isinstance(v, float) and math.isnan(v) else
+                             f"{v:.4f}" if isinstance(v, float) else v for v in row])
+    return Path(path)
