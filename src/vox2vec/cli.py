@@ -158,6 +158,7 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
                      what="head folder")
     head = train_head([tuple(pair) for pair in args.input], model=args.model, kind=args.kind,
                       classes=args.classes, multilabel=args.multilabel, steps=args.steps,
+                      ignore_label=args.ignore_label,
                       device=args.device, progress=not args.no_progress)
     head.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {head}")
@@ -264,7 +265,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from vox2vec.viz import show
 
     show(args.input, args.output, model=args.model, pyramid=args.pyramid, head=args.head, point=args.point,
-         overwrite=args.overwrite, progress=not args.no_progress)
+         overwrite=args.overwrite, progress=not args.no_progress, width=args.width)
     print(f"wrote {args.output}")
     return 0
 
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "through the body's centre)")
     show.add_argument("--pyramid", default=None, help="the CT's saved pyramid (vox2vec embed) instead of embedding")
     show.add_argument("--model", default=None, help="backbone (default: the head's, else fpn-ct)")
+    show.add_argument("--width", type=_positive_int, default=1000, metavar="PIXELS",
+                      help="width of the three panels of a row together (default 1000)")
     show.add_argument("--overwrite", action="store_true", help=overwrite_help)
     show.add_argument("--no-progress", action="store_true", help="no progress bar")
     show.set_defaults(run=_cmd_show)
@@ -366,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ids to learn and their names, e.g. 1=spleen,5=liver (default: all ids)")
     train.add_argument("--multilabel", action="store_true", help="sigmoid per class (BCE + Dice) instead of softmax")
     train.add_argument("--steps", type=_positive_int, default=2000)
+    train.add_argument("--ignore-label", type=int, default=None, metavar="VALUE",
+                       help="voxels with this value are unlabelled and never used (sparse annotations: e.g. 255, "
+                            "what vox2vec.sparse_labels writes)")
     train.add_argument("--model", default="fpn-ct")
     train.add_argument("--device", type=_device, default=None)
     train.add_argument("--overwrite", action="store_true", help="replace head files in the folder that vox2vec did "

@@ -50,3 +50,7 @@ class CheckpointMismatchError(Vox2VecError, ValueError):
 
 class ChecksumError(Vox2VecError, OSError):
     """A downloaded file whose size or sha256 is not the expected one."""
+
+
+class MissingExtraError(Vox2VecError, ImportError):
+    """An optional dependency (a ``pip install vox2vec[extra]``) that this function needs is not installed."""
