@@ -308,7 +308,7 @@ def test_check_functions_name_the_path(tmp_path):
     with pytest.raises(OutputError, match="f.txt"):
         check_output_dir(tmp_path / "f.txt")
     with pytest.raises(OutputError, match="unknown output kind"):
-        check_output_file(tmp_path / "a.nii.gz", "picture")
+        check_output_file(tmp_path / "a.nii.gz", "movie")
     assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert issubclass(OutputError, Vox2VecError) and issubclass(OutputError, ValueError)
