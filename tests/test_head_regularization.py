@@ -1,12 +1,14 @@
-"""train_head's L2 regularisation: chosen on held-out slabs ("auto"), fixed, or off (the paper's head)."""
+"""train_head's levers against fitting the training patient: L2 regularisation (chosen on held-out slabs ("auto"),
+fixed, or off: the paper's head), feature dropout, intensity-augmented copies of the training CT, and levels."""
 
 import numpy as np
 import pytest
+import torch
 
 import vox2vec
-from conftest import SHARED_ORGANS, chest_training_pair, tiny_model
+from conftest import SHARED_ORGANS, chest_training_pair, crop, tiny_model
 from vox2vec import InputError
-from vox2vec.probing.train import REGULARIZATION_GRID
+from vox2vec.probing.train import REGULARIZATION_GRID, intensity_augmented_copies
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +54,109 @@ def test_auto_picks_the_strength_with_the_lowest_held_out_loss(pyramid_and_label
 def test_bad_regularization_fails_before_any_work(bad):
     with pytest.raises(InputError, match="regularization"):
         vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], regularization=bad)
+
+
+# --- levers against fitting the training patient: feature dropout, augmented copies, levels -------------------------
+
+LEVER_COMMON = {"classes": SHARED_ORGANS, "steps": 60, "voxels_per_class": 200, "progress": False}
+
+
+def _state(head) -> dict:
+    return {k: v.detach().clone() for k, v in head.module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+def test_levers_off_are_the_paper_head_bit_for_bit(pyramid_and_labels, kind):
+    pyramid, labels = pyramid_and_labels
+    plain = vox2vec.train_head([(pyramid, labels)], kind=kind, **LEVER_COMMON)
+    off = vox2vec.train_head([(pyramid, labels)], kind=kind, feature_dropout=0.0, augmented_copies=0, levels=None,
+                             **LEVER_COMMON)
+    assert _same(_state(plain), _state(off))
+    assert plain.history == off.history and all("feature_dropout" not in r for r in off.history)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+def test_feature_dropout_changes_the_head_and_is_seeded(pyramid_and_labels, kind):
+    pyramid, labels = pyramid_and_labels
+    plain = vox2vec.train_head([(pyramid, labels)], kind=kind, **LEVER_COMMON)
+    first = vox2vec.train_head([(pyramid, labels)], kind=kind, feature_dropout=0.5, **LEVER_COMMON)
+    again = vox2vec.train_head([(pyramid, labels)], kind=kind, feature_dropout=0.5, **LEVER_COMMON)
+    other = vox2vec.train_head([(pyramid, labels)], kind=kind, feature_dropout=0.5, seed=1, **LEVER_COMMON)
+    assert _same(_state(first), _state(again))
+    assert not _same(_state(first), _state(plain)) and not _same(_state(first), _state(other))
+    assert all(r["feature_dropout"] == 0.5 for r in first.history)
+    prediction = first.predict(pyramid, output="volume")  # no dropout at prediction: deterministic
+    np.testing.assert_array_equal(prediction.array, first.predict(pyramid, output="volume").array)
+    assert prediction.array.max() > 0
+
+
+def test_levels_zero_the_other_levels_and_keep_the_layout(pyramid_and_labels):
+    pyramid, labels = pyramid_and_labels
+    head = vox2vec.train_head([(pyramid, labels)], levels=[0, 1], **LEVER_COMMON)
+    layers = head.module.layers
+    assert len(layers) == pyramid.num_levels and not layers[2].weight.any()
+    assert layers[0].weight.any() and layers[1].weight.any()
+    assert head.predict(pyramid, output="volume").array.max() > 0
+
+
+@pytest.fixture(scope="module")
+def small_ct_pair():
+    ct, labels = chest_training_pair()
+    box = ((80, 40, 16), (360, 320, 24))  # liver, stomach, spine and body edge, 24 slices
+    return crop(ct, *box), crop(labels, *box), tiny_model(base_channels=2, num_scales=3, spacing=(2.0, 2.0, 4.0))
+
+
+def test_augmented_copies_are_seeded_intensity_changes_on_the_same_grid(small_ct_pair):
+    ct, _, _ = small_ct_pair
+    original = vox2vec.load_volume(ct)
+    first = intensity_augmented_copies(ct, 2, seed=3)
+    again = intensity_augmented_copies(ct, 2, seed=3)
+    other = intensity_augmented_copies(ct, 1, seed=4)
+    assert len(first) == 2 and all(c.grid == original.grid for c in first)
+    np.testing.assert_array_equal(first[0].array, again[0].array)
+    np.testing.assert_array_equal(first[1].array, again[1].array)
+    assert not np.array_equal(first[0].array, first[1].array)
+    assert not np.array_equal(first[0].array, other[0].array)
+    clipped = np.clip(original.array, -1350, 1000)
+    for copy in first:
+        assert copy.array.min() >= -1350 and copy.array.max() <= 1000
+        assert 0 < np.abs(copy.array - clipped).mean() < 300  # changed, but still this CT
+        assert np.corrcoef(copy.array.ravel(), clipped.ravel())[0, 1] > 0.9
+
+
+def test_augmented_copies_add_their_voxels_to_training(small_ct_pair):
+    ct, labels, model = small_ct_pair
+    common = {**LEVER_COMMON, "model": model, "seed": 2}
+    head = vox2vec.train_head([(ct, labels)], augmented_copies=1, **common)
+    again = vox2vec.train_head([(ct, labels)], augmented_copies=1, **common)
+    plain = vox2vec.train_head([(ct, labels)], **common)
+    assert _same(_state(head), _state(again)) and not _same(_state(head), _state(plain))
+    # the same as passing the copy as another training pair: the CT's voxels and as many again from the copy
+    copy = intensity_augmented_copies(ct, 1, seed=2 + 0)[0]  # train_head's seed + the pair's index
+    explicit = vox2vec.train_head([(ct, labels), (copy, labels)], **common)
+    assert _same(_state(head), _state(explicit))
+
+
+@pytest.mark.parametrize(("option", "bad", "message"), [
+    ("feature_dropout", 1.0, "feature_dropout"), ("feature_dropout", -0.1, "feature_dropout"),
+    ("feature_dropout", "half", "feature_dropout"), ("feature_dropout", True, "feature_dropout"),
+    ("augmented_copies", -1, "augmented_copies"), ("augmented_copies", 1.5, "augmented_copies"),
+    ("levels", [], "levels"), ("levels", [-1], "levels"), ("levels", "0", "levels"),
+])
+def test_bad_levers_fail_before_any_scan_is_read(option, bad, message):
+    with pytest.raises(InputError, match=message):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], **{option: bad})
+
+
+def test_levers_that_do_not_fit_the_data_are_refused(pyramid_and_labels):
+    pyramid, labels = pyramid_and_labels
+    with pytest.raises(InputError, match="augmented_copies=2 needs CTs"):
+        vox2vec.train_head([(pyramid, labels)], augmented_copies=2, **LEVER_COMMON)
+    with pytest.raises(InputError, match="the pyramid does not have"):
+        vox2vec.train_head([(pyramid, labels)], levels=[0, 3], **LEVER_COMMON)
+    with pytest.raises(InputError, match="only for the linear head"):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], kind="nonlinear", levels=[0])

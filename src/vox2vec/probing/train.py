@@ -23,7 +23,7 @@ from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module, check_head_kind
 from vox2vec.probing.losses import head_loss
 from vox2vec.resample import resample
-from vox2vec.volume import load_volume
+from vox2vec.volume import Volume, load_volume
 
 
 @dataclass
@@ -125,6 +125,36 @@ def _raw_feature_weights(head: nn.Module, mean: torch.Tensor, std: torch.Tensor)
 REGULARIZATION_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths tried by regularization="auto"
 
 
+def intensity_augmented_copies(ct: Any, copies: int, *, seed: int = 0,
+                               clip_hu: tuple[float, float] = (-1350.0, 1000.0)) -> list[Volume]:
+    """``copies`` intensity-augmented versions of a CT, in HU on its own grid (same geometry, so its label map
+    applies unchanged). Seeded and deterministic.
+
+    Each copy is the pre-training augmentation (:func:`vox2vec.pretrain.augment.augment`, paper defaults: in-plane
+    blur or sharpening, Gaussian noise, a random HU window — a random HU scale and shift), applied to the CT clipped
+    to ``clip_hu`` (the model's window) in its own voxels, with the array axis nearest the body axis as the slice
+    axis; the [0, 1] result is mapped back to HU through ``clip_hu``. ``train_head(augmented_copies=n)`` uses
+    ``seed = train_head's seed + index of the pair``.
+    """
+    # pre-training is layer 10 and probing layer 9: imported here, lazily (vox2vec.pretrain imports the trainer,
+    # which imports probing), so that the augmentation has one home.
+    from vox2vec.pretrain.augment import augment
+    from vox2vec.pretrain.config import AugmentationConfig
+
+    volume = load_volume(ct)
+    low, high = (float(v) for v in clip_hu)
+    config = AugmentationConfig(default_window_hu=(low, high))
+    slice_axis = int(np.argmax(np.abs(volume.grid.direction_matrix[2])))  # the array axis nearest world S
+    hu = torch.from_numpy(np.moveaxis(volume.array, slice_axis, 2).astype(np.float32)).clamp_(low, high)
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for _ in range(copies):
+        scaled, _ = augment(hu[None, None], config, generator)
+        array = np.moveaxis((scaled[0, 0] * (high - low) + low).numpy(), 2, slice_axis)
+        result.append(Volume(np.ascontiguousarray(array), volume.grid))
+    return result
+
+
 def train_head(
     data: Iterable[tuple[Any, Any]],
     *,
@@ -141,6 +171,9 @@ def train_head(
     patience: int = 5,
     eval_every: int = 100,
     ignore_label: int | None = None,
+    feature_dropout: float = 0.0,
+    augmented_copies: int = 0,
+    levels: Sequence[int] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -161,12 +194,26 @@ def train_head(
     With ``validation`` pairs it keeps the best head by validation loss and stops after ``patience`` evaluations
     without improvement. Voxels labelled ``ignore_label`` (partial annotations) are never sampled. Seeded and
     deterministic on CPU.
+
+    Levers against fitting the training patient (all off by default, which is the paper's head):
+
+    * ``feature_dropout``: probability of zeroing each feature of a training batch (inverted dropout; for the
+      linear head the standardised features, so a dropped feature takes its mean); never at evaluation.
+    * ``augmented_copies``: also embed that many intensity-augmented copies of every training CT
+      (:func:`intensity_augmented_copies`: the pre-training augmentation, same geometry and label map) and sample
+      ``voxels_per_class`` voxels per class from each copy too. Needs CTs: a pair given as a ``FeaturePyramid``
+      cannot be re-embedded, and is refused (``InputError``) when ``augmented_copies > 0``.
+    * ``levels``: indices of the pyramid levels the head may use (linear head only; 0 is the finest); the weights of
+      the other levels are zero, so the head keeps its layout and ``predict`` is unchanged.
     """
-    _check_arguments(kind, voxels_per_class, steps, batch_size, lr, regularization, patience, eval_every)
+    data = list(data)
+    _check_arguments(kind, voxels_per_class, steps, batch_size, lr, regularization, patience, eval_every,
+                     feature_dropout, augmented_copies, levels)
+    _check_levers(data, model, augmented_copies, levels)
     device = torch.device("cpu") if device is None else pick_device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    embedded, net = _embed_training_scans(list(data), model, progress)
+    embedded, net = _embed_training_scans(data, model, progress, augmented_copies, seed)
     class_map = _class_map(classes, [labels for _, labels in embedded], ignore_label)
     items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map, ignore_label)) for p, lab in embedded]
     val_items = [LabelledPyramid(p, _labels_on_model_grid(load_volume(labels), p, class_map, ignore_label))
@@ -181,7 +228,8 @@ def train_head(
     reference = embedded[0][0]
     spec = _HeadSpec(kind, reference.channels, class_map.num_classes + (0 if multilabel else 1), multilabel,
                      _class_weights(targets, class_map.num_classes, multilabel).to(device), batch_size,
-                     lr or (1e-2 if kind == "linear" else 3e-3), device)
+                     lr or (1e-2 if kind == "linear" else 3e-3), device, float(feature_dropout),
+                     None if levels is None else tuple(sorted(set(int(i) for i in levels))))
 
     search: dict[str, float] = {}
     if regularization == "auto":
@@ -196,16 +244,24 @@ def train_head(
     return Head(module.cpu().eval(), kind, class_map, backbone, multilabel, net, history)
 
 
-def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, progress: bool) -> tuple[list, Any]:
-    """(pyramid, label volume) per pair — each CT embedded once, all by one backbone — and the backbone if loaded."""
-    if not pairs:
-        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
+def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, progress: bool, copies: int = 0,
+                          seed: int = 0) -> tuple[list, Any]:
+    """(pyramid, label volume) per pair — each CT embedded once, all by one backbone, followed by its ``copies``
+    augmented copies — and the backbone if loaded."""
     net = None
     embedded = []
-    for ct, labels in tqdm(pairs, desc="embedding training scans", disable=not progress or len(pairs) < 2):
+    for index, (ct, labels) in enumerate(tqdm(pairs, desc="embedding training scans",
+                                              disable=not progress or len(pairs) < 2)):
         pyramid, loaded = _embed(ct, model if net is None else net, progress)
         net = net or loaded
-        embedded.append((pyramid, load_volume(labels, check_finite=False)))
+        label_volume = load_volume(labels, check_finite=False)
+        embedded.append((pyramid, label_volume))
+        if copies:
+            clip = tuple(net.config.preprocessing.clip_hu)
+            for copy_ct in intensity_augmented_copies(ct, copies, seed=seed + index, clip_hu=clip):
+                embedded.append((_embed(copy_ct, net, progress)[0], label_volume))
+    for pyramid, _ in embedded:
+        pyramid.check_complete("training a head")
     fingerprints = {p.meta.get("fingerprint") for p, _ in embedded}
     if len(fingerprints) != 1:
         raise InputError(f"training pyramids come from different backbones: {sorted(map(str, fingerprints))}")
@@ -230,7 +286,8 @@ def _class_weights(targets: torch.Tensor, num_classes: int, multilabel: bool) ->
 
 
 def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: Any, lr: Any, regularization: Any,
-                     patience: Any, eval_every: Any) -> None:
+                     patience: Any, eval_every: Any, feature_dropout: Any = 0.0, augmented_copies: Any = 0,
+                     levels: Any = None) -> None:
     """Every training setting is checked before any scan is read."""
     check_head_kind(kind)
     for name, value in (("voxels_per_class", voxels_per_class), ("steps", steps), ("batch_size", batch_size),
@@ -242,6 +299,38 @@ def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: A
     if regularization not in (None, "auto") and (isinstance(regularization, bool) or not isinstance(
             regularization, (int, float)) or not 0 <= regularization < math.inf):
         raise InputError(f"regularization must be 'auto', None or a non-negative L2 strength, got {regularization!r}")
+    if isinstance(feature_dropout, bool) or not isinstance(feature_dropout, (int, float)) \
+            or not 0 <= feature_dropout < 1:
+        raise InputError(f"feature_dropout must be a probability in [0, 1) (0: no dropout), got {feature_dropout!r}")
+    if isinstance(augmented_copies, bool) or not isinstance(augmented_copies, (int, np.integer)) \
+            or augmented_copies < 0:
+        raise InputError(f"augmented_copies must be a whole number ≥ 0 (0: none), got {augmented_copies!r}")
+    if levels is not None:
+        if kind != "linear":
+            raise InputError(f"levels is only for the linear head (kind='linear'), got kind={kind!r}; "
+                             "leave levels=None for the non-linear head")
+        values = list(levels) if isinstance(levels, (list, tuple, range)) else None
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in values):
+            raise InputError(f"levels must be a non-empty list of pyramid level indices ≥ 0 (0: the finest), "
+                             f"got {levels!r}; or None for every level")
+
+
+def _check_levers(pairs: list, model: Any, copies: int, levels: Sequence[int] | None) -> None:
+    """The levers that depend on the training pairs, checked before any scan is read or embedded."""
+    if not pairs:
+        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
+    given = [i for i, pair in enumerate(pairs) if isinstance(pair, (tuple, list)) and pair
+             and isinstance(pair[0], FeaturePyramid)]
+    if copies and given:
+        raise InputError(f"augmented_copies={copies} needs CTs to re-embed, but pair {given[0]} is a FeaturePyramid; "
+                         "pass (CT, label map) pairs and the model, or augmented_copies=0")
+    if levels is not None:
+        first = pairs[0][0] if isinstance(pairs[0], (tuple, list)) and pairs[0] else None
+        count = first.num_levels if isinstance(first, FeaturePyramid) else \
+            resolve_model(model).config.architecture.num_scales
+        if max(levels) >= count:
+            raise InputError(f"levels {list(levels)} name a level the pyramid does not have (it has {count}: "
+                             f"0 … {count - 1}); pass indices below {count}")
 
 
 @dataclass
@@ -256,6 +345,8 @@ class _HeadSpec:
     batch_size: int
     lr: float
     device: torch.device
+    feature_dropout: float = 0.0
+    levels: tuple[int, ...] | None = None  # the pyramid levels a linear head may use (None: all)
 
 
 def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, held: torch.Tensor, steps: int,
@@ -295,9 +386,22 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
     if spec.kind == "linear":
         mean, std = (t.to(spec.device) for t in feature_moments(features))
         std = std.clamp(min=1e-6)
+        if spec.levels is not None:  # an infinite σ zeroes a channel's standardised feature and its folded weight
+            used = torch.cat([torch.full((c,), i in spec.levels) for i, c in enumerate(spec.channels)])
+            std = std.masked_fill(~used.to(spec.device), math.inf)
         forward = lambda x: standardised_linear_forward(module, x, mean, std)
     else:
         forward = lambda x: voxel_forward(module, x)
+    train_forward = forward
+    if spec.feature_dropout:
+        def train_forward(x: torch.Tensor) -> torch.Tensor:
+            """Inverted dropout of the batch's (standardised, for the linear head) features; masks drawn on the CPU
+            from the seeded generator."""
+            keep = torch.rand(x.shape, generator=generator) >= spec.feature_dropout
+            scale = keep.to(spec.device, torch.float32) / (1 - spec.feature_dropout)
+            if spec.kind == "linear":
+                return nn.functional.linear((x - mean) / std * scale, module.matrix(), module.layers[0].bias)
+            return voxel_forward(module, x * scale)
     optimiser = torch.optim.Adam(module.parameters(), lr=spec.lr)
     features, targets = features.to(spec.device), targets.to(spec.device)
     history: list[dict[str, float]] = []
@@ -306,7 +410,7 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
         for step in range(1, steps + 1):
             batch = torch.randint(0, len(targets), (min(spec.batch_size, len(targets)),), generator=generator)
             batch = batch.to(spec.device)
-            logits = forward(features.index_select(0, batch).float())
+            logits = train_forward(features.index_select(0, batch).float())
             loss = head_loss(logits, targets[batch], spec.multilabel, spec.class_weights)
             objective = loss + l2 * _l2_penalty(module) if l2 else loss
             optimiser.zero_grad(set_to_none=True)
@@ -316,6 +420,8 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
             if step % eval_every and step != steps:
                 continue
             record = {"step": step, "train_loss": float(loss.detach()), "l2": l2}
+            if spec.feature_dropout:
+                record["feature_dropout"] = spec.feature_dropout
             if val is not None:
                 module.eval()
                 with torch.no_grad():
