@@ -15,6 +15,15 @@ Pairs (all from ../shared/data/ct; keep both scans out of pre-training):
 The random twin has the model's architecture and preprocessing with the weights that pre-training started from
 (``torch.manual_seed(seed)`` then the backbone). ``--reference`` adds the intensity-only reference
 (:mod:`vox2vec.probing.reference`) fit with the same head. Results: JSON (``--output``) and a Markdown table.
+
+Head levers (``train_head``'s, default off): ``--feature-dropout p``, ``--levels 0 1 2`` (linear head; not applied to
+the one-level reference) and ``--augmented-copies n``. For the copies, each source scan's ``n`` copies
+(:func:`vox2vec.probing.train.intensity_augmented_copies`, seed 0, as ``train_head(seed=0)`` draws them for its first
+pair) are embedded once and passed as extra (pyramid, label map) training pairs — the same head as
+``train_head([(ct, labels)], augmented_copies=n)`` (tested), without re-embedding the CT for every pair, and usable
+with the reference features, which no model produces.
+
+    python benchmarks/transfer_probe.py --model fpn-ct-mini --reference --regularization none --feature-dropout 0.2
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import numpy as np
 import torch
 
 import vox2vec
-from vox2vec.config import ModelConfig
+from vox2vec.config import ModelConfig, PreprocessingConfig
 from vox2vec.probing.reference import intensity_pyramid
+from vox2vec.probing.train import intensity_augmented_copies
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ct"
@@ -119,8 +129,10 @@ def random_twin(model: vox2vec.Vox2VecModel, seed: int) -> vox2vec.Vox2VecModel:
     return vox2vec.Vox2VecModel(config).eval()
 
 
-def probe(features: dict, kind: str, device: str, regularization: str | float | None = "auto") -> dict:
-    """Fit the default ``kind`` head for every pair on the given features → per-pair Dice reports."""
+def probe(features: dict, kind: str, device: str, regularization: str | float | None = "auto",
+          levers: dict | None = None) -> dict:
+    """Fit the default ``kind`` head for every pair on the given features → per-pair Dice reports. ``levers``:
+    ``train_head`` keywords (feature_dropout, levels); ``features["copies"]``: augmented pyramids per source scan."""
     results = {}
     for source, target in PAIRS:
         ct, labels = features["labels"][source]
@@ -134,9 +146,10 @@ def probe(features: dict, kind: str, device: str, regularization: str | float | 
         started = time.perf_counter()
         present = set(np.unique(train_labels.array).tolist())
         classes = {i: name for i, name in CLASSES.items() if i in present}  # a class it never saw scores 0
-        head = vox2vec.train_head([(pyramid, train_labels)], kind=kind, classes=classes, device=device,
+        training = [(pyramid, train_labels)] + [(copy, train_labels) for copy in features["copies"].get(source, [])]
+        head = vox2vec.train_head(training, kind=kind, classes=classes, device=device,
                                   ignore_label=IGNORE if target == "in-scan" else None, progress=False,
-                                  regularization=regularization)
+                                  regularization=regularization, **(levers or {}))
         prediction = head.predict(test, output="volume", progress=False)
         truth = features["labels"][source if target == "in-scan" else target][1]
         if truth_keep is not None:
@@ -146,8 +159,12 @@ def probe(features: dict, kind: str, device: str, regularization: str | float | 
     return results
 
 
-def embed_all(scans: dict, embed) -> dict:
-    return {"labels": scans, "pyramids": {name: embed(ct) for name, (ct, _) in scans.items()}}
+def embed_all(scans: dict, embed, copies: int = 0, clip_hu: tuple[float, float] = (-1350.0, 1000.0)) -> dict:
+    """Pyramids of every scan and, with ``copies``, of that many intensity-augmented copies of each source scan."""
+    sources = {source for source, _ in PAIRS}
+    return {"labels": scans, "pyramids": {name: embed(ct) for name, (ct, _) in scans.items()},
+            "copies": {name: [embed(c) for c in intensity_augmented_copies(ct, copies, seed=0, clip_hu=clip_hu)]
+                       for name, (ct, _) in scans.items() if copies and name in sources}}
 
 
 def table(results: dict) -> str:
@@ -169,6 +186,7 @@ def run(args: argparse.Namespace, save) -> dict:
     """Every row of the table; ``save(results)`` is called after each one (a cut-short run keeps what it did)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scans = {name: load_scan(name, args.data) for name in SCANS}
+    levers = {"feature_dropout": args.feature_dropout, "levels": args.levels}
     results: dict = {}
     for spec in args.model:
         model = vox2vec.load_pretrained(spec).eval()
@@ -177,15 +195,18 @@ def run(args: argparse.Namespace, save) -> dict:
         for row, net in rows:
             net = net.to(device)
             features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
-                                                                                 progress=False))
-            results[row] = {kind: probe(features, kind, device, args.regularization) for kind in args.heads}
+                                                                                 progress=False),
+                                 args.augmented_copies, net.config.preprocessing.clip_hu)
+            results[row] = {kind: probe(features, kind, device, args.regularization, levers) for kind in args.heads}
             save(results)
             print(f"{row}: " + ", ".join(f"{k} {p}: {r['mean']:.3f}" for k, v in results[row].items()
                                          for p, r in v.items()), flush=True)
     if args.reference:
         preprocessing = vox2vec.load_pretrained(args.model[0]).config.preprocessing if args.model else None
-        features = embed_all(scans, lambda ct: intensity_pyramid(ct, preprocessing))
-        results["intensity reference"] = {kind: probe(features, kind, device, args.regularization)
+        features = embed_all(scans, lambda ct: intensity_pyramid(ct, preprocessing), args.augmented_copies,
+                             (preprocessing or PreprocessingConfig()).clip_hu)
+        one_level = {**levers, "levels": None}  # the reference has one level
+        results["intensity reference"] = {kind: probe(features, kind, device, args.regularization, one_level)
                                           for kind in args.heads}
         save(results)
     return results
@@ -199,6 +220,10 @@ def main() -> None:
     parser.add_argument("--no-twin", action="store_true", help="skip the random-init twin")
     parser.add_argument("--regularization", default="auto", type=lambda v: None if v == "none" else
                         (v if v == "auto" else float(v)), help="train_head's: auto (default), none, or an L2 strength")
+    parser.add_argument("--feature-dropout", type=float, default=0.0, help="train_head's feature_dropout (default 0)")
+    parser.add_argument("--augmented-copies", type=int, default=0,
+                        help="intensity-augmented copies of each training scan (train_head's augmented_copies)")
+    parser.add_argument("--levels", type=int, nargs="+", help="pyramid levels the linear head may use (default all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")
@@ -215,7 +240,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def save(results: dict) -> None:
-        payload = {"device": device, "seconds": round(time.perf_counter() - started, 1), "results": results}
+        payload = {"device": device, "seconds": round(time.perf_counter() - started, 1),
+                   "head": {"regularization": args.regularization, "feature_dropout": args.feature_dropout,
+                            "augmented_copies": args.augmented_copies, "levels": args.levels,
+                            "augmentation": "intensity_augmented_copies(seed=0), as train_head(seed=0)"},
+                   "results": results}
         output.write_text(json.dumps(payload, indent=2))
 
     results = run(args, save)
