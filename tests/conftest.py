@@ -87,6 +87,32 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
 
 
+def write_series(image: sitk.Image, folder: Path, orientation: list[str] | None = None,
+                 series_uid: str = "1.2.826.0.1.3680043.2.1125.7", prefix: str = "slice") -> list[Path]:
+    """One DICOM file per slice, with position, orientation and spacing tags (as a scanner writes them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    cosines = "\\".join(f"{c:.6f}" for c in (direction[0], direction[3], direction[6],
+                                              direction[1], direction[4], direction[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        slice_.SetMetaData("0020|0032", "\\".join(f"{c:.4f}" for c in origin))
+        slice_.SetMetaData("0020|0037", orientation[k] if orientation else cosines)
+        slice_.SetMetaData("0020|000e", series_uid)
+        slice_.SetMetaData("0020|0013", str(k))
+        slice_.SetMetaData("0028|0030", f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}")
+        slice_.SetMetaData("0018|0050", str(image.GetSpacing()[2]))
+        paths.append(folder / f"{prefix}{k:03d}.dcm")
+        writer.SetFileName(str(paths[-1]))
+        writer.Execute(slice_)
+    return paths
+
+
 def as_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 

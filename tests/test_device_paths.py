@@ -12,7 +12,7 @@ from vox2vec.errors import ArgumentError, DeviceError
 from vox2vec.inference import embed
 from vox2vec.inference.embed import embed_image
 from vox2vec.inference.placement import inference_copy
-from vox2vec.inference.precision import autocast, strict_fp32, training_precision
+from vox2vec.inference.precision import autocast, local_device, strict_fp32, training_precision
 from vox2vec.modeling import FPNLinearHead
 from vox2vec.probing.apply import apply_head
 
@@ -118,18 +118,14 @@ def test_fp32_on_cuda_switches_tf32_off_and_restores_it():
 
 @pytest.mark.parametrize(("rank", "count", "expected"), [(0, 1, 0), (1, 1, 0), (1, 4, 1), (3, 4, 3)])
 def test_each_rank_finds_its_gpu(monkeypatch, rank, count, expected):
-    from vox2vec.pretrain import trainer
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    assert trainer._local_device(rank) == torch.device("cuda", expected)
+    assert local_device(rank) == torch.device("cuda", expected)
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
-    from vox2vec.pretrain import trainer
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(DeviceError, match="LOCAL_RANK 2 but this process sees 2 GPUs"):
-        trainer._local_device(2)
+        local_device(2)
 

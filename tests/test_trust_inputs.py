@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 import vox2vec
-from conftest import crop, ct_path, label_path, read_image, tiny_model
+from conftest import crop, ct_path, label_path, read_image, tiny_model, write_series
 from vox2vec import InputError, UnknownModelError, dice_scores, load_volume
 from vox2vec.config import CONFIG_NAME, ModelConfig
 from vox2vec.features import FeaturePyramid
@@ -42,31 +42,6 @@ def test_float_nifti_with_nan_or_inf_is_refused(abdomen_crop, tmp_path):
 
 
 # -- volumes: DICOM series --------------------------------------------------------------------------------------
-def write_series(image: sitk.Image, folder: Path, orientation: list[str] | None = None) -> list[Path]:
-    """One DICOM file per slice, with position, orientation and spacing tags (as a scanner writes them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.Cast(image, sitk.sitkInt16)
-    direction = image.GetDirection()
-    cosines = "\\".join(f"{c:.6f}" for c in (direction[0], direction[3], direction[6],
-                                              direction[1], direction[4], direction[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    paths = []
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        slice_.SetMetaData("0020|0032", "\\".join(f"{c:.4f}" for c in origin))
-        slice_.SetMetaData("0020|0037", orientation[k] if orientation else cosines)
-        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7")
-        slice_.SetMetaData("0020|0013", str(k))
-        slice_.SetMetaData("0028|0030", f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}")
-        slice_.SetMetaData("0018|0050", str(image.GetSpacing()[2]))
-        paths.append(folder / f"slice{k:03d}.dcm")
-        writer.SetFileName(str(paths[-1]))
-        writer.Execute(slice_)
-    return paths
-
-
 @pytest.fixture
 def ct_slab() -> sitk.Image:
     """12 slices of 40×40 voxels (2 mm apart) of ts_abdomen_dicom20."""

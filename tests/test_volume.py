@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CT_NAMES, as_array, ct_path, read_image
+from conftest import CT_NAMES, as_array, ct_path, read_image, write_series
 from vox2vec import InputError, load_volume
 
 
@@ -42,19 +42,7 @@ def test_sitk_nibabel_and_array_inputs_agree(abdomen_crop, tmp_path):
 
 def test_dicom_series_directory(abdomen_crop, tmp_path):
     image = sitk.Cast(abdomen_crop[:, :, :4], sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        slice_.SetMetaData("0020|0032", "\\".join(f"{c:.4f}" for c in origin))
-        slice_.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        slice_.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
-        slice_.SetMetaData("0020|0013", str(k))
-        slice_.SetMetaData("0028|0030", f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}")
-        slice_.SetMetaData("0018|0050", str(image.GetSpacing()[2]))
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_)
+    write_series(image, tmp_path)
     volume = load_volume(tmp_path)
     assert volume.shape == image.GetSize()
     np.testing.assert_array_equal(volume.array, as_array(image))

@@ -1,5 +1,6 @@
 """vox2vec: self-supervised voxel-level representations of CT scans (Goncharov et al., MICCAI 2023)."""
 
+from vox2vec.cohort import embed_many
 from vox2vec.config import ModelConfig
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.correspondence import Matches, match
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
     "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume",
-    "Vox2VecError", "Vox2VecModel", "dice_scores", "embed_volume", "list_models", "load_head", "load_pretrained",
+    "Vox2VecError", "Vox2VecModel", "dice_scores",
+    "embed_many", "embed_volume", "list_models", "load_head", "load_pretrained",
     "load_volume", "match", "Matches", "register_model", "sliding_window_head", "sparse_labels", "train_head",
 ]

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vox2vec.cohort.embed_many import KEEP_REGIONS, STORAGE_DTYPES
 from vox2vec.errors import InputError, Vox2VecError
 from vox2vec.geometry import check_same_grid
 from vox2vec.inference.precision import PRECISIONS
@@ -38,6 +39,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return int(text)
+
+
 def _folds(text: str) -> int:
     value = _positive_int(text)
     if value < 2:
@@ -61,15 +68,36 @@ def _model_paths(model) -> list[str]:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    """One CT → one .safetensors file; anything else (several inputs, a folder, a list, torchrun) → a cohort."""
+    from vox2vec.cohort import Shard
     from vox2vec.inference import embed_volume
 
-    check_output_file(args.output, "pyramid", inputs=[args.input, *_model_paths(args.model)],
+    single = len(args.input) == 1 and args.output.lower().endswith(".safetensors")
+    if not single or Shard.from_environment().world > 1:
+        return _embed_cohort(args)
+    check_output_file(args.output, "pyramid", inputs=[*args.input, *_model_paths(args.model)],
                       overwrite=args.overwrite)
-    pyramid = embed_volume(args.input, model=args.model, device=args.device, batch_size=args.batch_size,
+    pyramid = embed_volume(args.input[0], model=args.model, device=args.device, batch_size=args.batch_size,
                            precision=args.precision, progress=not args.no_progress)
     pyramid.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {pyramid}")
     return 0
+
+
+def _embed_cohort(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every case is done or up to date, 1 when any failed, 130 when stopped by a signal."""
+    from vox2vec.cohort import embed_many
+
+    if args.output.lower().endswith(".safetensors"):
+        raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
+    run = embed_many(args.input, args.output, model=args.model, device=args.device, batch_size=args.batch_size,
+                     precision=args.precision, levels=args.levels, keep=args.keep, dtype=args.dtype,
+                     workers=args.workers, hash_inputs=args.hash, allow_non_ct=args.allow_non_ct,
+                     overwrite=args.overwrite, progress=not args.no_progress)
+    for _ in run:
+        pass
+    print(run.summary())
+    return 130 if run.interrupted else 1 if run.failed else 0
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -210,6 +238,59 @@ def _cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_features(args: argparse.Namespace) -> int:
+    """Exit status 0, or 1 when a case of a list could not be tabulated (the others are written)."""
+    from tqdm.auto import tqdm
+
+    from vox2vec.cohort.regions import (
+        FeatureJob,
+        FeatureTable,
+        as_pyramid,
+        point_table,
+        read_feature_list,
+        region_table,
+    )
+    from vox2vec.hub import resolve_model
+    from vox2vec.tables import read_points, write_table
+
+    if bool(args.list) == bool(args.input) or (args.input and bool(args.mask) == bool(args.points)):
+        raise InputError("give either -i CT (or a saved .safetensors pyramid) with --mask LABELS or --points CSV, "
+                         "or --list CASES.csv")
+    if args.list:
+        jobs = read_feature_list(args.list)
+    elif args.mask:
+        jobs = [FeatureJob(Path(args.input), args.case or args.input, mask=Path(args.mask))]
+    else:
+        names, points = read_points(args.points)
+        jobs = [FeatureJob(Path(args.input), args.case or args.input, points=list(zip(names, map(tuple, points))))]
+    inputs = [args.list, args.points, *[p for job in jobs for p in (job.ct, job.mask) if p], *_model_paths(args.model)]
+    check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
+    model = None
+    table, failed = FeatureTable([], []), 0
+    for job in tqdm(jobs, desc="tabulating features", unit="case", disable=args.no_progress or len(jobs) < 2):
+        try:
+            if model is None and not str(job.ct).lower().endswith(".safetensors"):
+                model = resolve_model(args.model)  # loaded once, and only when a CT needs embedding
+            pyramid = as_pyramid(job.ct, model, progress=not args.no_progress and len(jobs) == 1)
+            if job.mask is not None:
+                part = region_table(pyramid, job.mask, case=job.case, resample_mask=args.resample_mask,
+                                    labels=args.labels)
+            else:
+                part = point_table(pyramid, [n for n, _ in job.points], [p for _, p in job.points], case=job.case)
+            table.extend(part)
+        except Vox2VecError as error:
+            if len(jobs) == 1:
+                raise
+            failed += 1
+            print(f"vox2vec: failed {job.case}: {' '.join(str(error).split())}", file=sys.stderr)
+    if not table.rows:
+        raise InputError("no case could be tabulated; nothing written")
+    write_table(args.output, table.columns, table.rows)
+    print(f"wrote {args.output}: {len(table.rows)} rows × {len(table.columns)} columns"
+          + (f"; {failed} case(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def _label_at(labels, point) -> int | str:
     """The label map's value at a world point (nearest voxel); empty outside it or for an unmatched point."""
     import numpy as np
@@ -341,16 +422,51 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--no-progress", action="store_true", help="no progress bar")
     show.set_defaults(run=_cmd_show)
 
-    embed = sub(commands, "embed", help="embed a CT into a feature pyramid (.safetensors)")
-    embed.add_argument("-i", "--input", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
-    embed.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    embed = sub(commands, "embed", help="embed a CT into a feature pyramid (.safetensors), or a cohort into a folder",
+                description="One CT and an output .safetensors file: that pyramid. Several -i, a folder (searched "
+                            "recursively for NIfTI/NRRD/MHA files and DICOM series), a glob or a list file (one path "
+                            "per line, or a CSV with a 'path' column) and an output folder: one pyramid per case plus "
+                            "manifest.jsonl; rerunning resumes. Under torchrun the cases are shared by the ranks.")
+    embed.add_argument("-i", "--input", required=True, action="extend", nargs="+",
+                       help="CT file, DICOM series folder, cohort folder, glob or list file (repeatable)")
+    embed.add_argument("-o", "--output", required=True, help="output .safetensors file (one CT) or folder (cohort)")
     embed.add_argument("--model", default="fpn-ct", help="model name, directory or .pt file (default: fpn-ct)")
     embed.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
     embed.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
     embed.add_argument("--overwrite", action="store_true", help=overwrite_help)
     embed.add_argument("--precision", default="auto", choices=PRECISIONS)
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cohort = embed.add_argument_group("cohort runs")
+    cohort.add_argument("--workers", type=_non_negative_int, default=2,
+                        help="processes reading and preprocessing the next cases (default 2; 0: in this process)")
+    cohort.add_argument("--hash", action="store_true",
+                        help="fingerprint inputs by SHA-256 of their bytes (default: size and modification time)")
+    cohort.add_argument("--levels", type=int, nargs="+", default=None,
+                        help="keep only these pyramid levels (e.g. 2 3 4 5; default all — heads need all)")
+    cohort.add_argument("--keep", choices=KEEP_REGIONS, default="all",
+                        help="store every voxel's features, or only the cells touching the body")
+    cohort.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="fp16", help="stored precision (fp16)")
+    cohort.add_argument("--allow-non-ct", action="store_true",
+                        help="embed volumes that do not look like CT in HU (default: skip them, with the reason)")
     embed.set_defaults(run=_cmd_embed)
+
+    features = sub(commands, "features", help="table of mean features per label (or features per point) of CTs",
+                   description="One row per (case, label): voxels, volume_ml, model_voxels and the mean embedding "
+                               "(columns l<level>_c<channel>); or per (case, point). CSV, or Parquet for a .parquet "
+                               "output (needs pyarrow: vox2vec[tables]).")
+    features.add_argument("-i", "--input", help="CT file, DICOM series folder, or a pyramid saved by vox2vec embed")
+    features.add_argument("--mask", help="label map (0 = background) on the CT's grid")
+    features.add_argument("--points", help="CSV of world points: x, y, z (LPS mm) and optionally name")
+    features.add_argument("--list", help="CSV of cases: columns ct, mask — or ct, x, y, z[, name]; optional case")
+    features.add_argument("-o", "--output", required=True, help="output .csv or .parquet")
+    features.add_argument("--case", help="the case column's value (default: the input path)")
+    features.add_argument("--labels", type=int, nargs="+", help="only these label ids (default: every one present)")
+    features.add_argument("--resample-mask", action="store_true",
+                          help="accept a mask on another grid than its CT (mapped through world coordinates)")
+    features.add_argument("--model", default="fpn-ct", help="model name, directory or .pt file (default: fpn-ct)")
+    features.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    features.add_argument("--no-progress", action="store_true", help="no progress bar")
+    features.set_defaults(run=_cmd_features)
 
     download = sub(commands, "download", help="download and convert a named model into the cache")
     download.add_argument("name", help="registered model name, e.g. fpn-ct")

@@ -145,6 +145,8 @@ def match(
         model = resolve_model(model)  # loaded once for both CTs
     source = _as_pyramid(source, model, progress)
     target = _as_pyramid(target, model, progress)
+    for pyramid in (source, target):
+        pyramid.check_complete("matching")
     _check_same_backbone(source, target)
     level = min(3, target.num_levels - 1) if coarse_level is None else coarse_level
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < target.num_levels:

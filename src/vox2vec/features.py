@@ -29,6 +29,8 @@ class FeaturePyramid:
 
     ``source_grid`` is the grid of the original image, so points can be given as original voxel indices.
     ``meta`` records the backbone (name, fingerprint) and the preprocessing that produced the features.
+    ``scales``: the backbone level of each stored level, when only some were kept (storage option of
+    :func:`vox2vec.embed_many`); queries then return those levels' channels only, and heads refuse the pyramid.
     """
 
     def __init__(
@@ -38,13 +40,18 @@ class FeaturePyramid:
         source_grid: Grid | None = None,
         meta: dict[str, Any] | None = None,
         body: torch.Tensor | None = None,
+        scales: Sequence[int] | None = None,
     ) -> None:
         self.levels = list(levels)
+        self.scales = list(range(len(self.levels))) if scales is None else [int(s) for s in scales]
+        if len(self.scales) != len(self.levels) or sorted(set(self.scales)) != self.scales or \
+                any(s < 0 for s in self.scales):
+            raise InputError(f"scales {self.scales} must name each of the {len(self.levels)} levels once, increasing")
         self.body = body  # optional bool (X, Y, Z) body mask on the model grid
         self.grid = grid
         self.source_grid = source_grid
         self.meta = json.loads(json.dumps(meta or {}))  # plain JSON types, as after a save/load round trip
-        for i, level in enumerate(self.levels):
+        for i, level in zip(self.scales, self.levels):
             expected = tuple(math.ceil(n / 2**i) for n in grid.shape)
             if level.ndim != 4 or tuple(level.shape[1:]) != expected:
                 raise InputError(f"level {i} has shape {tuple(level.shape)}, expected (C, {expected})")
@@ -55,6 +62,17 @@ class FeaturePyramid:
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every backbone level is stored (not a storage subset)."""
+        return self.scales == list(range(len(self.levels)))
+
+    def check_complete(self, purpose: str) -> None:
+        """Refuse a pyramid saved with only some levels for work that needs them all (heads, matching)."""
+        if not self.complete:
+            raise InputError(f"this pyramid keeps only levels {self.scales} of its backbone; {purpose} needs every "
+                             "level — embed the CT again without --levels (Python: levels=None)")
 
     @property
     def channels(self) -> list[int]:
@@ -86,7 +104,7 @@ class FeaturePyramid:
         """A copy on another device and/or dtype (geometry unchanged)."""
         body = None if self.body is None else self.body.to(device)
         return FeaturePyramid([lv.to(device=device, dtype=dtype) for lv in self.levels], self.grid,
-                              self.source_grid, self.meta, body)
+                              self.source_grid, self.meta, body, self.scales)
 
     # -- queries -------------------------------------------------------------------------------------------
     def at_grid_indices(self, indices: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -102,7 +120,7 @@ class FeaturePyramid:
                 "FeaturePyramid.contains()"
             )
         parts = []
-        for i, level in enumerate(self.levels):
+        for i, level in zip(self.scales, self.levels):
             cell = idx // 2**i
             parts.append(level[:, cell[:, 0], cell[:, 1], cell[:, 2]].T.to(dtype))
         return torch.cat(parts, dim=1)
@@ -169,7 +187,7 @@ class FeaturePyramid:
         vector = vector.to(torch.float32).cpu()
         dot = torch.zeros(self.shape)
         squares = torch.zeros(self.shape)
-        for i, (part, level) in enumerate(zip(torch.split(vector, self.channels), self.levels)):
+        for i, part, level in zip(self.scales, torch.split(vector, self.channels), self.levels):
             level_dot = torch.empty(level.shape[1:])
             level_squares = torch.empty(level.shape[1:])
             for start in range(0, level.shape[1], chunk):
@@ -198,7 +216,7 @@ class FeaturePyramid:
                 "or query points with at_world()"
             )
         parts = []
-        for i, level in enumerate(self.levels):
+        for i, level in zip(self.scales, self.levels):
             cell = 2**i
             lo = [s // cell for s in start]
             hi = [(e - 1) // cell + 1 for e in stop]
@@ -212,23 +230,35 @@ class FeaturePyramid:
         return out if dtype is None else out.to(dtype)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, inside: torch.Tensor | None = None) -> Path:
         """One ``.safetensors`` file: the levels plus geometry and provenance in its metadata (atomic write).
 
+        ``inside``: a bool (X, Y, Z) mask on the model grid (e.g. :attr:`body`); only the cells of each level that
+        touch it are stored (the rest reads back as zeros), which saves the disk space outside it.
         An existing file that is not a vox2vec pyramid is replaced only with ``overwrite=True``."""
         from safetensors.torch import save_file
 
         from vox2vec.outputs import check_output_file
 
         check_output_file(path, "pyramid", overwrite=overwrite)
-
+        if inside is not None and tuple(inside.shape) != self.shape:
+            raise InputError(f"the mask to keep has shape {tuple(inside.shape)}, not the model grid's {self.shape}")
         metadata = {
             "vox2vec": "FeaturePyramid",
             "grid": json.dumps(self.grid.to_dict()),
             "source_grid": json.dumps(self.source_grid.to_dict() if self.source_grid else None),
             "meta": json.dumps(self.meta),
+            "layout": "dense" if inside is None else "inside-mask",
         }
-        tensors = {f"level_{i}": lv.detach().cpu().contiguous() for i, lv in enumerate(self.levels)}
+        tensors = {}
+        for scale, level in zip(self.scales, self.levels):
+            level = level.detach().cpu()
+            if inside is None:
+                tensors[f"level_{scale}"] = level.contiguous()
+                continue
+            cells = _cells_touching(inside.cpu().bool(), 2**scale, level.shape[1:])
+            tensors[f"level_{scale}"] = level[:, cells].contiguous()  # (C, K): the kept cells in C order
+            tensors[f"cells_{scale}"] = cells.to(torch.uint8).contiguous()
         if self.body is not None:
             tensors["body"] = self.body.cpu().to(torch.uint8).contiguous()
         with atomic_path(path) as tmp:
@@ -250,16 +280,19 @@ class FeaturePyramid:
                     raise InputError(f"{path} is not a vox2vec FeaturePyramid file (saved by FeaturePyramid.save)")
                 keys = list(handle.keys())  # noqa: SIM118 - safe_open has no __contains__
                 names = sorted((k for k in keys if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
+                scales = [int(name.split("_")[1]) for name in names]
                 levels = [handle.get_tensor(name) for name in names]
+                if metadata.get("layout") == "inside-mask":
+                    levels = [_scatter_cells(level, handle.get_tensor(f"cells_{s}").bool())
+                              for s, level in zip(scales, levels)]
                 body = handle.get_tensor("body").bool() if "body" in keys else None
         except InputError:
             raise
         except Exception as error:  # safetensors raises its own error type for corrupt files
             raise InputError(f"could not read feature pyramid {path}: {error}; the file is truncated or corrupt — "
                              "embed the CT again") from None
-        if not levels or names != [f"level_{i}" for i in range(len(names))]:
-            raise InputError(f"feature pyramid {path} holds levels {names}, expected level_0, level_1, …; "
-                             "embed the CT again")
+        if not levels:
+            raise InputError(f"feature pyramid {path} holds no levels; embed the CT again")
         try:
             grid = Grid.from_dict(json.loads(metadata["grid"]))
             source = json.loads(metadata["source_grid"])
@@ -267,7 +300,7 @@ class FeaturePyramid:
             meta = json.loads(metadata["meta"])
             if not isinstance(meta, dict):
                 raise TypeError(f"meta must be a JSON object, got {type(meta).__name__}")
-            return cls(levels, grid, source_grid, meta, body)
+            return cls(levels, grid, source_grid, meta, body, scales)
         except KeyError as error:
             problem = f"the metadata entry {error} is missing"
         except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError
@@ -321,3 +354,18 @@ def _nearest_up(values: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.
         for axis in range(3):
             values = values.repeat_interleave(cell, dim=axis)
     return values[: shape[0], : shape[1], : shape[2]]
+
+
+def _cells_touching(mask: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.Tensor:
+    """Which cells of a level (``cell`` voxels a side, ``shape`` cells) contain at least one voxel of ``mask``."""
+    if cell == 1:
+        return mask
+    pooled = torch.nn.functional.max_pool3d(mask[None, None].float(), cell, cell, ceil_mode=True)[0, 0] > 0
+    return pooled[: shape[0], : shape[1], : shape[2]]
+
+
+def _scatter_cells(values: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """A dense (C, *cells.shape) level from the (C, K) values of its kept cells; the others are zero."""
+    level = torch.zeros((values.shape[0], *cells.shape), dtype=values.dtype, device=values.device)
+    level[:, cells.to(values.device)] = values
+    return level

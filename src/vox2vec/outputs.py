@@ -17,8 +17,9 @@ How we recognise our own files (:func:`written_by_vox2vec`), without reading the
 * images (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``): the header note ``ITK_FileNotes`` (NIfTI ``descrip``) is
   ``vox2vec:<kind>``, e.g. ``vox2vec:label-map`` — :meth:`vox2vec.volume.Volume.save` writes it;
 * ``config.json`` / ``head.json``: a JSON object with a model config's ``architecture`` or a head's ``classes`` and
-  ``backbone``; ``README.md``: a model card with ``library_name: vox2vec``; ``.png``: a ``Software`` text chunk
-  ``vox2vec``; ``.csv``: a first line ``# vox2vec:table``.
+  ``backbone``; ``manifest.jsonl``: a first line with ``"vox2vec"`` and ``"input"`` (cohort runs); ``README.md``: a
+  model card with ``library_name: vox2vec``; ``.png``: a ``Software`` text chunk ``vox2vec``; ``.csv``: a first
+  line ``# vox2vec:table``; ``.parquet``: schema metadata ``vox2vec`` (read with pyarrow).
 
 A file someone edits after vox2vec wrote it may keep the marker (e.g. a label map re-saved by a viewer that keeps the
 NIfTI description); it is then treated as ours.
@@ -41,7 +42,7 @@ EXTENSIONS = {
     "pyramid": (".safetensors",),
     "label-map": IMAGE_EXTENSIONS,
     "volume": IMAGE_EXTENSIONS,
-    "table": (".csv",),
+    "table": (".csv", ".parquet"),
     "picture": (".png",),
 }
 DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
@@ -110,6 +111,17 @@ def _png_software(path: Path) -> str | None:
     return None
 
 
+def _parquet_marked(path: Path) -> bool:
+    """A Parquet file whose schema metadata has ``vox2vec`` (False when pyarrow is missing: then it is not ours)."""
+    try:
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - no pyarrow, or not a Parquet file: not ours
+        return False
+    return b"vox2vec" in metadata
+
+
 def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool:
     """Whether ``path`` is a file vox2vec wrote (as ``kind``, when given: "pyramid", "label-map", "volume")."""
     path = Path(path)
@@ -140,6 +152,8 @@ def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool
                 return handle.readline().startswith(TABLE_MARKER) and kind in (None, "table")
         except OSError:
             return False
+    if suffix == ".parquet":
+        return _parquet_marked(path) and kind in (None, "table")
     if suffix == ".png":
         return (_png_software(path) or "").startswith("vox2vec") and kind in (None, "picture")
     if kind is not None:
@@ -152,6 +166,13 @@ def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool
         return isinstance(content, dict) and (
             "vox2vec" in content or "architecture" in content or {"classes", "backbone"} <= content.keys()
         )
+    if suffix == ".jsonl":  # a cohort manifest: every line carries "vox2vec" and "input"
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                first = json.loads(handle.readline() or "null")
+        except (OSError, ValueError):
+            return False
+        return isinstance(first, dict) and {"vox2vec", "input"} <= first.keys()
     if suffix == ".md":
         try:
             return "library_name: vox2vec" in path.read_text(errors="replace")[:2000]
@@ -217,7 +238,8 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     """Refuse, before any compute, an output file we must not or cannot write; returns the path.
 
     ``kind``: "pyramid" (``.safetensors``), "label-map" or "volume" (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``),
-    "table" (``.csv``, first line :data:`TABLE_MARKER`) or "picture" (``.png`` with a ``Software: vox2vec`` chunk).
+    "table" (``.csv``, first line :data:`TABLE_MARKER`; or ``.parquet``) or "picture" (``.png`` with a
+    ``Software: vox2vec`` chunk).
     ``inputs``: the paths this run reads (non-path inputs are ignored).
     """
     if kind not in EXTENSIONS:

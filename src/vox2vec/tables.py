@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vox2vec._atomic import atomic_path
-from vox2vec.errors import InputError
+from vox2vec.errors import InputError, MissingExtraError
 from vox2vec.outputs import TABLE_MARKER
 
 
@@ -45,7 +45,10 @@ def read_points(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     """A CSV whose first line is :data:`~vox2vec.outputs.TABLE_MARKER` (read it with ``comment="#"``); floats to
-    4 decimals, NaN as an empty cell. Written to a temporary name, then renamed."""
+    4 decimals, NaN as an empty cell — or, for a ``.parquet`` path, Parquet (full precision; needs pyarrow) with
+    ``vox2vec`` in its schema metadata. Written to a temporary name, then renamed."""
+    if Path(path).suffix.lower() == ".parquet":
+        return _write_parquet(Path(path), columns, rows)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         handle.write(TABLE_MARKER + "\n")
         writer = csv.writer(handle)
@@ -54,3 +57,17 @@ def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[
             writer.writerow(["" if isinstance(v, float) and math.isnan(v) else
                              f"{v:.4f}" if isinstance(v, float) else v for v in row])
     return Path(path)
+
+
+def _write_parquet(path: Path, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingExtraError("writing Parquet needs pyarrow: pip install 'vox2vec[tables]', or write .csv") from None
+    values = list(zip(*rows)) if rows else [[] for _ in columns]
+    table = pa.table({name: list(column) for name, column in zip(columns, values)})
+    table = table.replace_schema_metadata({b"vox2vec": b"table"})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
+    return path

@@ -211,14 +211,17 @@ def _dicom_floats(reader, key: str, count: int) -> np.ndarray | None:
     return values if values.size == count and np.all(np.isfinite(values)) else None
 
 
-def _check_dicom_series(folder: Path, files: list[str]) -> None:
+def _check_dicom_series(folder: Path, files: list[str], other_series: list[str] = ()) -> None:
     """Refuse a series that is not one regular grid: unreadable files, mixed sizes or orientations, missing slices.
 
     ITK would stack such a series anyway, spreading the slices over an average spacing (with only a warning).
+    Files of ``other_series`` (other series UIDs in the same folder) are not counted as unreadable.
     """
     import SimpleITK as sitk
 
     in_series = {Path(f).name for f in files}
+    for other in other_series:
+        in_series |= {Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other)}
     unreadable = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in in_series
                         and p.name.upper() != "DICOMDIR" and not p.name.startswith(".") and _looks_like_dicom(p))
     slices = []
@@ -276,27 +279,58 @@ def _check_dicom_series(folder: Path, files: list[str]) -> None:
         )
 
 
-def _read_path(path: Path) -> Volume:
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder that may hold several (``load_volume`` reads just this one)."""
+
+    folder: Path
+    series_id: str
+
+    def __str__(self) -> str:
+        return f"{self.folder} (DICOM series {self.series_id})"
+
+
+def dicom_series_ids(folder: str | os.PathLike) -> list[str]:
+    """The DICOM series UIDs found directly in ``folder`` (empty when it holds none)."""
     import SimpleITK as sitk
 
-    if not path.exists():
-        raise InputError(f"no such file or directory: {path}; expected {_READABLE}")
-    if path.is_file() and path.suffix == ".gz":
-        _check_gzip_stream(path)
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _read_dicom(folder: Path, series_id: str | None = None):
+    """The SimpleITK image of the folder's only series, or of ``series_id``, checked to be one regular grid."""
+    import SimpleITK as sitk
+
+    series = dicom_series_ids(folder)
+    if not series:
+        raise InputError(f"{folder} is a directory without a DICOM series; pass a DICOM series folder or a file")
+    if series_id is None and len(series) > 1:
+        raise InputError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); pass a folder with "
+                         "exactly one, or embed the folder as a cohort (vox2vec embed -i FOLDER -o OUT_DIR)")
+    if series_id is not None and series_id not in series:
+        raise InputError(f"{folder} has no DICOM series {series_id} (it holds {', '.join(series)})")
+    chosen = series_id or series[0]
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen))
+    _check_dicom_series(folder, files, [s for s in series if s != chosen])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _read_path(path: Path | DicomSeries) -> Volume:
+    import SimpleITK as sitk
+
+    if isinstance(path, DicomSeries):
+        folder, series_id = path.folder, path.series_id
+    else:
+        folder, series_id = path, None
+    if not folder.exists():
+        raise InputError(f"no such file or directory: {folder}; expected {_READABLE}")
+    if folder.is_file() and folder.suffix == ".gz":
+        _check_gzip_stream(folder)
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{path} is a directory without a DICOM series; pass a DICOM series folder or a file")
-            if len(series) > 1:
-                raise InputError(
-                    f"{path} holds {len(series)} DICOM series ({', '.join(series)}); pass a folder with exactly one"
-                )
-            files = list(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            _check_dicom_series(path, files)
-            reader.SetFileNames(files)
-            image = reader.Execute()
+        if folder.is_dir():
+            image = _read_dicom(folder, series_id)
         else:
             image = sitk.ReadImage(str(path))
             if path.name.endswith((".nii", ".nii.gz")) and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
@@ -434,6 +468,8 @@ def load_volume(
         volume = source
     elif isinstance(source, (str, os.PathLike)):
         volume = _read_path(Path(source))
+    elif isinstance(source, DicomSeries):
+        volume = _read_path(source)
     elif type(source).__module__.startswith("SimpleITK"):
         volume = volume_from_sitk(source)
     elif hasattr(source, "affine") and hasattr(source, "dataobj"):

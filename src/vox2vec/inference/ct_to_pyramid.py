@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 
+from vox2vec.configured_model import Vox2VecModel
 from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.embed import embed_image
 from vox2vec.inference.precision import Precision, check_batch_size, pick_device
+from vox2vec.preprocessing import PreprocessedVolume
 
 
 def embed_volume(
@@ -40,9 +42,27 @@ def embed_volume(
     device = pick_device(device)  # argument checks first: a wrong device or batch size fails before any work
     check_batch_size(batch_size)
     net = resolve_model(model)
-    config = net.config
     prepared = net.preprocessor(ct, device=device, spacing=spacing, axis_order=axis_order, origin=origin,
                                 direction=direction)
+    return embed_prepared(prepared, net, device=device, batch_size=batch_size, window=window, overlap=overlap,
+                          precision=precision, dtype=dtype, progress=progress)
+
+
+def embed_prepared(
+    prepared: PreprocessedVolume,
+    net: Vox2VecModel,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    window: Sequence[int] | None = None,
+    overlap: float | None = None,
+    precision: Precision = "auto",
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> FeaturePyramid:
+    """The pyramid of a CT already on ``net``'s grid (``net.preprocessor(ct)``, possibly run in another process),
+    with the provenance every pyramid carries."""
+    config = net.config
     levels = embed_image(
         prepared.image, net.backbone,
         window=tuple(window or config.inference.window),

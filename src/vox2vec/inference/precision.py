@@ -123,3 +123,17 @@ def training_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return resolve_precision(precision, device)
+
+
+def local_device(local_rank: int) -> torch.device:
+    """This process's GPU: ``cuda:LOCAL_RANK`` when it sees every GPU of the node; ``cuda:0`` when the launcher (SLURM,
+    a container per rank) exposes one GPU per process; the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise DeviceError(f"LOCAL_RANK {local_rank} but this process sees {count} GPUs: start at most {count} processes "
+                      "per node, or expose one GPU per process (CUDA_VISIBLE_DEVICES)")

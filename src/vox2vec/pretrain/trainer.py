@@ -15,14 +15,13 @@ import resource
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from vox2vec.errors import DeviceError
-from vox2vec.inference.precision import autocast, training_precision
+from vox2vec._signals import StopFlag
+from vox2vec.inference.precision import autocast, local_device, training_precision
 from vox2vec.modeling import FPN3d
 from vox2vec.pretrain.augment import augment
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
@@ -31,52 +30,17 @@ from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
 from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _distributed() -> tuple[int, int, torch.device]:
     """Initialise DDP when launched by torchrun; returns (rank, world size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _local_device(local_rank)
+    device = local_device(local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return rank, world, device
-
-
-def _local_device(local_rank: int) -> torch.device:
-    """This process's GPU: ``cuda:LOCAL_RANK`` when it sees every GPU of the node; ``cuda:0`` when the launcher (SLURM,
-    a container per rank) exposes one GPU per process; the CPU without CUDA."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if local_rank < count:
-        return torch.device("cuda", local_rank)
-    if count == 1:
-        return torch.device("cuda", 0)
-    raise DeviceError(f"LOCAL_RANK {local_rank} but this process sees {count} GPUs: start at most {count} processes "
-                      "per node, or expose one GPU per process (CUDA_VISIBLE_DEVICES)")
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -109,7 +73,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     out.mkdir(parents=True, exist_ok=True)
     log = _StepLog(out, rank, step, device)
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
-    with _StopFlag() as stop, bar, log:
+    with StopFlag() as stop, bar, log:
         with _stop_signals_blocked():  # workers start with them blocked, then ignore them (_ignore_stop_signals)
             batches = iter(loader)
         while True:

@@ -23,6 +23,7 @@ def apply_head(head: nn.Module, pyramid: FeaturePyramid, *, device: torch.device
     Both heads are per-voxel functions of the embedding (1×1×1 kernels, nearest upsampling), so tiles aligned to the
     coarsest cell give exactly the result of applying the head to the whole pyramid at once.
     """
+    pyramid.check_complete("a head")
     device = torch.device(device) if device is not None else pyramid.device
     coarsest = 2 ** (pyramid.num_levels - 1)
     tile = tuple(max(coarsest, t - t % coarsest) for t in tile)

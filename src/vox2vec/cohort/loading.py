@@ -1,0 +1,97 @@
+"""Reading and preprocessing the next cases in worker processes while the backbone embeds the current one.
+
+Workers are spawned, not forked (as ``vox2vec pretrain prepare``): a forked child inherits ITK's and OpenMP's thread
+pools without their threads and can hang once the parent has read an image or run torch. Each worker uses one torch
+thread so that the backbone keeps the cores. At most ``workers + 1`` preprocessed cases wait in memory (each one CT on
+the model grid in float32, e.g. ≈ 45 MB for a 300 × 250 × 150 grid), so memory stays bounded however long the cohort.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+from vox2vec.cohort.inputs import CaseInput
+from vox2vec.cohort.manifest import input_fingerprint
+
+
+@dataclass
+class LoadedCase:
+    """A case read and preprocessed (``prepared`` is None when it could not be, with the reason in ``problem``)."""
+
+    case: CaseInput
+    prepared: Any = None  # vox2vec.preprocessing.PreprocessedVolume
+    fingerprint: dict[str, str] | None = None
+    problem: str | None = None
+    status: str = "failed"  # for a problem: "failed" (unreadable) or "skipped" (not a CT)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool, allow_non_ct: bool) -> LoadedCase:
+    """Read, check and preprocess one case (in a worker or in-process); never raises for a bad case."""
+    from vox2vec.config import PreprocessingConfig
+    from vox2vec.preprocessing import Preprocessor
+
+    if case.problem:
+        return LoadedCase(case, problem=case.problem)
+    try:
+        fingerprint = input_fingerprint(case.files(), hash_inputs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepared = Preprocessor(PreprocessingConfig(**preprocessing))(case.source)
+        messages = [str(w.message) for w in caught]
+    except Exception as error:  # noqa: BLE001 - any failure of one case is recorded, and the cohort goes on
+        return LoadedCase(case, problem=f"{type(error).__name__}: {error}")
+    not_ct = [m for m in messages if "does not look like a CT" in m or "already normalised" in m]
+    if not_ct and not allow_non_ct:
+        return LoadedCase(case, fingerprint=fingerprint, problem=f"not a CT in Hounsfield units: {not_ct[0]} "
+                          "(pass --allow-non-ct to embed it anyway)", status="skipped", warnings=messages)
+    return LoadedCase(case, prepared, fingerprint, warnings=messages)
+
+
+def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, workers: int, hash_inputs: bool,
+               allow_non_ct: bool) -> Iterator[LoadedCase]:
+    """The cases in order, each read and preprocessed; with ``workers`` > 0, up to ``workers + 1`` ahead of the
+    consumer in spawned processes. A worker that dies (e.g. killed for memory) fails its case; the pool is rebuilt."""
+    arguments = (preprocessing, hash_inputs, allow_non_ct)
+    if workers == 0:
+        for case in cases:
+            yield load_case(case, *arguments)
+        return
+    context = multiprocessing.get_context("spawn")
+    pending: deque[tuple[CaseInput, Future]] = deque()
+    queue = iter(cases)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_thread)
+    try:
+        while True:
+            while len(pending) < workers + 1:
+                case = next(queue, None)
+                if case is None:
+                    break
+                pending.append((case, pool.submit(load_case, case, *arguments)))
+            if not pending:
+                return
+            case, future = pending.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                yield LoadedCase(case, problem="the worker process reading it died (out of memory?)")
+                resubmit = [c for c, _ in pending]
+                pending.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_thread)
+                queue = iter([*resubmit, *queue])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,146 @@
+"""The cohort manifest (``manifest.jsonl``, one JSON object per case) and the fingerprints that make a rerun resume.
+
+A run appends one line per finished case as it goes (so a killed run keeps what it did) and, at its end, rewrites
+the file with the latest line per input (atomically). Every line carries ``"vox2vec": <version>``, which is also how
+an existing ``manifest.jsonl`` is recognised as ours. A case is up to date when its pyramid file is complete and its
+metadata records the same input fingerprint, model fingerprint and storage settings: the manifest is a report, the
+outputs themselves are the truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vox2vec._atomic import atomic_path
+
+MANIFEST = "manifest.jsonl"
+STATUSES = ("done", "failed", "skipped")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vox2vec")
+    except PackageNotFoundError:  # running from a source tree (PYTHONPATH=src)
+        return "source"
+
+
+@dataclass
+class CaseResult:
+    """What happened to one case; one manifest line."""
+
+    input: str
+    output: str | None
+    status: str  # one of STATUSES
+    reason: str = ""
+    seconds: float = 0.0
+    bytes: int = 0
+    input_fingerprint: dict[str, str] | None = None
+    geometry: dict[str, Any] | None = None
+    model: str | None = None
+    model_fingerprint: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"vox2vec": _version(), **asdict(self)})
+
+
+def input_fingerprint(files: Iterable[Path], hash_contents: bool = False) -> dict[str, str]:
+    """Size and modification time of every file the case reads (cheap), or the SHA-256 of their contents."""
+    digest = hashlib.sha256()
+    total = 0
+    for path in sorted(Path(f) for f in files):
+        stat = path.stat()
+        total += stat.st_size
+        if hash_contents:
+            with open(path, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"kind": "sha256" if hash_contents else "size+mtime", "value": digest.hexdigest(), "bytes": str(total)}
+
+
+def complete_pyramid_meta(path: Path) -> dict[str, Any] | None:
+    """The ``meta`` of a pyramid file whose bytes are all there (header parsed, size = header + last tensor's end);
+    None for a missing, truncated, foreign or corrupt file. Never reads the tensors."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) != 8:
+                return None
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100_000_000:
+                return None
+            header = json.loads(handle.read(length))
+        size = path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("vox2vec") != "FeaturePyramid":
+        return None
+    end = max((entry["data_offsets"][1] for entry in header.values() if isinstance(entry, dict)), default=0)
+    if size != 8 + length + end:
+        return None
+    try:
+        meta = json.loads(metadata.get("meta", "null"))
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The latest entry per input of a manifest (a torn last line from a killed run is ignored)."""
+    entries: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return entries
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and "input" in entry:
+            entries[entry["input"]] = entry
+    return entries
+
+
+class ManifestWriter:
+    """Appends each result to ``<folder>/<name>`` as it comes; :meth:`finish` merges everything into
+    ``manifest.jsonl`` (the latest entry per input, earlier runs and other ranks' files included)."""
+
+    def __init__(self, folder: Path, name: str = MANIFEST) -> None:
+        self.folder = folder
+        self.path = folder / name
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
+
+    def add(self, result: CaseResult) -> None:
+        self._handle.write(result.to_json() + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+
+def merge_manifests(folder: Path, parts: Iterable[Path] = ()) -> Path:
+    """Rewrite ``manifest.jsonl`` with the latest entry per input from it and ``parts`` (then removed: we wrote
+    them), in input order. Returns its path."""
+    final = folder / MANIFEST
+    parts = [p for p in parts if p.is_file() and p != final]
+    entries = read_manifest(final)
+    for part in parts:
+        entries.update(read_manifest(part))
+    with atomic_path(final) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for _, e in sorted(entries.items())), encoding="utf-8")
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return final

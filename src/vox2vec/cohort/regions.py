@@ -1,0 +1,216 @@
+"""Per-region and per-point feature tables: the deep counterpart of radiomics features, one row per (case, label)
+or (case, point), ready for pandas / scikit-learn.
+
+A label map is read on its own grid and mapped onto the model grid through world coordinates (nearest neighbour).
+It must lie on its CT's grid unless ``resample_mask=True`` (then any grid covering the CT works). Per label:
+``voxels`` and ``volume_ml`` counted on the label map's own grid; ``model_voxels``, the model-grid voxels the mean
+is taken over (0 for a label outside the embedded region: its features are empty); and the mean embedding, one
+column per channel named ``l<level>_c<channel>``. The mean is exact and cheap: each level's cells are weighted by how
+many of the label's voxels they hold, so the 1008-d embedding of every voxel is never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vox2vec.errors import InputError, MissingExtraError
+from vox2vec.features import FeaturePyramid, check_world_points
+from vox2vec.geometry import check_same_grid
+from vox2vec.resample import resample
+from vox2vec.volume import Volume, load_volume
+
+_CHUNK = 1 << 21  # labelled voxels per step of the weighted sums (bounds the temporary (cells, C) arrays)
+
+
+@dataclass
+class FeatureTable:
+    """Columns and rows of a feature table (``to_pandas()`` when pandas is installed)."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def extend(self, other: FeatureTable) -> None:
+        if self.columns and other.columns != self.columns:
+            raise InputError("the cases' tables have different columns (pyramids with different levels or "
+                             "backbones); tabulate them separately")
+        self.columns = other.columns
+        self.rows.extend(other.rows)
+
+    def to_pandas(self):
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MissingExtraError("to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+
+def feature_columns(pyramid: FeaturePyramid) -> list[str]:
+    """``l<level>_c<channel>`` for every stored channel (the levels a pyramid kept, in order)."""
+    return [f"l{scale}_c{c}" for scale, channels in zip(pyramid.scales, pyramid.channels) for c in range(channels)]
+
+
+def labels_on_model_grid(labels: Any, pyramid: FeaturePyramid,
+                         resample_mask: bool = False) -> tuple[Volume, torch.Tensor]:
+    """The label map (on its own grid) and its integer labels on the pyramid's model grid."""
+    volume = load_volume(labels, check_finite=False)
+    if not np.issubdtype(volume.array.dtype, np.integer):
+        rounded = np.rint(volume.array)
+        if not np.array_equal(rounded, volume.array):
+            raise InputError("the mask holds non-integer values; pass a label map (0 = background, 1, 2, … = "
+                             "regions)")
+        volume = volume.with_array(rounded.astype(np.int64))
+    if not resample_mask:
+        if pyramid.source_grid is None:
+            raise InputError("this pyramid does not know its CT's grid; pass resample_mask=True (--resample-mask) to "
+                             "map the mask through world coordinates")
+        check_same_grid(volume.grid, pyramid.source_grid, "the mask")
+    array = torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.int64)))
+    return volume, resample(array, volume.grid, pyramid.grid, mode="nearest", fill=0).long()
+
+
+def label_means(pyramid: FeaturePyramid, labels: torch.Tensor, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(L,) model-grid voxel counts and (L, dim) mean embeddings of the voxels labelled ``ids`` (NaN when absent)."""
+    lookup = torch.full((int(labels.max()) + 1 if labels.numel() else 1,), -1, dtype=torch.long)
+    for row, label in enumerate(ids):
+        if 0 <= label < len(lookup):
+            lookup[label] = row
+    flat = labels.reshape(-1).clamp(min=0)
+    rows_of_voxels = lookup[flat]
+    voxels = (rows_of_voxels >= 0).nonzero().squeeze(1)
+    rows_of_voxels = rows_of_voxels[voxels]
+    counts = torch.bincount(rows_of_voxels, minlength=len(ids)).double()
+    sums = torch.zeros((len(ids), pyramid.dim), dtype=torch.float64)
+    coords = torch.stack(torch.unravel_index(voxels, labels.shape), dim=1)
+    offset = 0
+    for scale, level in zip(pyramid.scales, pyramid.levels):
+        channels = level.shape[0]
+        cells_shape = level.shape[1:]
+        table = level.reshape(channels, -1)
+        for start in range(0, len(voxels), _CHUNK):
+            cell = coords[start : start + _CHUNK] // 2**scale
+            flat_cell = (cell[:, 0] * cells_shape[1] + cell[:, 1]) * cells_shape[2] + cell[:, 2]
+            key = rows_of_voxels[start : start + _CHUNK] * table.shape[1] + flat_cell
+            unique, weight = torch.unique(key, return_counts=True)
+            values = table[:, (unique % table.shape[1]).to(table.device)].T.double().cpu()
+            sums[:, offset : offset + channels].index_add_(0, unique // table.shape[1], values * weight[:, None])
+        offset += channels
+    means = sums / counts.clamp(min=1)[:, None]
+    means[counts == 0] = math.nan
+    return counts.numpy().astype(np.int64), means.float().numpy()
+
+
+def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample_mask: bool = False,
+                 labels: Sequence[int] | None = None) -> FeatureTable:
+    """One row per label of ``mask`` (every non-zero id present, or ``labels``): case, label, voxels, volume_ml,
+    model_voxels and the mean embedding."""
+    volume, on_model_grid = labels_on_model_grid(mask, pyramid, resample_mask)
+    present = np.unique(volume.array)
+    ids = [int(v) for v in present if v != 0] if labels is None else [int(v) for v in labels]
+    if not ids:
+        raise InputError("the mask has no labelled voxel (every value is 0); nothing to tabulate")
+    voxel_ml = float(np.prod(volume.grid.spacing)) / 1000.0
+    original_counts = {int(v): int(n) for v, n in zip(*np.unique(volume.array, return_counts=True))}
+    counts, means = label_means(pyramid, on_model_grid, ids)
+    rows = []
+    for label, model_voxels, mean in zip(ids, counts, means):
+        voxels = original_counts.get(label, 0)
+        rows.append([case, label, voxels, round(voxels * voxel_ml, 4), int(model_voxels), *mean.tolist()])
+    return FeatureTable(["case", "label", "voxels", "volume_ml", "model_voxels", *feature_columns(pyramid)], rows)
+
+
+def point_table(pyramid: FeaturePyramid, names: Sequence[str], points: np.ndarray, *, case: str = "") -> FeatureTable:
+    """One row per world point (LPS mm): case, point, x, y, z and the embedding at the nearest model voxel."""
+    points = check_world_points(pyramid, points)
+    features = pyramid.at_world(points).numpy()
+    rows = [[case, name, *map(float, point), *row.tolist()] for name, point, row in zip(names, points, features)]
+    return FeatureTable(["case", "point", "x", "y", "z", *feature_columns(pyramid)], rows)
+
+
+def as_pyramid(ct: Any, model: Any, progress: bool = False) -> FeaturePyramid:
+    """A pyramid as given, read from a saved ``.safetensors`` pyramid, or embedded from a CT with ``model``."""
+    if isinstance(ct, FeaturePyramid):
+        return ct
+    if isinstance(ct, (str, os.PathLike)) and str(ct).lower().endswith(".safetensors"):
+        return FeaturePyramid.load(ct)
+    from vox2vec.inference import embed_volume
+
+    return embed_volume(ct, model=model, progress=progress)
+
+
+def region_features(ct: Any, mask: Any, *, model: Any = "fpn-ct", case: str = "", resample_mask: bool = False,
+                    labels: Sequence[int] | None = None, progress: bool = False) -> FeatureTable:
+    """Mean embedding, voxel count and volume of every label of ``mask`` in ``ct`` (a CT, a saved pyramid file or a
+    :class:`~vox2vec.features.FeaturePyramid`); see the module docstring for the columns."""
+    return region_table(as_pyramid(ct, model, progress), mask, case=case, resample_mask=resample_mask, labels=labels)
+
+
+def point_features(ct: Any, points: Any, *, names: Sequence[str] | None = None, model: Any = "fpn-ct",
+                   case: str = "", progress: bool = False) -> FeatureTable:
+    """The embedding at each world point (LPS mm) of ``ct`` (a CT, a saved pyramid file or a pyramid)."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    names = list(names) if names is not None else [f"point_{i + 1}" for i in range(len(points))]
+    if len(names) != len(points):
+        raise InputError(f"{len(names)} names for {len(points)} points")
+    return point_table(as_pyramid(ct, model, progress), names, points, case=case)
+
+
+@dataclass
+class FeatureJob:
+    """One case of a feature table: a CT (or saved pyramid) with a label map, or with named world points."""
+
+    ct: Path
+    case: str
+    mask: Path | None = None
+    points: list[tuple[str, tuple[float, float, float]]] | None = None
+
+
+def read_feature_list(path: str | os.PathLike) -> list[FeatureJob]:
+    """A CSV of cases: ``ct`` and ``mask`` columns (one row per case), or ``ct``, ``x``, ``y``, ``z`` and optionally
+    ``name`` (one row per point, grouped by CT); an optional ``case`` column names the rows. Relative paths are
+    relative to the CSV's folder. Every listed file must exist (checked here, before any work)."""
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"could not read the list {path} ({error}); expected a CSV with columns ct, mask "
+                         "or ct, x, y, z") from None
+    rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else [])}
+    kind = "mask" if {"ct", "mask"} <= header.keys() else "points" if {"ct", "x", "y", "z"} <= header.keys() else None
+    if not rows or kind is None:
+        raise InputError(f"{path} needs a header with columns ct, mask (regions) or ct, x, y, z[, name] (points) "
+                         f"and at least one row; found {', '.join(header) or 'nothing'}")
+
+    def resolve(value: str, line: int) -> Path:
+        value = (value or "").strip()
+        if not value:
+            raise InputError(f"{path}, line {line}: empty path")
+        found = Path(value) if os.path.isabs(value) else path.parent / value
+        if not found.exists():
+            raise InputError(f"{path}, line {line}: no such file or directory {found}")
+        return found
+
+    jobs: dict[str, FeatureJob] = {}
+    for line, row in enumerate(rows, 2):
+        ct = resolve(row[header["ct"]], line)
+        case = (row.get(header.get("case", ""), "") or "").strip() or str(ct)
+        if kind == "mask":
+            jobs[f"{case}\0{len(jobs)}"] = FeatureJob(ct, case, mask=resolve(row[header["mask"]], line))
+            continue
+        try:
+            point = tuple(float(row[header[c]]) for c in ("x", "y", "z"))
+        except (TypeError, ValueError):
+            raise InputError(f"{path}, line {line}: x, y, z must be numbers (world LPS mm)") from None
+        name = (row.get(header.get("name", ""), "") or "").strip() or f"point_{line - 1}"
+        jobs.setdefault(f"{case}\0{ct}", FeatureJob(ct, case, points=[])).points.append((name, point))
+    return list(jobs.values())
