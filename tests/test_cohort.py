@@ -90,8 +90,10 @@ def test_cohort_run_records_every_case_and_goes_on(cohort, tmp_path, model_dir, 
     (out / "README.txt").write_text("someone else's notes")  # unrelated files are left alone
     status = main(["embed", "-i", str(cohort), "-o", str(out), "--model", str(model_dir), "--workers", "1"])
     assert status == 1  # a case failed
-    summary = capsys.readouterr().out
-    assert "4 embedded, 1 skipped, 2 failed" in summary
+    captured = capsys.readouterr()
+    assert "4 embedded, 1 skipped, 2 failed" in captured.out
+    log = captured.err.splitlines()  # not a terminal: one plain line per case, no progress bar
+    assert len(log) == 7 and log[0].startswith("[1/7] ") and sum(" failed " in line for line in log) == 2
     statuses = _statuses(out)
     assert statuses == {"ct.nii.gz": "done", "ct.nrrd": "done", "dicom#series=1.2.3.4.1": "done",
                         "dicom#series=1.2.3.4.2": "done", "mr_like.nii.gz": "skipped", "truncated.nii.gz": "failed",
@@ -116,6 +118,14 @@ def test_cohort_run_records_every_case_and_goes_on(cohort, tmp_path, model_dir, 
     assert first["input_fingerprint"]["kind"] == "size+mtime"
     series = [e for k, e in entries.items() if "#series=" in k]
     assert {tuple(e["geometry"]["original"]["shape"]) for e in series} == {(48, 48, 6), (48, 48, 8)}
+
+
+def test_non_ct_volumes_are_embedded_only_when_allowed(cohort, tmp_path, model_dir):
+    mr = cohort / "mr_like.nii.gz"
+    [skipped] = embed_many([mr], tmp_path / "out", model=str(model_dir), workers=0, progress=False)
+    assert skipped.status == "skipped" and not list((tmp_path / "out").glob("*.safetensors"))
+    [done] = embed_many([mr], tmp_path / "out", model=str(model_dir), workers=0, progress=False, allow_non_ct=True)
+    assert done.status == "done" and any("Hounsfield" in w for w in done.warnings)
 
 
 def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(cohort, tmp_path, model_dir):

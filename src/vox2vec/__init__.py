@@ -1,6 +1,7 @@
 """vox2vec: self-supervised voxel-level representations of CT scans (Goncharov et al., MICCAI 2023)."""
 
 from vox2vec.cohort import embed_many
+from vox2vec.cohort.regions import point_features, region_features
 from vox2vec.config import ModelConfig
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.correspondence import Matches, match
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
     "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "UnknownModelError", "Volume",
-    "Vox2VecError", "Vox2VecModel", "dice_scores",
-    "embed_many", "embed_volume", "list_models", "load_head", "load_pretrained",
-    "load_volume", "match", "Matches", "register_model", "sliding_window_head", "sparse_labels", "train_head",
+    "Vox2VecError", "Vox2VecModel", "dice_scores", "embed_many", "embed_volume", "list_models", "load_head",
+    "load_pretrained", "load_volume", "match", "Matches", "point_features", "region_features", "register_model",
+    "sliding_window_head", "sparse_labels", "train_head",
 ]

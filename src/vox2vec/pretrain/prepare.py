@@ -9,7 +9,6 @@ Workers are spawned, not forked, so a script that calls ``prepare(..., workers>1
 
 from __future__ import annotations
 
-import glob
 import json
 import multiprocessing
 import os
@@ -22,42 +21,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_directory, atomic_path
+from vox2vec.cohort.inputs import CaseInput, discover
 from vox2vec.config import PreprocessingConfig, known_settings
-from vox2vec.volume import IMAGE_SUFFIXES, image_stem
 
 _INT16 = np.iinfo(np.int16)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, directories (searched recursively for CT files and DICOM series folders) and glob patterns."""
-    found: list[Path] = []
-    for item in inputs:
-        item = str(item)
-        matches = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
-        for match in map(Path, matches):
-            if match.is_file():
-                found.append(match)
-            elif match.is_dir():
-                found.extend(_scan_directory(match))
-            else:
-                found.append(match)  # reported as unreadable later
-    return list(dict.fromkeys(found))
-
-
-def _scan_directory(root: Path) -> list[Path]:
-    out = []
-    for folder, _, files in os.walk(root):
-        names = sorted(files)
-        if any(n.lower().endswith(".dcm") for n in names):
-            out.append(Path(folder))
-        out.extend(Path(folder) / n for n in names if n.endswith(IMAGE_SUFFIXES) and "label" not in n.lower())
-    return out
-
-
-def case_id(path: Path, taken: set[str]) -> str:
-    name = image_stem(path.name) or path.name
-    if name in {"ct", "image", "img"}:
-        name = f"{path.parent.name}_{name}"
+def case_id(case: CaseInput, taken: set[str]) -> str:
+    """The case's folder name: the readable part of its cohort name, numbered when two cases share it."""
+    name = case.name.rsplit("-", 1)[0]
     unique, k = name, 1
     while unique in taken:
         k += 1
@@ -66,15 +38,18 @@ def case_id(path: Path, taken: set[str]) -> str:
     return unique
 
 
-def prepare_case(source: str, target: str, preprocessing: dict[str, Any], patch_size: Sequence[int]) -> dict:
+def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], patch_size: Sequence[int]) -> dict:
     """Prepare one CT; returns its manifest entry, or ``{"skipped": reason}``."""
     from vox2vec.body import body_mask
     from vox2vec.errors import Vox2VecError
     from vox2vec.preprocessing import Preprocessor
     from vox2vec.volume import load_volume
 
+    source = case.key
+    if case.problem:
+        return {"source": source, "skipped": f"unreadable: {case.problem}"}
     try:
-        volume = load_volume(source)
+        volume = load_volume(case.source)
         config = PreprocessingConfig(**known_settings(PreprocessingConfig, preprocessing, "[preprocessing] setting(s)"))
         preprocessor = Preprocessor(config)
         hu, grid = preprocessor.resample_hu(volume, clip=(config.clip_hu[0], float(_INT16.max)))
@@ -115,10 +90,9 @@ def prepare(
     taken = {c["id"] for c in done.values()}
     preprocessing = preprocessing or PreprocessingConfig()
     jobs = []
-    for path in expand_inputs(inputs):
-        source = str(path)
-        if source not in done:
-            jobs.append((source, str(output_dir / case_id(path, taken)), asdict(preprocessing), list(patch_size)))
+    for case in discover(inputs):
+        if case.key not in done:
+            jobs.append((case, str(output_dir / case_id(case, taken)), asdict(preprocessing), list(patch_size)))
     cases, skipped = list(done.values()), []
     with tqdm(total=len(jobs), desc="preparing CTs", unit="ct", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
