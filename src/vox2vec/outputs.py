@@ -62,8 +62,9 @@ def _suffix(path: Path) -> str:
 
 
 # -- recognising our own files -----------------------------------------------------------------------------------
-def _safetensors_metadata(path: Path) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors header, or None when the file is not one (never reads the tensors)."""
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int] | None:
+    """The JSON header of a safetensors file and the size it declares for the whole file (8 + header + the last
+    tensor's end), or None when it is not one. Never reads the tensors."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(8)
@@ -75,7 +76,19 @@ def _safetensors_metadata(path: Path) -> dict[str, str] | None:
             header = json.loads(handle.read(length))
     except (OSError, ValueError):
         return None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        return None
+    ends = [entry["data_offsets"][1] for entry in header.values()
+            if isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
+    return header, 8 + length + max(ends, default=0)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors header, or None when the file is not one (never reads the tensors)."""
+    found = safetensors_header(path)
+    if found is None:
+        return None
+    metadata = found[0].get("__metadata__")
     return metadata if isinstance(metadata, dict) else {}
 
 

@@ -16,17 +16,22 @@ from vox2vec.errors import InputError, MissingExtraError
 from vox2vec.outputs import TABLE_MARKER
 
 
+def read_csv(path: Path, what: str, expected: str) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """The rows of a CSV (lines starting with ``#`` are comments) and its header as {lower-case name: name}; an
+    unreadable file is an :class:`InputError` naming ``what`` and the ``expected`` layout."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"could not read the {what} {path} ({error}); expected {expected}") from None
+    rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
+    return rows, {k.strip().lower(): k for k in (rows[0].keys() if rows else []) if k is not None}
+
+
 def read_points(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """A CSV of world points: columns ``x, y, z`` (LPS millimetres) and optionally ``name``; lines starting with
     ``#`` are comments. Returns the names (``point_<row>`` where absent) and the (N, 3) points."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"could not read the points file {path} ({error}); expected a CSV with columns x, y, z "
-                         "and optionally name") from None
-    rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
-    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else [])}
+    rows, header = read_csv(path, "points file", "a CSV with columns x, y, z and optionally name")
     missing = [c for c in ("x", "y", "z") if c not in header]
     if not rows or missing:
         raise InputError(f"{path} needs a header with columns x, y, z (world LPS mm) and at least one row"

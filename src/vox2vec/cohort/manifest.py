@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vox2vec._atomic import atomic_path
+from vox2vec.outputs import safetensors_header
 
 MANIFEST = "manifest.jsonl"
 STATUSES = ("done", "failed", "skipped")
@@ -70,25 +70,16 @@ def input_fingerprint(files: Iterable[Path], hash_contents: bool = False) -> dic
 
 
 def complete_pyramid_meta(path: Path) -> dict[str, Any] | None:
-    """The ``meta`` of a pyramid file whose bytes are all there (header parsed, size = header + last tensor's end);
-    None for a missing, truncated, foreign or corrupt file. Never reads the tensors."""
+    """The ``meta`` of a pyramid file whose bytes are all there (its size is what its header declares); None for a
+    missing, truncated, foreign or corrupt file. Never reads the tensors."""
+    found = safetensors_header(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                return None
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                return None
-            header = json.loads(handle.read(length))
-        size = path.stat().st_size
-    except (OSError, ValueError):
+        if found is None or path.stat().st_size != found[1]:
+            return None
+    except OSError:
         return None
-    metadata = header.pop("__metadata__", None) or {}
-    if metadata.get("vox2vec") != "FeaturePyramid":
-        return None
-    end = max((entry["data_offsets"][1] for entry in header.values() if isinstance(entry, dict)), default=0)
-    if size != 8 + length + end:
+    metadata = found[0].get("__metadata__") or {}
+    if not isinstance(metadata, dict) or metadata.get("vox2vec") != "FeaturePyramid":
         return None
     try:
         meta = json.loads(metadata.get("meta", "null"))

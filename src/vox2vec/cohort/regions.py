@@ -176,16 +176,10 @@ def read_feature_list(path: str | os.PathLike) -> list[FeatureJob]:
     """A CSV of cases: ``ct`` and ``mask`` columns (one row per case), or ``ct``, ``x``, ``y``, ``z`` and optionally
     ``name`` (one row per point, grouped by CT); an optional ``case`` column names the rows. Relative paths are
     relative to the CSV's folder. Every listed file must exist (checked here, before any work)."""
-    import csv
+    from vox2vec.tables import read_csv
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"could not read the list {path} ({error}); expected a CSV with columns ct, mask "
-                         "or ct, x, y, z") from None
-    rows = list(csv.DictReader(line for line in text.splitlines() if line.strip() and not line.startswith("#")))
-    header = {k.strip().lower(): k for k in (rows[0].keys() if rows else [])}
+    rows, header = read_csv(path, "list", "a CSV with columns ct, mask or ct, x, y, z")
     kind = "mask" if {"ct", "mask"} <= header.keys() else "points" if {"ct", "x", "y", "z"} <= header.keys() else None
     if not rows or kind is None:
         raise InputError(f"{path} needs a header with columns ct, mask (regions) or ct, x, y, z[, name] (points) "
