@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 DEMO = Path(__file__).resolve().parent / "assets" / "demo"
 IGNORE = 255
@@ -55,24 +54,19 @@ def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini",
     return report.to_dict()
 
 
-def _pca_rgb(features: torch.Tensor) -> np.ndarray:
-    """(N, D) features → (N, 3) colours in [0, 1] from the first three principal components."""
-    centred = features - features.mean(0)
-    _, _, v = torch.pca_lowrank(centred, q=3, center=False)
-    projected = centred @ v[:, :3]
-    low, high = projected.quantile(0.01, dim=0), projected.quantile(0.99, dim=0)
-    return ((projected - low) / (high - low).clamp(min=1e-6)).clamp(0, 1).numpy()
-
-
 def write_picture(ct: np.ndarray, prediction: np.ndarray, pyramid, volume, path: Path, slice_index: int) -> None:
-    """Three panels of one axial slice (anterior up, patient right on the left): CT, prediction, feature PCA."""
-    from skimage.io import imsave
+    """Three panels of one axial slice (anterior up, patient right on the left): CT, prediction, feature PCA (the
+    first three principal components of the body's embeddings, as in ``vox2vec show``)."""
+    from vox2vec.viz.pca import fit_pca
+    from vox2vec.viz.png import write_png
 
     xs, ys = np.meshgrid(np.arange(ct.shape[0]), np.arange(ct.shape[1]), indexing="ij")
     voxels = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, slice_index)], axis=1)
     inside = pyramid.contains(volume.grid.index_to_world(voxels))
+    basis = fit_pca(pyramid, 3)
+    projected = (pyramid.at_voxels(voxels[inside]).double().numpy() - basis.mean) @ basis.components.T
     rgb = np.zeros((xs.size, 3))
-    rgb[inside] = _pca_rgb(pyramid.at_voxels(voxels[inside]))
+    rgb[inside] = np.clip((projected - basis.low) / np.maximum(basis.high - basis.low, 1e-6), 0, 1)
     grey = np.clip((ct[:, :, slice_index].astype(np.float32) + 160) / 400, 0, 1)  # abdomen window
     palette = np.random.default_rng(3).uniform(0.2, 1.0, size=(int(prediction.max()) + 1, 3))
     palette[0] = 0
@@ -80,22 +74,7 @@ def write_picture(ct: np.ndarray, prediction: np.ndarray, pyramid, volume, path:
     overlay = np.where(labels[..., None] > 0, 0.5 * grey[..., None] + 0.5 * palette[labels], grey[..., None])
     panels = [np.repeat(grey[..., None], 3, axis=2), overlay, rgb.reshape(*grey.shape, 3)]
     image = np.concatenate([_display(p, volume.grid) for p in panels], axis=1)
-    from vox2vec._atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        imsave(str(tmp), (image * 255).astype(np.uint8), check_contrast=False)
-        _mark_png(tmp)
-
-
-def _mark_png(path: Path) -> None:
-    """Add a ``Software: vox2vec`` text chunk after the PNG header, so a later run knows the file is ours."""
-    import zlib
-
-    data = path.read_bytes()
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
-    body = b"tEXt" + b"Software\0vox2vec demo"
-    chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
-    path.write_bytes(data[:ihdr_end] + chunk + data[ihdr_end:])
+    write_png((image * 255).astype(np.uint8), path, "vox2vec demo")
 
 
 def _display(panel: np.ndarray, grid) -> np.ndarray:

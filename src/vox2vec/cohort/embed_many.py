@@ -48,16 +48,18 @@ class Storage:
     keep: str = "all"
     dtype: str = "fp16"
 
-    def check(self, num_levels: int) -> None:
+    def check(self, num_levels: int | None = None) -> None:
+        """The settings; with the model's ``num_levels``, also that the levels exist."""
         if self.dtype not in STORAGE_DTYPES:
             raise InputError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         if self.keep not in KEEP_REGIONS:
             raise InputError(f"keep must be one of {', '.join(KEEP_REGIONS)}, got {self.keep!r}")
         if self.levels is not None:
-            bad = [level for level in self.levels if not 0 <= level < num_levels]
+            bad = [level for level in self.levels if level < 0 or (num_levels is not None and level >= num_levels)]
             if not self.levels or bad or len(set(self.levels)) != len(self.levels):
-                raise InputError(f"levels {list(self.levels)} must be distinct levels of this {num_levels}-level "
-                                 f"model (0 … {num_levels - 1})")
+                levels = "levels ≥ 0" if num_levels is None else f"levels of this {num_levels}-level model (0 … " \
+                    f"{num_levels - 1})"
+                raise InputError(f"levels {list(self.levels)} must be distinct {levels}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class Shard:
 
     rank: int = 0
     world: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise InputError(f"rank {self.rank} of a world of {self.world} processes: need 0 ≤ RANK < WORLD_SIZE")
 
     @classmethod
     def from_environment(cls) -> Shard:
@@ -118,9 +124,12 @@ def embed_many(
         raise InputError(f"workers must be a whole number ≥ 0 (0 reads in this process), got {workers!r}")
     check_batch_size(batch_size)
     shard = shard or Shard.from_environment()
-    device = pick_device(device) if device is not None or shard.world == 1 else local_device(
-        int(os.environ.get("LOCAL_RANK", "0")))
+    if shard.world > 1 and (device is None or str(device) == "cuda"):
+        device = local_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank (CPU without CUDA)
+    else:
+        device = pick_device(device)
     storage = Storage(tuple(int(v) for v in levels) if levels is not None else None, keep, dtype)
+    storage.check()  # before the model is loaded (which may mean a download)
     net = resolve_model(model)
     storage.check(net.config.architecture.num_scales)
     out_dir = Path(out_dir)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vox2vec._atomic import atomic_path
 from vox2vec.errors import MissingExtraError
 from vox2vec.viz import planes
 from vox2vec.viz.picture import Picture, Row
+from vox2vec.viz.png import write_png
 
 SOFTWARE = "vox2vec show"
 DPI = 100
@@ -162,11 +162,4 @@ def render(picture: Picture, path: str | os.PathLike, width: int = WIDTH) -> Pat
         _draw_row(figure, row, picture, boxes, side, size)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3]  # opaque: RGB is a quarter smaller than matplotlib's RGBA
-    from PIL import Image, PngImagePlugin  # a dependency of matplotlib
-
-    text = PngImagePlugin.PngInfo()
-    text.add_text("Software", SOFTWARE)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=text, optimize=True)
-    return path
+    return write_png(pixels, path, SOFTWARE)
