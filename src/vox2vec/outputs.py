@@ -265,6 +265,14 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     if _suffix(path) not in allowed:
         found = f"extension {_suffix(path)!r}" if _suffix(path) else "no extension"
         raise OutputError(f"cannot write {what} {path}: {found}; use {', '.join(allowed)}")
+    if _suffix(path) == ".parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401 - only checked here, before any compute
+        except ImportError:
+            from vox2vec.errors import MissingExtraError
+
+            raise MissingExtraError(f"cannot write {what} {path}: Parquet needs pyarrow — pip install "
+                                    "'vox2vec[tables]', or write .csv") from None
     ours = written_by_vox2vec(path, kind)
     _check_not_an_input(path, _paths(inputs), what, ours)
     if path.exists() and not overwrite and not ours:

@@ -7,6 +7,7 @@ embeds the current one (:mod:`vox2vec.cohort.loading`). Under ``torchrun`` every
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from vox2vec.cohort.manifest import (
     ManifestWriter,
     complete_pyramid_meta,
     input_fingerprint,
+    manifest_parts,
     merge_manifests,
 )
 from vox2vec.errors import InputError
@@ -76,7 +78,11 @@ class Shard:
     @classmethod
     def from_environment(cls) -> Shard:
         """The rank and world size torchrun (or any launcher setting RANK / WORLD_SIZE) gives this process."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        try:
+            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError:
+            raise InputError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must "
+                             "be whole numbers (as torchrun sets them)") from None
 
     def take(self, cases: Sequence[CaseInput]) -> list[CaseInput]:
         return list(cases[self.rank :: self.world])
@@ -135,7 +141,7 @@ def embed_many(
     out_dir = Path(out_dir)
     cases = discover(inputs)
     mine = shard.take(cases)
-    sources = [c.source.folder if hasattr(c.source, "folder") else c.source for c in cases]
+    sources = [*inputs, *(c.source.folder if hasattr(c.source, "folder") else c.source for c in cases)]
     check_output_dir(out_dir, files=[f"{c.name}.safetensors" for c in mine] + [MANIFEST], inputs=sources,
                      overwrite=overwrite, what="cohort output folder")
     return CohortRun(mine, len(cases), out_dir, net, storage, shard,
@@ -156,11 +162,13 @@ class CohortRun:
         self.interrupted = False
         self.model_fingerprint = net.fingerprint()
         self._started = False
+        self._wall, self._elapsed = 0.0, 0.0
 
     def __iter__(self) -> Iterator[CaseResult]:
         if self._started:
             raise RuntimeError("a CohortRun can be iterated once; call embed_many again to resume")
         self._started = True
+        self._wall = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         writer = ManifestWriter(self.out_dir, self.shard.manifest_name)
         bar = _Progress(len(self.cases), self.progress)
@@ -183,6 +191,7 @@ class CohortRun:
             self.interrupted = True
             raise
         finally:
+            self._elapsed = time.perf_counter() - self._wall
             bar.close()
             writer.close()
             self._finish_manifest()
@@ -253,13 +262,13 @@ class CohortRun:
     def _finish_manifest(self) -> None:
         """One process: compact manifest.jsonl. Ranks: wait for all, rank 0 merges every part."""
         if self.shard.world == 1:
-            merge_manifests(self.out_dir)
+            merge_manifests(self.out_dir, manifest_parts(self.out_dir))  # parts a sharded run left are merged too
             return
         if self.interrupted or not _join_ranks(self.shard):
             return  # the parts stay; the next complete run merges them
         torch.distributed.barrier()
         if self.shard.rank == 0:
-            merge_manifests(self.out_dir, sorted(self.out_dir.glob("manifest.rank*.jsonl")))
+            merge_manifests(self.out_dir, manifest_parts(self.out_dir))
         torch.distributed.barrier()
 
     @property
@@ -269,7 +278,7 @@ class CohortRun:
     def summary(self) -> str:
         """One line: how many cases were embedded, skipped and failed, in how long, and how many bytes."""
         counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
-        seconds = sum(r.seconds for r in self.results)
+        seconds = self._elapsed
         megabytes = sum(r.bytes for r in self.results if r.status == "done") / 2**20
         where = f" (rank {self.shard.rank} of {self.shard.world}: {len(self.cases)} of {self.total} cases)" \
             if self.shard.world > 1 else ""
@@ -287,7 +296,9 @@ def _join_ranks(shard: Shard) -> bool:
         return True
     if "MASTER_ADDR" not in os.environ:
         return False
-    torch.distributed.init_process_group("gloo", rank=shard.rank, world_size=shard.world)
+    # Ranks finish at different times (a rank's cases may take hours longer): wait long, not gloo's 30 minutes.
+    torch.distributed.init_process_group("gloo", rank=shard.rank, world_size=shard.world,
+                                         timeout=datetime.timedelta(days=7))
     return True
 
 

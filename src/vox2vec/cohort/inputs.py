@@ -1,9 +1,10 @@
 """Which cases a cohort run reads: files, folders (searched recursively), globs and list files → named cases.
 
 A case is one CT: an image file (NIfTI, NRRD, MHA) or one DICOM series (a folder holding two series is two cases).
-Every case gets a deterministic, collision-free output name: a readable part from its path plus 8 hex digits of a
-hash of its absolute path (and series UID), so the same input always maps to the same output whatever else is in
-the cohort, and two inputs never share one.
+Cases are keyed by their absolute path (and series UID), so the same file named two ways is one case and a rerun from
+another working directory resumes. Every case gets a deterministic output name: a readable part from its path plus
+12 hex digits of a hash of that key, so the same input always maps to the same output whatever else is in the cohort;
+two cases that would still share a name are an error before any work.
 """
 
 from __future__ import annotations
@@ -42,13 +43,33 @@ class CaseInput:
         return str(self.source)
 
     def files(self) -> list[Path]:
-        """The files this case reads (the series' files for DICOM), for fingerprints."""
-        if isinstance(self.source, DicomSeries):
-            import SimpleITK as sitk
+        """Every file this case reads (a DICOM series' slices; a ``.mhd``/``.nhdr`` header and its data file), for
+        fingerprints."""
+        import SimpleITK as sitk
 
-            return [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.source.folder),
-                                                                                  self.source.series_id)]
-        return [self.source] if self.source.is_file() else []
+        if isinstance(self.source, DicomSeries):
+            folder, series = self.source.folder, [self.source.series_id]
+        elif self.source.is_dir():
+            folder, series = self.source, dicom_series_ids(self.source)[:1]
+        else:
+            return [self.source, *_detached_data_file(self.source)] if self.source.is_file() else []
+        return [Path(f) for uid in series for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+
+
+def _detached_data_file(header: Path) -> list[Path]:
+    """The data file a ``.mhd`` (``ElementDataFile = …``) or ``.nhdr`` (``data file: …``) header names."""
+    if header.suffix.lower() not in (".mhd", ".nhdr"):
+        return []
+    try:
+        lines = header.read_text(encoding="latin-1", errors="replace").splitlines()[:200]
+    except OSError:
+        return []
+    for line in lines:
+        key, separator, value = line.partition("=" if header.suffix.lower() == ".mhd" else ":")
+        if separator and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
+            found = header.parent / value.strip()
+            return [found] if found.is_file() else []
+    return []
 
 
 def looks_like_label_map(path: Path) -> bool:
@@ -65,10 +86,10 @@ def _readable_name(path: Path, series: str | None) -> str:
 
 
 def case_name(path: Path, series: str | None = None) -> str:
-    """``<readable>-<8 hex>``: the readable part from the file (or DICOM folder) name, the hash from the absolute
+    """``<readable>-<12 hex>``: the readable part from the file (or DICOM folder) name, the hash from the absolute
     path and series UID."""
     key = f"{Path(os.path.abspath(path))}#{series or ''}"
-    return f"{_readable_name(path, series)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return f"{_readable_name(path, series)}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 def _file_case(path: Path) -> CaseInput:
@@ -95,21 +116,21 @@ def _search_folder(root: Path) -> list[CaseInput]:
         images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
         cases.extend(_file_case(Path(folder) / n) for n in images if not looks_like_label_map(Path(n)))
         others = [Path(folder) / n for n in names if n not in images and n.upper() != "DICOMDIR"]
-        if any(_looks_like_dicom(p) for p in others[:16]):
+        if any(p.suffix.lower() == ".dcm" for p in others) or any(_looks_like_dicom(p) for p in others[:32]):
             cases.extend(_dicom_cases(Path(folder)))
     return cases
 
 
 def read_list_file(path: Path) -> list[Path]:
-    """Paths from a list file: one per line (``#`` comments), or a CSV with a ``path`` column. Relative paths are
-    relative to the list file's folder."""
+    """Paths from a list file: one per line (``#`` comments), or a CSV whose header has a ``path`` column. Relative
+    paths are relative to the list file's folder."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"could not read the list file {path} ({error}); expected one path per line or a CSV "
                          "with a 'path' column") from None
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if lines and "," in lines[0]:
+    if lines and "path" in [c.strip().lower() for c in lines[0].split(",")]:
         rows = list(csv.DictReader(lines))
         columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
         if "path" not in columns:
@@ -126,6 +147,7 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
     """
     inputs = [str(item) for item in inputs]
     found: dict[str, CaseInput] = {}
+    names: dict[str, str] = {}
     for text in inputs:
         if any(c in text for c in "*?[") and not Path(text).exists():
             matches = sorted(glob.glob(text, recursive=True))
@@ -135,8 +157,11 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
         else:
             matches = [text]
         for match in matches:
-            for case in _expand(Path(match), ""):
+            for case in _expand(Path(os.path.abspath(match)), "", set()):
                 found.setdefault(case.key, case)  # the first occurrence wins
+                if names.setdefault(case.name, case.key) != case.key:
+                    raise InputError(f"two cases would share the output name {case.name}: {names[case.name]} and "
+                                     f"{case.key}; rename one of them")
     unique = list(found.values())
     if not unique:
         raise InputError(f"no CT found in {', '.join(map(str, inputs))}: expected {', '.join(IMAGE_SUFFIXES)} "
@@ -144,11 +169,15 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
     return unique
 
 
-def _expand(path: Path, where: str) -> list[CaseInput]:
+def _expand(path: Path, where: str, lists: set[Path]) -> list[CaseInput]:
     if path.is_dir():
         return _search_folder(path)
     if path.is_file() and path.name.lower().endswith(LIST_SUFFIXES):
-        return [case for entry in read_list_file(path) for case in _expand(entry, f" (listed in {path})")]
+        if path in lists:
+            raise InputError(f"the list file {path} lists itself (directly or through another list)")
+        inner = lists | {path}
+        return [case for entry in read_list_file(path)
+                for case in _expand(Path(os.path.abspath(entry)), f" (listed in {path})", inner)]
     if not path.exists():
         return [CaseInput(path, case_name(path), problem=f"no such file or directory{where}")]
     return [_file_case(path)]

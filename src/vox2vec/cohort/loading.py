@@ -33,10 +33,16 @@ class LoadedCase:
     warnings: list[str] = field(default_factory=list)
 
 
-def _single_thread() -> None:
+def _worker_setup() -> None:
+    """One torch thread; SIGINT/SIGTERM left to the main process (which finishes or abandons the current case and
+    then shuts the pool down), so a Ctrl-C does not kill a reader halfway through its case."""
+    import signal
+
     import torch
 
     torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool, allow_non_ct: bool) -> LoadedCase:
@@ -64,34 +70,43 @@ def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool,
 def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, workers: int, hash_inputs: bool,
                allow_non_ct: bool) -> Iterator[LoadedCase]:
     """The cases in order, each read and preprocessed; with ``workers`` > 0, up to ``workers + 1`` ahead of the
-    consumer in spawned processes. A worker that dies (e.g. killed for memory) fails its case; the pool is rebuilt."""
+    consumer in spawned processes. When a worker dies (e.g. killed for memory), the pool is rebuilt and the cases
+    that were in flight are read again one at a time, so that only the case that kills its reader alone fails."""
     arguments = (preprocessing, hash_inputs, allow_non_ct)
     if workers == 0:
         for case in cases:
             yield load_case(case, *arguments)
         return
     context = multiprocessing.get_context("spawn")
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_setup)
+
     pending: deque[tuple[CaseInput, Future]] = deque()
-    queue = iter(cases)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_thread)
+    queue = deque(cases)
+    suspects: set[str] = set()  # in flight when a worker died: read alone until each is through
+    pool = new_pool()
     try:
-        while True:
-            while len(pending) < workers + 1:
-                case = next(queue, None)
-                if case is None:
-                    break
+        while queue or pending:
+            while queue and len(pending) < workers + 1 and not (pending and queue[0].key in suspects):
+                case = queue.popleft()
                 pending.append((case, pool.submit(load_case, case, *arguments)))
-            if not pending:
-                return
+                if case.key in suspects:
+                    break  # a suspect runs alone
             case, future = pending.popleft()
             try:
-                yield future.result()
+                loaded = future.result()
             except BrokenProcessPool:
-                yield LoadedCase(case, problem="the worker process reading it died (out of memory?)")
-                resubmit = [c for c, _ in pending]
-                pending.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_thread)
-                queue = iter([*resubmit, *queue])
+                pool = new_pool()
+                if case.key in suspects and not pending:  # it died alone: this case is the cause
+                    loaded = LoadedCase(case, problem="the worker process reading it died (out of memory?)")
+                else:
+                    suspects.update(c.key for c in (case, *(c for c, _ in pending)))
+                    queue.extendleft(reversed([case, *(c for c, _ in pending)]))
+                    pending.clear()
+                    continue
+            suspects.discard(case.key)
+            yield loaded
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,8 @@ or (case, point), ready for pandas / scikit-learn.
 A label map is read on its own grid and mapped onto the model grid through world coordinates (nearest neighbour).
 It must lie on its CT's grid unless ``resample_mask=True`` (then any grid covering the CT works). Per label:
 ``voxels`` and ``volume_ml`` counted on the label map's own grid; ``model_voxels``, the model-grid voxels the mean
-is taken over (0 for a label outside the embedded region: its features are empty); and the mean embedding, one
+is taken over (0 for a label outside the embedded region — or outside the body, for a pyramid saved with
+``--keep body`` — and then its features are empty); and the mean embedding, one
 column per channel named ``l<level>_c<channel>``. The mean is exact and cheap: each level's cells are weighted by how
 many of the label's voxels they hold, so the 1008-d embedding of every voxel is never materialised.
 """
@@ -118,6 +119,8 @@ def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample
         raise InputError("the mask has no labelled voxel (every value is 0); nothing to tabulate")
     voxel_ml = float(np.prod(volume.grid.spacing)) / 1000.0
     original_counts = {int(v): int(n) for v, n in zip(*np.unique(volume.array, return_counts=True))}
+    if pyramid.stored is not None:  # saved with --keep body: only the kept voxels have features
+        on_model_grid = on_model_grid * pyramid.stored.to(on_model_grid.device)
     counts, means = label_means(pyramid, on_model_grid, ids)
     rows = []
     for label, model_voxels, mean in zip(ids, counts, means):

@@ -69,5 +69,6 @@ def embed_prepared(
         overlap=config.inference.overlap if overlap is None else overlap,
         batch_size=batch_size, device=device, precision=precision, dtype=dtype, progress=progress,
     )
-    meta = {"model": config.name, "fingerprint": net.fingerprint(), "preprocessing": config.to_dict()["preprocessing"]}
+    meta = {"model": config.name, "fingerprint": net.fingerprint(), "num_levels": len(levels),
+            "preprocessing": config.to_dict()["preprocessing"]}
     return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta, body=prepared.body_mask())
