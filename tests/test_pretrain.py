@@ -17,8 +17,8 @@ import torch
 import vox2vec
 from conftest import crop, ct_path, label_path, read_image
 from vox2vec import InputError
+from vox2vec.augment import augment, gaussian_kernels
 from vox2vec.pretrain import export, info_nce, load_config, prepare, train
-from vox2vec.pretrain.augment import augment, gaussian_kernels
 from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
 from vox2vec.pretrain.objective import info_nce_dense
 from vox2vec.pretrain.sampling import PairDataset, open_corpus, sample_pair

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vox2vec.augment import AugmentationConfig
 from vox2vec.config import (
     ArchitectureConfig,
     PreprocessingConfig,
@@ -34,21 +35,6 @@ class SamplingConfig:
     patch_size: tuple[int, int, int] = (128, 128, 32)
     pairs_per_step: int = 10  # crop pairs per step, all from one CT
     max_voxels_per_pair: int = 1024  # positives per pair
-
-
-@dataclass(frozen=True)
-class AugmentationConfig:
-    filter_probability: float = 0.5  # blur or sharpen in the axial plane
-    blur_sigma: tuple[float, float] = (0.25, 1.5)
-    sharpen_sigma1: tuple[float, float] = (0.5, 1.0)
-    sharpen_sigma2: float = 0.5
-    sharpen_alpha: tuple[float, float] = (10.0, 30.0)
-    noise_probability: float = 0.5
-    noise_sigma_hu: tuple[float, float] = (0.0, 30.0)
-    window_probability: float = 0.8
-    window_low_hu: tuple[float, float] = (-1350.0, -1000.0)
-    window_high_hu: tuple[float, float] = (300.0, 1000.0)
-    default_window_hu: tuple[float, float] = (-1350.0, 1000.0)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from vox2vec._signals import StopFlag
+from vox2vec.augment import augment
 from vox2vec.inference.precision import autocast, local_device, training_precision
 from vox2vec.modeling import FPN3d
-from vox2vec.pretrain.augment import augment
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
 from vox2vec.pretrain.objective import ContrastiveModel, info_nce
 from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus

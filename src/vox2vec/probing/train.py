@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vox2vec.augment import AugmentationConfig, augment
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import check_same_grid
@@ -130,17 +131,12 @@ def intensity_augmented_copies(ct: Any, copies: int, *, seed: int = 0,
     """``copies`` intensity-augmented versions of a CT, in HU on its own grid (same geometry, so its label map
     applies unchanged). Seeded and deterministic.
 
-    Each copy is the pre-training augmentation (:func:`vox2vec.pretrain.augment.augment`, paper defaults: in-plane
+    Each copy is the pre-training augmentation (:func:`vox2vec.augment.augment`, paper defaults: in-plane
     blur or sharpening, Gaussian noise, a random HU window — a random HU scale and shift), applied to the CT clipped
     to ``clip_hu`` (the model's window) in its own voxels, with the array axis nearest the body axis as the slice
     axis; the [0, 1] result is mapped back to HU through ``clip_hu``. ``train_head(augmented_copies=n)`` uses
     ``seed = train_head's seed + index of the pair``.
     """
-    # pre-training is layer 10 and probing layer 9: imported here, lazily (vox2vec.pretrain imports the trainer,
-    # which imports probing), so that the augmentation has one home.
-    from vox2vec.pretrain.augment import augment
-    from vox2vec.pretrain.config import AugmentationConfig
-
     volume = load_volume(ct)
     low, high = (float(v) for v in clip_hu)
     config = AugmentationConfig(default_window_hu=(low, high))

@@ -1,12 +1,29 @@
-"""Intensity augmentations in HU, batched on the device (Table 3 of the paper), then windowing to [0, 1]."""
+"""Intensity augmentations in HU, batched on the device (Table 3 of the paper), then windowing to [0, 1].
+
+Used by pre-training (two views of a patch) and by ``train_head(augmented_copies=…)`` (re-embedded training CTs).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from vox2vec.pretrain.config import AugmentationConfig
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    filter_probability: float = 0.5  # blur or sharpen in the axial plane
+    blur_sigma: tuple[float, float] = (0.25, 1.5)
+    sharpen_sigma1: tuple[float, float] = (0.5, 1.0)
+    sharpen_sigma2: float = 0.5
+    sharpen_alpha: tuple[float, float] = (10.0, 30.0)
+    noise_probability: float = 0.5
+    noise_sigma_hu: tuple[float, float] = (0.0, 30.0)
+    window_probability: float = 0.8
+    window_low_hu: tuple[float, float] = (-1350.0, -1000.0)
+    window_high_hu: tuple[float, float] = (300.0, 1000.0)
+    default_window_hu: tuple[float, float] = (-1350.0, 1000.0)
 
 
 def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> torch.Tensor:
