@@ -123,7 +123,8 @@ def main() -> None:
     results: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": args.device, "model": args.model,
                      "cases": len(cases), "variants": {}}
     if args.output.exists():  # a partial rerun adds to what was measured before
-        results["variants"] = json.loads(args.output.read_text()).get("variants", {})
+        previous = json.loads(args.output.read_text())
+        results = {**previous, **results, "variants": previous.get("variants", {})}
 
     def save() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

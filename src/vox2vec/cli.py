@@ -98,7 +98,7 @@ def _embed_cohort(args: argparse.Namespace) -> int:
         raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
     run = embed_many(args.input, args.output, model=args.model, device=args.device, batch_size=args.batch_size,
                      precision=args.precision, levels=args.levels, keep=args.keep, dtype=args.dtype,
-                     workers=2 if args.workers is None else args.workers, hash_inputs=args.hash,
+                     workers=args.workers, hash_inputs=args.hash,
                      allow_non_ct=args.allow_non_ct,
                      overwrite=args.overwrite, progress=not args.no_progress)
     for _ in run:
@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     cohort = embed.add_argument_group("cohort runs")
     cohort.add_argument("--workers", type=_non_negative_int, default=None,
-                        help="processes reading and preprocessing the next cases (default 2; 0: in this process)")
+                        help="processes reading and preprocessing the next cases (0: in this process; default: 2 "
+                             "with a GPU, on a CPU one per 4 cores up to 2)")
     cohort.add_argument("--hash", action="store_true",
                         help="fingerprint inputs by SHA-256 of their bytes (default: size and modification time)")
     cohort.add_argument("--levels", type=int, nargs="+", default=None,

@@ -103,7 +103,7 @@ def embed_many(
     levels: Sequence[int] | None = None,
     keep: str = "all",
     dtype: str = "fp16",
-    workers: int = 2,
+    workers: int | None = None,
     hash_inputs: bool = False,
     allow_non_ct: bool = False,
     overwrite: bool = False,
@@ -119,14 +119,16 @@ def embed_many(
 
     Storage: ``levels`` keeps only those backbone levels (pyramids that heads and matching refuse, but enough for
     region tables); ``keep="body"`` stores only the cells touching the body; ``dtype`` "fp16" (default) or "fp32".
-    ``workers``: reader processes (0: read in this process). ``shard``: default from the environment (torchrun).
+    ``workers``: reader processes (0: read in this process); by default 2 when the backbone runs on a GPU, and on a
+    CPU one per 4 cores, at most 2 (0 on a 2-core machine: there the readers only take cores from the backbone —
+    measured in docs/benchmarks.md). ``shard``: default from the environment (torchrun).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [str(i) for i in inputs]
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise InputError(f"workers must be a whole number ≥ 0 (0 reads in this process), got {workers!r}")
     check_batch_size(batch_size)
     shard = shard or Shard.from_environment()
@@ -134,6 +136,8 @@ def embed_many(
         device = local_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank (CPU without CUDA)
     else:
         device = pick_device(device)
+    if workers is None:
+        workers = 2 if device.type == "cuda" else min(2, (os.cpu_count() or 1) // 4)
     storage = Storage(tuple(int(v) for v in levels) if levels is not None else None, keep, dtype)
     storage.check()  # before the model is loaded (which may mean a download)
     net = resolve_model(model)
