@@ -274,3 +274,14 @@ def test_a_reader_that_dies_fails_only_its_own_case(cohort):
     assert [item.case.name for item in loaded] == [c.name for c in cases]  # in order, each once
     assert [item.prepared is not None for item in loaded] == [True, False, True, True]
     assert "died" in loaded[1].problem
+
+
+def test_a_list_naming_a_missing_path_records_it_as_failed(cohort, tmp_path, model_dir, capsys):
+    listing = tmp_path / "cases.txt"
+    listing.write_text(f"# one CT per line\n{cohort / 'p1' / 'ct.nii.gz'}\n{cohort / 'gone.nii.gz'}\n")
+    out = tmp_path / "out"
+    assert main(["embed", "-i", str(listing), "-o", str(out), "--model", str(model_dir), "--workers", "0"]) == 1
+    assert "1 embedded, 0 skipped, 1 failed" in capsys.readouterr().out
+    entries = read_manifest(out / "manifest.jsonl")
+    missing = entries[str(cohort / "gone.nii.gz")]
+    assert missing["status"] == "failed" and "no such file" in missing["reason"] and "cases.txt" in missing["reason"]
