@@ -89,7 +89,21 @@ def _isolated_home(tmp_path, monkeypatch):
 
 def write_series(image: sitk.Image, folder: Path, orientation: list[str] | None = None,
                  series_uid: str = "1.2.826.0.1.3680043.2.1125.7", prefix: str = "slice") -> list[Path]:
-    """One DICOM file per slice, with position, orientation and spacing tags (as a scanner writes them)."""
+    """One DICOM file per slice, with position, orientation and spacing tags (as a scanner writes them).
+
+    GDCM's writer switches the process locale to "C" (text decoding becomes ASCII for every later test that reads a
+    file or a subprocess's output); the locale is restored afterwards."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(image, folder, orientation, series_uid, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(image: sitk.Image, folder: Path, orientation: list[str] | None, series_uid: str,
+                  prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     direction = image.GetDirection()

@@ -72,8 +72,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from vox2vec.cohort import Shard
     from vox2vec.inference import embed_volume
 
-    single = len(args.input) == 1 and args.output.lower().endswith(".safetensors")
-    if not single or Shard.from_environment().world > 1:
+    if Shard.from_environment().world > 1 or _is_cohort(args.input, args.output):
         return _embed_cohort(args)
     cohort_only = [f"--{name.replace('_', '-')}" for name in ("workers", "hash", "levels", "keep", "dtype",
                                                                 "allow_non_ct") if getattr(args, name) not in
@@ -88,6 +87,21 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     pyramid.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {pyramid}")
     return 0
+
+
+def _is_cohort(inputs: list[str], output: str) -> bool:
+    """Several inputs, a list file, a glob, or a folder written to an output folder: a cohort. One CT file (or one
+    DICOM series folder with a .safetensors output) is a single embedding, whose output must be a .safetensors file."""
+    from vox2vec.cohort.inputs import LIST_SUFFIXES
+
+    if len(inputs) > 1:
+        return True
+    path = Path(inputs[0])
+    if path.is_file():
+        return path.name.lower().endswith(LIST_SUFFIXES)
+    if path.is_dir():
+        return not output.lower().endswith(".safetensors")
+    return any(c in inputs[0] for c in "*?[")
 
 
 def _embed_cohort(args: argparse.Namespace) -> int:
