@@ -74,9 +74,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     if Shard.from_environment().world > 1 or _is_cohort(args.input, args.output):
         return _embed_cohort(args)
-    cohort_only = [f"--{name.replace('_', '-')}" for name in ("workers", "hash", "levels", "keep", "dtype",
-                                                                "allow_non_ct") if getattr(args, name) not in
-                   (None, False, "all", "fp16")]
+    cohort_only = [f"--{name.replace('_', '-')}" for name, default in _COHORT_DEFAULTS.items()
+                   if getattr(args, name) != default]
     if cohort_only:
         raise InputError(f"{', '.join(cohort_only)} apply to cohort runs (an output folder); for one CT with an "
                          f".safetensors output, leave them out — or give an output folder")
@@ -87,6 +86,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     pyramid.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {pyramid}")
     return 0
+
+
+_COHORT_DEFAULTS = {"workers": None, "hash": False, "levels": None, "keep": "all", "dtype": "fp16",
+                    "allow_non_ct": False}  # the cohort-only options of `embed` and their defaults
 
 
 def _is_cohort(inputs: list[str], output: str) -> bool:

@@ -24,6 +24,7 @@ from vox2vec.cohort.inputs import CaseInput, discover
 from vox2vec.cohort.loading import LoadedCase, load_ahead
 from vox2vec.cohort.manifest import (
     MANIFEST,
+    STATUSES,
     CaseResult,
     ManifestWriter,
     complete_pyramid_meta,
@@ -281,7 +282,7 @@ class CohortRun:
 
     def summary(self) -> str:
         """One line: how many cases were embedded, skipped and failed, in how long, and how many bytes."""
-        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        counts = {s: sum(r.status == s for r in self.results) for s in STATUSES}
         seconds = self._elapsed
         megabytes = sum(r.bytes for r in self.results if r.status == "done") / 2**20
         where = f" (rank {self.shard.rank} of {self.shard.world}: {len(self.cases)} of {self.total} cases)" \

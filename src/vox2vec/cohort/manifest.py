@@ -9,6 +9,7 @@ storage settings: the manifest is a report, the outputs themselves are the truth
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ MANIFEST = "manifest.jsonl"
 STATUSES = ("done", "failed", "skipped")
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

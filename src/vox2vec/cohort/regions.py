@@ -113,12 +113,12 @@ def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample
     """One row per label of ``mask`` (every non-zero id present, or ``labels``): case, label, voxels, volume_ml,
     model_voxels and the mean embedding."""
     volume, on_model_grid = labels_on_model_grid(mask, pyramid, resample_mask)
-    present = np.unique(volume.array)
-    ids = [int(v) for v in present if v != 0] if labels is None else [int(v) for v in labels]
+    values, counts_original = np.unique(volume.array, return_counts=True)  # one pass: ids and voxel counts
+    original_counts = {int(v): int(n) for v, n in zip(values, counts_original)}
+    ids = [v for v in original_counts if v != 0] if labels is None else [int(v) for v in labels]
     if not ids:
         raise InputError("the mask has no labelled voxel (every value is 0); nothing to tabulate")
     voxel_ml = float(np.prod(volume.grid.spacing)) / 1000.0
-    original_counts = {int(v): int(n) for v, n in zip(*np.unique(volume.array, return_counts=True))}
     if pyramid.stored is not None:  # saved with --keep body: only the kept voxels have features
         on_model_grid = on_model_grid * pyramid.stored.to(on_model_grid.device)
     counts, means = label_means(pyramid, on_model_grid, ids)
