@@ -300,3 +300,39 @@ def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_pa
     assert vox2vec.load_pretrained(last).config.source["steps"] == 6
     with pytest.raises(InputError, match="no best_probe.pt"):
         export(tmp_path / "run_without_probe_does_not_exist", tmp_path / "x", select="best-probe")
+
+
+def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpus, tmp_path):
+    """Continued pre-training: the backbone starts from a saved model, the export says so, resuming needs no model."""
+    from vox2vec.config import ArchitectureConfig, ModelConfig
+    from vox2vec.configured_model import Vox2VecModel
+
+    root, _ = corpus
+    torch.manual_seed(123)
+    source = Vox2VecModel(ModelConfig(ArchitectureConfig(base_channels=2, num_scales=3), name="start"))
+    source.save_pretrained(tmp_path / "start")
+    config = _config(root, tmp_path / "run", steps=2, lr=1e-9, init_from=str(tmp_path / "start"))
+    train(config, progress=False)
+    trained = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt")["model"]
+    for name, value in source.backbone.named_parameters():  # weights, not BatchNorm's running statistics
+        assert torch.allclose(trained[f"backbone.{name}"], value, atol=1e-6), name
+    train(_config(root, tmp_path / "plain", steps=2, lr=1e-9), progress=False)
+    seeded = torch.load(tmp_path / "plain" / "checkpoints" / "step_00000002.pt")["model"]
+    assert not torch.allclose(seeded["backbone.first_conv.weight"], trained["backbone.first_conv.weight"])
+
+    out = export(tmp_path / "run", tmp_path / "exported")
+    assert vox2vec.load_pretrained(out).config.source["initialised_from"] == str(tmp_path / "start")
+    assert f"starting from `{tmp_path / 'start'}`" in (out / "README.md").read_text()
+
+    moved = config.replace(train={"steps": 4, "init_from": str(tmp_path / "gone")})
+    train(moved, progress=False)  # a resume continues from its checkpoint: the start model is no longer needed
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
+
+    wider = _config(root, tmp_path / "wider", init_from=str(tmp_path / "start")).replace(
+        architecture={"base_channels": 4})
+    with pytest.raises(InputError, match=r"init_from .* \[architecture\]"):
+        train(wider, progress=False)
+    assert not (tmp_path / "wider").exists()
+    with pytest.raises(vox2vec.UnknownModelError, match="no-such-model"):
+        train(_config(root, tmp_path / "unknown", init_from="no-such-model"), progress=False)
+    assert not (tmp_path / "unknown").exists()

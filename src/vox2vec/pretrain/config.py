@@ -50,6 +50,9 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = 2  # DataLoader workers
     seed: int = 0
+    # a fresh run's backbone starts from these weights (a model name, folder or .safetensors; None = random init):
+    # continued pre-training on your own CTs. A resumed run continues from its checkpoint instead.
+    init_from: str | None = None
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -185,7 +188,7 @@ def problems_of(config: PretrainConfig) -> list[str]:
     check_int(problems, "train.keep_checkpoints", t.keep_checkpoints, 1)
     check_int(problems, "train.log_every", t.log_every, 1)
     check_int(problems, "train.probe_every", t.probe_every, 0)
-    for name in ("probe_ct", "probe_labels", "probe_test_ct", "probe_test_labels"):
+    for name in ("init_from", "probe_ct", "probe_labels", "probe_test_ct", "probe_test_labels"):
         _optional_path(problems, f"train.{name}", getattr(t, name))
     if t.probe_classes is not None and (not isinstance(t.probe_classes, dict) or not all(
             isinstance(k, str) and k.isdigit() and int(k) >= 1 and isinstance(v, str) and v

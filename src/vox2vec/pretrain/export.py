@@ -28,8 +28,8 @@ A vox2vec backbone (`FPN3d(1, {base}, {scales})`, {params:,} parameters, {dim}-d
 contrastively with the `vox2vec.pretrain` pipeline.
 
 * **Data**: {data}
-* **Steps**: {steps} (checkpoint: {select}); batch: {pairs} crop pairs of {patch} from one CT, ≤ {voxels} positives
-  per pair
+* **Steps**: {steps} (checkpoint: {select}){start}; batch: {pairs} crop pairs of {patch} from one CT,
+  ≤ {voxels} positives per pair
 * **Objective**: symmetric InfoNCE, τ = {temperature}
 * **Input contract**: canonical RAS orientation, crop to voxels ≥ {threshold:g} HU, {spacing} mm, HU window
   {window} → [0, 1] (all in `config.json`; `vox2vec.embed_volume` applies it)
@@ -89,6 +89,7 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     name = name or Path(output_dir).name
     model_config = ModelConfig(arch, pre, name=name, license=license, source={
         "pretrained_with": "vox2vec.pretrain", "steps": checkpoint["step"], "selected": select,
+        "initialised_from": config["train"].get("init_from"),
         "data": data_description,
         "sampling": config["sampling"], "temperature": config["train"]["temperature"],
     })
@@ -98,7 +99,9 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     card = CARD.format(
         license=license.lower(), name=name, base=arch.base_channels, scales=arch.num_scales,
         params=sum(p.numel() for p in model.backbone.parameters()), dim=model.embedding_dim, data=data_description,
-        steps=checkpoint["step"], select=select, transfer=f"\n## Transfer\n\n{transfer.strip()}\n" if transfer else "",
+        steps=checkpoint["step"], select=select,
+        start=f", starting from `{config['train']['init_from']}`" if config["train"].get("init_from") else "",
+        transfer=f"\n## Transfer\n\n{transfer.strip()}\n" if transfer else "",
         pairs=config["sampling"]["pairs_per_step"],
         patch="×".join(map(str, config["sampling"]["patch_size"])), voxels=config["sampling"]["max_voxels_per_pair"],
         temperature=config["train"]["temperature"], threshold=pre.body_threshold_hu,

@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,13 @@ from torch import nn
 
 from vox2vec._signals import StopFlag
 from vox2vec.augment import augment
+from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, local_device, training_precision
 from vox2vec.modeling import FPN3d
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
 from vox2vec.pretrain.objective import ContrastiveModel, info_nce
 from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
-from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
+from vox2vec.training_checkpoints import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -58,12 +60,13 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     t = config.train
     out = Path(t.output_dir)
     check_step_memory(config, device)  # a step that cannot fit fails now, not after the machine starts swapping
+    start = None if list_checkpoints(out / "checkpoints") else initial_backbone(config)  # fails before any work
     cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     mode = training_precision(t.precision, device)
-    model, optimiser, step = _model_and_optimiser(config, device, out / "checkpoints")
+    model, optimiser, step = _model_and_optimiser(config, device, out / "checkpoints", start)
     wrapped: nn.Module = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -103,12 +106,38 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     return out
 
 
-def _model_and_optimiser(config: PretrainConfig, device: torch.device,
-                         checkpoints: Path) -> tuple[ContrastiveModel, torch.optim.Optimizer, int]:
-    """Backbone + projection head and Adam, seeded — or as the newest readable checkpoint left them; and the step."""
+def initial_backbone(config: PretrainConfig) -> dict[str, torch.Tensor] | None:
+    """The backbone weights a fresh run starts from (``train.init_from``), or None for random init.
+
+    The model must have the run's [architecture]; a different [preprocessing] is allowed (adapting the features
+    to another grid is what continued pre-training is for) and said once, since the features were learnt on theirs.
+    """
+    source = config.train.init_from
+    if not source:
+        return None
+    from vox2vec.hub.pretrained import load_pretrained
+
+    model = load_pretrained(source)
+    if model.config.architecture != config.architecture:
+        raise InputError(
+            f"train.init_from {source!r} is {model.config.architecture}, but the run's [architecture] is "
+            f"{config.architecture}; set [architecture] to the model's or start from another model")
+    if model.config.preprocessing != config.preprocessing:
+        warnings.warn(f"train.init_from {source!r} learnt its features with {model.config.preprocessing}; this run "
+                      f"pre-trains with {config.preprocessing}", stacklevel=2)
+    return {k: v.detach().float().cpu() for k, v in model.backbone.state_dict().items()}
+
+
+def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoints: Path,
+                         start: dict[str, torch.Tensor] | None = None
+                         ) -> tuple[ContrastiveModel, torch.optim.Optimizer, int]:
+    """Backbone + projection head and Adam, seeded (the backbone from ``start`` when given) — or as the newest
+    readable checkpoint left them; and the step."""
     t, arch = config.train, config.architecture
     torch.manual_seed(t.seed)
     model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
+    if start is not None:
+        model.backbone.load_state_dict(start)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
