@@ -125,7 +125,8 @@ def initial_backbone(config: PretrainConfig) -> dict[str, torch.Tensor] | None:
     if model.config.preprocessing != config.preprocessing:
         warnings.warn(f"train.init_from {source!r} learnt its features with {model.config.preprocessing}; this run "
                       f"pre-trains with {config.preprocessing}", stacklevel=2)
-    return {k: v.detach().float().cpu() for k, v in model.backbone.state_dict().items()}
+    return {k: (v.float() if v.is_floating_point() else v).detach().cpu()  # fp16 exports train in fp32
+            for k, v in model.backbone.state_dict().items()}
 
 
 def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoints: Path,
