@@ -17,7 +17,8 @@ The random twin has the model's architecture and preprocessing with the weights 
 (:mod:`vox2vec.probing.reference`) fit with the same head. Results: JSON (``--output``) and a Markdown table.
 
 Head levers (``train_head``'s, default off): ``--feature-dropout p``, ``--levels 0 1 2`` (linear head; not applied to
-the one-level reference) and ``--augmented-copies n``. For the copies, each source scan's ``n`` copies
+the one-level reference), ``--components-per-level k`` (linear head; the reference's one level gets it too) and
+``--augmented-copies n``. For the copies, each source scan's ``n`` copies
 (:func:`vox2vec.probing.train.intensity_augmented_copies`, seed 0, as ``train_head(seed=0)`` draws them for its first
 pair) are embedded once and passed as extra (pyramid, label map) training pairs — the same head as
 ``train_head([(ct, labels)], augmented_copies=n)`` (tested), without re-embedding the CT for every pair, and usable
@@ -186,7 +187,8 @@ def run(args: argparse.Namespace, save) -> dict:
     """Every row of the table; ``save(results)`` is called after each one (a cut-short run keeps what it did)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     scans = {name: load_scan(name, args.data) for name in SCANS}
-    levers = {"feature_dropout": args.feature_dropout, "levels": args.levels}
+    levers = {"feature_dropout": args.feature_dropout, "levels": args.levels,
+              "components_per_level": args.components_per_level}
     results: dict = {}
     for spec in args.model:
         model = vox2vec.load_pretrained(spec).eval()
@@ -224,6 +226,8 @@ def main() -> None:
     parser.add_argument("--augmented-copies", type=int, default=0,
                         help="intensity-augmented copies of each training scan (train_head's augmented_copies)")
     parser.add_argument("--levels", type=int, nargs="+", help="pyramid levels the linear head may use (default all)")
+    parser.add_argument("--components-per-level", type=int,
+                        help="principal directions per level the linear head may use (default all channels)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")
@@ -243,6 +247,7 @@ def main() -> None:
         payload = {"device": device, "seconds": round(time.perf_counter() - started, 1),
                    "head": {"regularization": args.regularization, "feature_dropout": args.feature_dropout,
                             "augmented_copies": args.augmented_copies, "levels": args.levels,
+                            "components_per_level": args.components_per_level,
                             "augmentation": "intensity_augmented_copies(seed=0), as train_head(seed=0)"},
                    "results": results}
         output.write_text(json.dumps(payload, indent=2))

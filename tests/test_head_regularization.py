@@ -103,6 +103,40 @@ def test_levels_zero_the_other_levels_and_keep_the_layout(pyramid_and_labels):
     assert head.predict(pyramid, output="volume").array.max() > 0
 
 
+def test_components_per_level_confine_each_level_to_its_principal_directions(pyramid_and_labels):
+    pyramid, labels = pyramid_and_labels
+    plain = vox2vec.train_head([(pyramid, labels)], **LEVER_COMMON)
+    head = vox2vec.train_head([(pyramid, labels)], components_per_level=1, **LEVER_COMMON)
+    two = vox2vec.train_head([(pyramid, labels)], components_per_level=2, **LEVER_COMMON)
+    assert head.module.layers[0].weight.shape[0] == 6  # background + five organs
+    for constrained, unconstrained, wide in zip(head.module.layers, plain.module.layers, two.module.layers):
+        weights = constrained.weight[:, :, 0, 0, 0].double()  # (classes, channels): one direction per level
+        assert torch.linalg.matrix_rank(weights, rtol=1e-5) == 1
+        channels = weights.shape[1]  # 2, 4, 8
+        assert torch.linalg.matrix_rank(wide.weight[:, :, 0, 0, 0].double(), rtol=1e-5) == 2
+        assert torch.linalg.matrix_rank(unconstrained.weight[:, :, 0, 0, 0].double(), rtol=1e-5) == min(channels, 6)
+    assert head.predict(pyramid, output="volume").array.max() > 0
+
+
+def test_principal_subspaces_find_each_levels_dominant_direction():
+    from vox2vec.probing.train import feature_moments, principal_subspaces
+
+    generator = torch.Generator().manual_seed(0)
+    directions = [torch.tensor([3.0, 4.0]) / 5, torch.tensor([0.0, 1.0, 1.0]) / 2**0.5]
+    # a strong axis per level, on top of unit noise (an axis, not one channel: standardising would flatten that)
+    scores = torch.randn(5000, 2, generator=generator) * 10
+    features = torch.cat([scores[:, :1] * directions[0] + torch.randn(5000, 2, generator=generator),
+                          scores[:, 1:] * directions[1] + torch.randn(5000, 3, generator=generator)], dim=1)
+    mean, std = feature_moments(features)
+    projections = principal_subspaces(features, mean, std, [2, 3], k=1)
+    for projection, direction, channels in zip(projections, directions, (2, 3)):
+        axis = direction / std[:channels] if channels == 2 else direction / std[2:]
+        axis = axis / axis.norm()  # the direction, seen in standardised features
+        torch.testing.assert_close(projection, torch.outer(axis, axis), atol=0.02, rtol=0)
+    assert all(torch.allclose(p, torch.eye(len(p)), atol=1e-5)
+               for p in principal_subspaces(features, mean, std, [2, 3], k=3))  # k ≥ channels: no constraint
+
+
 @pytest.fixture(scope="module")
 def small_ct_pair():
     ct, labels = chest_training_pair()
@@ -146,6 +180,8 @@ def test_augmented_copies_add_their_voxels_to_training(small_ct_pair):
     ("feature_dropout", "half", "feature_dropout"), ("feature_dropout", True, "feature_dropout"),
     ("augmented_copies", -1, "augmented_copies"), ("augmented_copies", 1.5, "augmented_copies"),
     ("levels", [], "levels"), ("levels", [-1], "levels"), ("levels", "0", "levels"),
+    ("components_per_level", 0, "components_per_level"), ("components_per_level", 1.5, "components_per_level"),
+    ("components_per_level", True, "components_per_level"),
 ])
 def test_bad_levers_fail_before_any_scan_is_read(option, bad, message):
     with pytest.raises(InputError, match=message):
@@ -160,3 +196,6 @@ def test_levers_that_do_not_fit_the_data_are_refused(pyramid_and_labels):
         vox2vec.train_head([(pyramid, labels)], levels=[0, 3], **LEVER_COMMON)
     with pytest.raises(InputError, match="only for the linear head"):
         vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], kind="nonlinear", levels=[0])
+    with pytest.raises(InputError, match="only for the linear head"):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], kind="nonlinear",
+                           components_per_level=2)

@@ -170,6 +170,7 @@ def train_head(
     feature_dropout: float = 0.0,
     augmented_copies: int = 0,
     levels: Sequence[int] | None = None,
+    components_per_level: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -201,10 +202,13 @@ def train_head(
       cannot be re-embedded, and is refused (``InputError``) when ``augmented_copies > 0``.
     * ``levels``: indices of the pyramid levels the head may use (linear head only; 0 is the finest); the weights of
       the other levels are zero, so the head keeps its layout and ``predict`` is unchanged.
+    * ``components_per_level``: confine the linear head's weights on each level to the top ``k`` principal
+      directions of that level's standardised training features (projected Adam): a head of at most
+      k × levels free inputs per class that sees only each level's dominant variations; same layout, same ``predict``.
     """
     data = list(data)
     _check_arguments(kind, voxels_per_class, steps, batch_size, lr, regularization, patience, eval_every,
-                     feature_dropout, augmented_copies, levels)
+                     feature_dropout, augmented_copies, levels, components_per_level)
     _check_levers(data, model, augmented_copies, levels)
     device = torch.device("cpu") if device is None else pick_device(device)
     torch.manual_seed(seed)
@@ -225,7 +229,8 @@ def train_head(
     spec = _HeadSpec(kind, reference.channels, class_map.num_classes + (0 if multilabel else 1), multilabel,
                      _class_weights(targets, class_map.num_classes, multilabel).to(device), batch_size,
                      lr or (1e-2 if kind == "linear" else 3e-3), device, float(feature_dropout),
-                     None if levels is None else tuple(sorted(set(int(i) for i in levels))))
+                     None if levels is None else tuple(sorted(set(int(i) for i in levels))),
+                     None if components_per_level is None else int(components_per_level))
 
     search: dict[str, float] = {}
     if regularization == "auto":
@@ -283,7 +288,7 @@ def _class_weights(targets: torch.Tensor, num_classes: int, multilabel: bool) ->
 
 def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: Any, lr: Any, regularization: Any,
                      patience: Any, eval_every: Any, feature_dropout: Any = 0.0, augmented_copies: Any = 0,
-                     levels: Any = None) -> None:
+                     levels: Any = None, components_per_level: Any = None) -> None:
     """Every training setting is checked before any scan is read."""
     check_head_kind(kind)
     for name, value in (("voxels_per_class", voxels_per_class), ("steps", steps), ("batch_size", batch_size),
@@ -309,6 +314,14 @@ def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: A
         if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in values):
             raise InputError(f"levels must be a non-empty list of pyramid level indices ≥ 0 (0: the finest), "
                              f"got {levels!r}; or None for every level")
+    if components_per_level is not None:
+        if kind != "linear":
+            raise InputError(f"components_per_level is only for the linear head (kind='linear'), got kind={kind!r}; "
+                             "leave it None for the non-linear head")
+        if isinstance(components_per_level, bool) or not isinstance(components_per_level, (int, np.integer)) \
+                or components_per_level < 1:
+            raise InputError(f"components_per_level must be a whole number ≥ 1 (principal directions per level), "
+                             f"got {components_per_level!r}; or None for every channel")
 
 
 def _check_levers(pairs: list, model: Any, copies: int, levels: Sequence[int] | None) -> None:
@@ -343,6 +356,7 @@ class _HeadSpec:
     device: torch.device
     feature_dropout: float = 0.0
     levels: tuple[int, ...] | None = None  # the pyramid levels a linear head may use (None: all)
+    components: int | None = None  # principal directions per level a linear head may use (None: all channels)
 
 
 def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, held: torch.Tensor, steps: int,
@@ -386,6 +400,9 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
             used = torch.cat([torch.full((c,), i in spec.levels) for i, c in enumerate(spec.channels)])
             std = std.masked_fill(~used.to(spec.device), math.inf)
         forward = lambda x: standardised_linear_forward(module, x, mean, std)
+        if spec.components is not None:
+            subspaces = principal_subspaces(features, mean, std, spec.channels, spec.components)
+            _project_weights(module, subspaces)
     else:
         forward = lambda x: voxel_forward(module, x)
     train_forward = forward
@@ -412,6 +429,8 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
             optimiser.zero_grad(set_to_none=True)
             objective.backward()
             optimiser.step()
+            if spec.kind == "linear" and spec.components is not None:
+                _project_weights(module, subspaces)
             bar.update()
             if step % eval_every and step != steps:
                 continue
@@ -436,6 +455,33 @@ def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, step
     if spec.kind == "linear":
         _fold_standardisation(module, mean, std, spec.channels)
     return module, history
+
+
+def principal_subspaces(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels: list[int],
+                        k: int, chunk: int = 16384) -> list[torch.Tensor]:
+    """Per level, the (C, C) orthogonal projection onto the top ``k`` principal directions of the standardised
+    features (all C when k ≥ C); the second moments are accumulated in fp64, chunk by chunk."""
+    gram = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64, device=mean.device)
+    for rows in torch.split(features, chunk):
+        z = ((rows.to(mean.device).float() - mean) / std).double()
+        gram += z.T @ z
+    projections = []
+    for block in _level_blocks(gram, channels):
+        vectors = torch.linalg.eigh(block).eigenvectors[:, -min(k, len(block)):]  # eigenvalues ascend
+        projections.append((vectors @ vectors.T).float())
+    return projections
+
+
+def _level_blocks(gram: torch.Tensor, channels: list[int]) -> list[torch.Tensor]:
+    starts = np.cumsum([0, *channels])
+    return [gram[a:b, a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+@torch.no_grad()
+def _project_weights(head: nn.Module, projections: list[torch.Tensor]) -> None:
+    """W_level ← W_level · P_level for every level of a linear head (weights on standardised features)."""
+    for layer, projection in zip(head.layers, projections):
+        layer.weight[:, :, 0, 0, 0] = layer.weight[:, :, 0, 0, 0] @ projection
 
 
 @torch.no_grad()
