@@ -129,9 +129,8 @@ def test_principal_subspaces_find_each_levels_dominant_direction():
                           scores[:, 1:] * directions[1] + torch.randn(5000, 3, generator=generator)], dim=1)
     mean, std = feature_moments(features)
     projections = principal_subspaces(features, mean, std, [2, 3], k=1)
-    for projection, direction, channels in zip(projections, directions, (2, 3)):
-        axis = direction / std[:channels] if channels == 2 else direction / std[2:]
-        axis = axis / axis.norm()  # the direction, seen in standardised features
+    for projection, direction, scale in zip(projections, directions, (std[:2], std[2:])):
+        axis = (direction / scale) / (direction / scale).norm()  # the direction, seen in standardised features
         torch.testing.assert_close(projection, torch.outer(axis, axis), atol=0.02, rtol=0)
     assert all(torch.allclose(p, torch.eye(len(p)), atol=1e-5)
                for p in principal_subspaces(features, mean, std, [2, 3], k=3))  # k ≥ channels: no constraint

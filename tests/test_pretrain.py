@@ -22,6 +22,7 @@ from vox2vec.pretrain import export, info_nce, load_config, prepare, train
 from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
 from vox2vec.pretrain.objective import info_nce_dense
 from vox2vec.pretrain.sampling import PairDataset, open_corpus, sample_pair
+from vox2vec.pretrain.trainer import initial_backbone
 
 TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
         "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 64},
@@ -333,6 +334,10 @@ def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpu
     with pytest.raises(InputError, match=r"init_from .* \[architecture\]"):
         train(wider, progress=False)
     assert not (tmp_path / "wider").exists()
+    coarser = _config(root, tmp_path / "coarser", init_from=str(tmp_path / "start")).replace(
+        preprocessing={"spacing": [2.0, 2.0, 4.0]})
+    with pytest.warns(UserWarning, match="learnt its features with"):  # allowed: adapting to another grid
+        assert initial_backbone(coarser).keys() == source.backbone.state_dict().keys()
     with pytest.raises(vox2vec.UnknownModelError, match="no-such-model"):
         train(_config(root, tmp_path / "unknown", init_from="no-such-model"), progress=False)
     assert not (tmp_path / "unknown").exists()
