@@ -17,7 +17,7 @@ import torch
 import vox2vec
 from conftest import crop, ct_path, label_path, read_image
 from vox2vec import InputError
-from vox2vec.augment import augment, gaussian_kernels
+from vox2vec.augment import augment, blur_through_plane, gaussian_kernels
 from vox2vec.pretrain import export, info_nce, load_config, prepare, train
 from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
 from vox2vec.pretrain.objective import info_nce_dense
@@ -104,6 +104,29 @@ def test_augmentations_keep_shapes_dtypes_and_ranges():
     kernel = gaussian_kernels(torch.tensor([1.0]), 6)[0]
     assert kernel.sum() == pytest.approx(1.0) and kernel[6] == kernel.max() and kernel[:2].sum() == 0  # 4σ truncation
 
+
+
+def test_through_plane_blur_thickens_slices_only_when_asked():
+    hu = torch.randn(16, 1, 12, 12, 9) * 400
+    default, params = augment(hu, AugmentationConfig(), torch.Generator().manual_seed(0))
+    assert torch.all(params["through_plane_sigma"] == 0)  # off by default: the paper's augmentations, same stream
+    plain = {"filter_probability": 0, "noise_probability": 0, "window_probability": 0}
+    thick = AugmentationConfig(**plain, through_plane_probability=1.0, through_plane_sigma=(1.0, 1.5))
+    out, params = augment(hu, thick, torch.Generator().manual_seed(0))
+    sigma = params["through_plane_sigma"]
+    assert torch.all((sigma >= 1.0) & (sigma <= 1.5))
+    torch.testing.assert_close(out, ((blur_through_plane(hu, sigma) + 1350) / 2350).clamp(0, 1))
+    # a bright slice spreads to its neighbours along z and nowhere in-plane; a z-constant column is left alone
+    impulse = torch.zeros(1, 1, 5, 5, 9)
+    impulse[0, 0, 2, 2, 4] = 1.0
+    spread = blur_through_plane(impulse, torch.tensor([1.0]))[0, 0]
+    assert spread[2, 2, 3] > 0 and spread[2, 2, 5] > 0 and spread[2, 2, 4] < 1
+    assert spread[2, 2].sum() == pytest.approx(1.0) and spread.sum() == pytest.approx(float(spread[2, 2].sum()))
+    assert torch.count_nonzero(spread) == torch.count_nonzero(spread[2, 2])
+    column = torch.arange(25.0).view(1, 1, 5, 5, 1).expand(1, 1, 5, 5, 9)
+    torch.testing.assert_close(blur_through_plane(column, torch.tensor([1.5])), column)
+    with pytest.raises(InputError, match="through_plane_probability"):
+        load_config(None, augmentation={"through_plane_probability": 2.0})
 
 def test_info_nce_equals_direct_reference():
     torch.manual_seed(0)

@@ -24,6 +24,10 @@ class AugmentationConfig:
     window_low_hu: tuple[float, float] = (-1350.0, -1000.0)
     window_high_hu: tuple[float, float] = (300.0, 1000.0)
     default_window_hu: tuple[float, float] = (-1350.0, 1000.0)
+    # Not in the paper (0 = off, and nothing is drawn): a Gaussian along the slice axis, σ in voxels of the model
+    # grid, so that one view looks like a thicker-slice reconstruction of the other (scans differ in thickness).
+    through_plane_probability: float = 0.0
+    through_plane_sigma: tuple[float, float] = (0.5, 1.5)
 
 
 def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,11 +47,21 @@ def gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
 
 def blur_in_plane(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian along the two in-plane axes, one σ per sample (grouped convolution, edge-replicated)."""
+    return blur_along(x, sigmas, (0, 1))
+
+
+def blur_through_plane(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Gaussian along the slice axis (the last), one σ per sample: a thicker reconstruction of the same scan."""
+    return blur_along(x, sigmas, (2,))
+
+
+def blur_along(x: torch.Tensor, sigmas: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """Gaussian along the given spatial axes of (B, 1, X, Y, Z), one σ per sample, edge-replicated."""
     b = x.shape[0]
     radius = max(1, math.ceil(4 * float(sigmas.max()) + 0.5))
     kernels = gaussian_kernels(sigmas.cpu(), radius).to(x)
     out = x.reshape(1, b, *x.shape[2:])
-    for axis in (0, 1):
+    for axis in axes:
         shape = [b, 1, 1, 1, 1]
         shape[2 + axis] = 2 * radius + 1
         pad = [0, 0, 0, 0, 0, 0]
@@ -72,6 +86,12 @@ def augment(hu: torch.Tensor, config: AugmentationConfig, generator: torch.Gener
         smoothed = blur_in_plane(x, sigma)
         detail = smoothed - blur_in_plane(smoothed, torch.full((b,), config.sharpen_sigma2) * sharpen)
         x = smoothed + alpha.to(device).view(b, 1, 1, 1, 1) * detail
+    thick_sigma = torch.zeros(b)
+    if config.through_plane_probability > 0:  # drawn only when on, so the paper's stream is unchanged
+        thick = torch.rand(b, generator=generator) < config.through_plane_probability
+        thick_sigma = torch.where(thick, _uniform(*config.through_plane_sigma, b, generator), thick_sigma)
+        if thick.any():
+            x = blur_through_plane(x, thick_sigma)
     noisy = torch.rand(b, generator=generator) < config.noise_probability
     noise_sigma = torch.where(noisy, _uniform(*config.noise_sigma_hu, b, generator), torch.zeros(b))
     if noisy.any():
@@ -84,7 +104,7 @@ def augment(hu: torch.Tensor, config: AugmentationConfig, generator: torch.Gener
     low_d, high_d = low.to(device).view(b, 1, 1, 1, 1), high.to(device).view(b, 1, 1, 1, 1)
     out = ((x - low_d) / (high_d - low_d)).clamp_(0.0, 1.0)
     params = {"blur": blur, "sharpen": sharpen, "sigma": sigma, "alpha": alpha, "noise_sigma": noise_sigma,
-              "window": torch.stack([low, high], dim=1)}
+              "window": torch.stack([low, high], dim=1), "through_plane_sigma": thick_sigma}
     return out, params
 
 

@@ -157,9 +157,9 @@ def problems_of(config: PretrainConfig) -> list[str]:
     check_int(problems, "sampling.pairs_per_step", s.pairs_per_step, 1, 4096)
     check_int(problems, "sampling.max_voxels_per_pair", s.max_voxels_per_pair, 1, 1_000_000)
 
-    for name in ("filter_probability", "noise_probability", "window_probability"):
+    for name in ("filter_probability", "noise_probability", "window_probability", "through_plane_probability"):
         check_number(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1.0)
-    for name in ("blur_sigma", "sharpen_sigma1", "sharpen_alpha", "noise_sigma_hu"):
+    for name in ("blur_sigma", "sharpen_sigma1", "sharpen_alpha", "noise_sigma_hu", "through_plane_sigma"):
         check_range_pair(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1e4)
     check_number(problems, "augmentation.sharpen_sigma2", a.sharpen_sigma2, 0.0, 1e4)
     for name in ("window_low_hu", "window_high_hu"):
