@@ -21,7 +21,7 @@ from vox2vec.augment import augment, blur_through_plane, gaussian_kernels
 from vox2vec.pretrain import export, info_nce, load_config, prepare, train
 from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
 from vox2vec.pretrain.objective import info_nce_dense
-from vox2vec.pretrain.sampling import PairDataset, open_corpus, sample_pair
+from vox2vec.pretrain.sampling import PairDataset, PreparedCase, open_corpus, sample_pair, step_generator
 from vox2vec.pretrain.trainer import initial_backbone
 
 TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
@@ -82,6 +82,41 @@ def test_sampling_invariants(corpus):
     assert not torch.equal(PairDataset(cases, config, seed=3, rank=1)[7].patches, a.patches)  # distinct streams
     assert a.patches.shape == (2, 4, 1, 32, 32, 16) and a.patches.dtype == torch.int16
 
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_zoomed_views_put_each_positive_on_its_own_anatomy(axis):
+    """With zoom on, each view is a resampled footprint; a positive's index in either view still points at the
+    prepared voxel it was drawn from (checked on a ramp along each axis: the value is that voxel's coordinate)."""
+    shape = (70, 60, 40)
+    ramp = np.broadcast_to(np.arange(shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)]) * 40, shape)
+    case = PreparedCase("ramp", ramp.astype(np.int16), np.ones(shape, bool))
+    config = SamplingConfig(patch_size=(32, 32, 16), pairs_per_step=6, max_voxels_per_pair=200,
+                            zoom_in_plane=(0.7, 1.4), zoom_through_plane=(0.7, 1.4))
+    batch = PairDataset([case], config, seed=1)[0]
+    assert batch.patches.shape == (2, 6, 1, 32, 32, 16) and batch.patches.dtype == torch.int16
+    for j, (v1, v2) in enumerate(zip(batch.voxels_1, batch.voxels_2)):
+        assert len(v1) == len(v2) == 200
+        values = [batch.patches[view, j, 0][tuple(v.T)].float() for view, v in enumerate((v1, v2))]
+        for v in (v1, v2):
+            assert torch.all(v >= 0) and torch.all(v < torch.tensor(config.patch_size))
+        # one voxel apart at most (40 HU per voxel): the resampling puts the same anatomy under both indices
+        assert float((values[0] - values[1]).abs().max()) <= 40 * 1.5
+    differs = [not torch.equal(batch.patches[0, j], batch.patches[1, j]) for j in range(6)]
+    assert any(differs)
+    # off by default: the paper's sampling, bit for bit (plain slices at the starts, nothing else drawn)
+    plain = SamplingConfig(patch_size=(32, 32, 16), pairs_per_step=6, max_voxels_per_pair=200)
+    assert not plain.zooms
+    batch, rng = PairDataset([case], plain, seed=1)[0], step_generator(1, 0, 0)
+    rng.integers(1)
+    for j in range(6):
+        start_1, start_2, v1, _ = sample_pair(case, plain, rng)
+        for view, start in enumerate((start_1, start_2)):
+            box = tuple(slice(a, a + n) for a, n in zip(start, plain.patch_size))
+            np.testing.assert_array_equal(batch.patches[view, j, 0].numpy(), case.image[box])
+        np.testing.assert_array_equal(batch.voxels_1[j].numpy(), v1)
+    with pytest.raises(InputError, match="zoom_in_plane"):
+        load_config(None, sampling={"zoom_in_plane": [2.0, 1.0]})
 
 def test_augmentations_keep_shapes_dtypes_and_ranges():
     config = AugmentationConfig()

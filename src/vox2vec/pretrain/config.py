@@ -35,6 +35,15 @@ class SamplingConfig:
     patch_size: tuple[int, int, int] = (128, 128, 32)
     pairs_per_step: int = 10  # crop pairs per step, all from one CT
     max_voxels_per_pair: int = 1024  # positives per pair
+    # Not in the paper ((1, 1) = off, and nothing is drawn): each view covers patch / zoom voxels of the prepared CT,
+    # resampled to the patch, with zoom drawn log-uniformly per view and axis group, so the two views of a voxel
+    # differ in scale the way patients differ in size and scans in slice spacing.
+    zoom_in_plane: tuple[float, float] = (1.0, 1.0)
+    zoom_through_plane: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def zooms(self) -> bool:
+        return tuple(self.zoom_in_plane) != (1.0, 1.0) or tuple(self.zoom_through_plane) != (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,8 @@ def problems_of(config: PretrainConfig) -> list[str]:
         problems.append(f"sampling.patch_size must be three whole numbers between 1 and 1024, got {s.patch_size!r}")
     check_int(problems, "sampling.pairs_per_step", s.pairs_per_step, 1, 4096)
     check_int(problems, "sampling.max_voxels_per_pair", s.max_voxels_per_pair, 1, 1_000_000)
+    for name in ("zoom_in_plane", "zoom_through_plane"):
+        check_range_pair(problems, f"sampling.{name}", getattr(s, name), 0.25, 4.0)
 
     for name in ("filter_probability", "noise_probability", "window_probability", "through_plane_probability"):
         check_number(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1.0)

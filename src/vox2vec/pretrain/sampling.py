@@ -74,20 +74,52 @@ def _random_body_voxel(case: PreparedCase, rng: np.random.Generator) -> np.ndarr
     raise InputError(f"case {case.id}: could not find a body voxel; its body mask is (nearly) empty")
 
 
-def sample_pair(case: PreparedCase, config: SamplingConfig, rng: np.random.Generator):
-    """(start_1, start_2, voxels in view 1, voxels in view 2) for one crop pair."""
+def sample_pair(case: PreparedCase, config: SamplingConfig, rng: np.random.Generator,
+                footprints: tuple[np.ndarray, np.ndarray] | None = None):
+    """(start_1, start_2, voxels in view 1, voxels in view 2) for one crop pair.
+
+    ``footprints``: how many prepared voxels each view covers (default: the patch itself). A view's voxel indices
+    are then on its patch after resampling the footprint to the patch size.
+    """
     patch = np.asarray(config.patch_size)
     shape = np.asarray(case.image.shape)
+    size_1, size_2 = footprints if footprints is not None else (patch, patch)
     anchor = _random_body_voxel(case, rng)
-    low, high = np.maximum(0, anchor - patch + 1), np.minimum(shape - patch, anchor)
-    start_1 = rng.integers(low, high + 1)
-    start_2 = rng.integers(low, high + 1)
-    lo, hi = np.maximum(start_1, start_2), np.minimum(start_1, start_2) + patch
+    start_1 = rng.integers(np.maximum(0, anchor - size_1 + 1), np.minimum(shape - size_1, anchor) + 1)
+    start_2 = rng.integers(np.maximum(0, anchor - size_2 + 1), np.minimum(shape - size_2, anchor) + 1)
+    lo, hi = np.maximum(start_1, start_2), np.minimum(start_1 + size_1, start_2 + size_2)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     shared = np.argwhere(np.asarray(case.body[box])) + lo
     if len(shared) > config.max_voxels_per_pair:
         shared = shared[rng.choice(len(shared), config.max_voxels_per_pair, replace=False)]
-    return start_1, start_2, shared - start_1, shared - start_2
+    if footprints is None:
+        return start_1, start_2, shared - start_1, shared - start_2
+    # voxel v of a footprint of n voxels lands in the cell floor((v + ½) · patch / n) of the resampled patch
+    return (start_1, start_2, ((shared - start_1 + 0.5) * patch / size_1).astype(np.int64),
+            ((shared - start_2 + 0.5) * patch / size_2).astype(np.int64))
+
+
+def draw_footprints(shape: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Per view, the prepared voxels it covers: patch / zoom, zoom log-uniform in its range (x = y), ≤ the CT."""
+    patch = np.asarray(config.patch_size, dtype=float)
+    sizes = []
+    for _ in range(2):
+        in_plane, through = (np.exp(rng.uniform(*np.log(r))) for r in (config.zoom_in_plane,
+                                                                        config.zoom_through_plane))
+        size = np.rint(patch / np.array([in_plane, in_plane, through])).astype(np.int64)
+        sizes.append(np.clip(size, 1, shape))
+    return tuple(sizes)
+
+
+def read_view(case: PreparedCase, start: np.ndarray, size: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+    """The footprint at ``start`` resampled to ``patch`` (trilinear, cell centres aligned), int16 HU."""
+    region = case.image[tuple(slice(a, a + n) for a, n in zip(start, size))]
+    if tuple(size) == tuple(patch):
+        return region
+    region = torch.from_numpy(np.asarray(region, dtype=np.float32))
+    resized = torch.nn.functional.interpolate(region[None, None], size=tuple(patch),
+                                              mode="trilinear", align_corners=False)[0, 0]
+    return resized.round_().to(torch.int16).numpy()
 
 
 def step_generator(seed: int, rank: int, step: int) -> np.random.Generator:
@@ -109,10 +141,13 @@ class PairDataset(torch.utils.data.Dataset):
         patch = self.config.patch_size
         patches = np.empty((2, self.config.pairs_per_step, 1, *patch), dtype=np.int16)
         voxels_1, voxels_2 = [], []
+        shape = np.asarray(case.image.shape)
         for j in range(self.config.pairs_per_step):
-            start_1, start_2, v1, v2 = sample_pair(case, self.config, rng)
-            for view, start in enumerate((start_1, start_2)):
-                patches[view, j, 0] = case.image[tuple(slice(s, s + p) for s, p in zip(start, patch))]
+            # zooms are drawn only when on, so the paper's stream is unchanged
+            footprints = draw_footprints(shape, self.config, rng) if self.config.zooms else None
+            start_1, start_2, v1, v2 = sample_pair(case, self.config, rng, footprints)
+            for view, (start, size) in enumerate(zip((start_1, start_2), footprints or (patch, patch))):
+                patches[view, j, 0] = read_view(case, start, size, patch)
             voxels_1.append(torch.from_numpy(v1))
             voxels_2.append(torch.from_numpy(v2))
         return PairBatch(torch.from_numpy(patches), voxels_1, voxels_2, case.id)
