@@ -349,7 +349,7 @@ def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_pa
         "probe_classes": {"5": "liver", "32": "vertebrae", "33": "vertebrae"}})
     train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "probe.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in records] == [0, 2, 4, 6]  # step 0: the random init, the run's own baseline
     assert all(r["test_ct"] == probe["test_ct"] and set(r["per_class"]) == {"liver", "vertebrae"} for r in records)
     best = max(records, key=lambda r: (r["mean"], -r["step"]))  # the first of equal means is kept
     out = export(tmp_path / "run", tmp_path / "best", select="best-probe", transfer="| pair | Dice |\n|---|---|")

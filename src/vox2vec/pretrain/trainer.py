@@ -76,6 +76,8 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     out.mkdir(parents=True, exist_ok=True)
     log = _StepLog(out, rank, step, device)
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
+    if t.probe_every and rank == 0 and step == 0:  # the baseline: the start model (or the random init) itself
+        _online_probe(model, config, 0, out)
     with StopFlag() as stop, bar, log:
         with _stop_signals_blocked():  # workers start with them blocked, then ignore them (_ignore_stop_signals)
             batches = iter(loader)
