@@ -361,6 +361,29 @@ def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_pa
         export(tmp_path / "run_without_probe_does_not_exist", tmp_path / "x", select="best-probe")
 
 
+
+def test_head_warmup_trains_only_the_projection_head_first(corpus, tmp_path):
+    """head_warmup_steps: the backbone's weights stay the start model's for those steps, then they train."""
+    from vox2vec.config import ArchitectureConfig, ModelConfig
+    from vox2vec.configured_model import Vox2VecModel
+
+    root, _ = corpus
+    torch.manual_seed(7)
+    source = Vox2VecModel(ModelConfig(ArchitectureConfig(base_channels=2, num_scales=3), name="start"))
+    source.save_pretrained(tmp_path / "start")
+    config = _config(root, tmp_path / "run", steps=3, lr=1e-2, head_warmup_steps=2, checkpoint_every=1,
+                     keep_checkpoints=5, init_from=str(tmp_path / "start"))
+    train(config, progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    first, second, third = (torch.load(checkpoints / f"step_0000000{k}.pt")["model"] for k in (1, 2, 3))
+    for name, value in source.backbone.named_parameters():  # weights, not BatchNorm's running statistics
+        assert torch.equal(second[f"backbone.{name}"], value), name
+    head_keys = [k for k, v in second.items() if k.startswith("proj_head.") and v.is_floating_point()]
+    assert head_keys and any(not torch.equal(first[k], second[k]) for k in head_keys)  # the head does train
+    assert not torch.equal(third["backbone.first_conv.weight"], second["backbone.first_conv.weight"])
+    with pytest.raises(InputError, match="head_warmup_steps 5 leaves no step"):
+        _config(root, tmp_path / "x", steps=5, head_warmup_steps=5)
+
 def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpus, tmp_path):
     """Continued pre-training: the backbone starts from a saved model, the export says so, resuming needs no model."""
     from vox2vec.config import ArchitectureConfig, ModelConfig

@@ -62,6 +62,9 @@ class TrainConfig:
     # a fresh run's backbone starts from these weights (a model name, folder or .safetensors; None = random init):
     # continued pre-training on your own CTs. A resumed run continues from its checkpoint instead.
     init_from: str | None = None
+    # the first steps train only the projection head (the backbone's learning rate is 0): with init_from, a fresh
+    # random head would otherwise pull the start model's features apart before it has learnt anything
+    head_warmup_steps: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -195,6 +198,10 @@ def problems_of(config: PretrainConfig) -> list[str]:
     _check_bool(problems, "train.compile", t.compile)
     check_int(problems, "train.num_workers", t.num_workers, 0, 256)
     check_int(problems, "train.seed", t.seed, 0)
+    check_int(problems, "train.head_warmup_steps", t.head_warmup_steps, 0)
+    if _is_int(t.head_warmup_steps) and _is_int(t.steps) and t.head_warmup_steps >= t.steps > 0:
+        problems.append(f"train.head_warmup_steps {t.head_warmup_steps} leaves no step that trains the backbone "
+                        f"(train.steps {t.steps}); lower it")
     check_int(problems, "train.checkpoint_every", t.checkpoint_every, 1)
     check_int(problems, "train.keep_checkpoints", t.keep_checkpoints, 1)
     check_int(problems, "train.log_every", t.log_every, 1)

@@ -86,6 +86,8 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
             if batch is None:
                 break
             generator = torch.Generator().manual_seed(augmentation_seed(t.seed, rank, step))
+            if t.head_warmup_steps:
+                optimiser.param_groups[0]["lr"] = 0.0 if step < t.head_warmup_steps else t.lr
             loss, grad_norm, positives = _contrastive_step(batch, model, forward, optimiser, config, mode, device,
                                                            generator)
             step += 1
@@ -144,7 +146,11 @@ def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoin
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
+    if t.head_warmup_steps:  # two groups, so the backbone's rate can be 0 while the head warms up
+        optimiser = torch.optim.Adam([{"params": model.backbone.parameters()},
+                                      {"params": model.proj_head.parameters()}], lr=t.lr)
+    else:  # one group, as every checkpoint written before head_warmup_steps existed
+        optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
     checkpoint = load_latest_checkpoint(checkpoints)
     if checkpoint is None:
         return model, optimiser, 0
