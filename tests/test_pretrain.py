@@ -83,7 +83,6 @@ def test_sampling_invariants(corpus):
     assert a.patches.shape == (2, 4, 1, 32, 32, 16) and a.patches.dtype == torch.int16
 
 
-
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_zoomed_views_put_each_positive_on_its_own_anatomy(axis):
     """With zoom on, each view is a resampled footprint; a positive's index in either view still points at the
@@ -118,6 +117,7 @@ def test_zoomed_views_put_each_positive_on_its_own_anatomy(axis):
     with pytest.raises(InputError, match="zoom_in_plane"):
         load_config(None, sampling={"zoom_in_plane": [2.0, 1.0]})
 
+
 def test_augmentations_keep_shapes_dtypes_and_ranges():
     config = AugmentationConfig()
     hu = torch.randn(64, 1, 16, 16, 8) * 400
@@ -140,10 +140,9 @@ def test_augmentations_keep_shapes_dtypes_and_ranges():
     assert kernel.sum() == pytest.approx(1.0) and kernel[6] == kernel.max() and kernel[:2].sum() == 0  # 4σ truncation
 
 
-
 def test_through_plane_blur_thickens_slices_only_when_asked():
     hu = torch.randn(16, 1, 12, 12, 9) * 400
-    default, params = augment(hu, AugmentationConfig(), torch.Generator().manual_seed(0))
+    _, params = augment(hu, AugmentationConfig(), torch.Generator().manual_seed(0))
     assert torch.all(params["through_plane_sigma"] == 0)  # off by default: the paper's augmentations, same stream
     plain = {"filter_probability": 0, "noise_probability": 0, "window_probability": 0}
     thick = AugmentationConfig(**plain, through_plane_probability=1.0, through_plane_sigma=(1.0, 1.5))
@@ -162,6 +161,7 @@ def test_through_plane_blur_thickens_slices_only_when_asked():
     torch.testing.assert_close(blur_through_plane(column, torch.tensor([1.5])), column)
     with pytest.raises(InputError, match="through_plane_probability"):
         load_config(None, augmentation={"through_plane_probability": 2.0})
+
 
 def test_info_nce_equals_direct_reference():
     torch.manual_seed(0)
@@ -361,7 +361,6 @@ def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_pa
         export(tmp_path / "run_without_probe_does_not_exist", tmp_path / "x", select="best-probe")
 
 
-
 def test_head_warmup_trains_only_the_projection_head_first(corpus, tmp_path):
     """head_warmup_steps: the backbone's weights stay the start model's for those steps, then they train."""
     from vox2vec.config import ArchitectureConfig, ModelConfig
@@ -383,6 +382,7 @@ def test_head_warmup_trains_only_the_projection_head_first(corpus, tmp_path):
     assert not torch.equal(third["backbone.first_conv.weight"], second["backbone.first_conv.weight"])
     with pytest.raises(InputError, match="head_warmup_steps 5 leaves no step"):
         _config(root, tmp_path / "x", steps=5, head_warmup_steps=5)
+
 
 def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpus, tmp_path):
     """Continued pre-training: the backbone starts from a saved model, the export says so, resuming needs no model."""

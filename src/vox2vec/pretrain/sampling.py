@@ -83,7 +83,7 @@ def sample_pair(case: PreparedCase, config: SamplingConfig, rng: np.random.Gener
     """
     patch = np.asarray(config.patch_size)
     shape = np.asarray(case.image.shape)
-    size_1, size_2 = footprints if footprints is not None else (patch, patch)
+    size_1, size_2 = footprints or (patch, patch)
     anchor = _random_body_voxel(case, rng)
     start_1 = rng.integers(np.maximum(0, anchor - size_1 + 1), np.minimum(shape - size_1, anchor) + 1)
     start_2 = rng.integers(np.maximum(0, anchor - size_2 + 1), np.minimum(shape - size_2, anchor) + 1)
@@ -92,9 +92,8 @@ def sample_pair(case: PreparedCase, config: SamplingConfig, rng: np.random.Gener
     shared = np.argwhere(np.asarray(case.body[box])) + lo
     if len(shared) > config.max_voxels_per_pair:
         shared = shared[rng.choice(len(shared), config.max_voxels_per_pair, replace=False)]
-    if footprints is None:
-        return start_1, start_2, shared - start_1, shared - start_2
     # voxel v of a footprint of n voxels lands in the cell floor((v + ½) · patch / n) of the resampled patch
+    # (exactly v when n = patch: (v + ½) · n / n is exact in floating point)
     return (start_1, start_2, ((shared - start_1 + 0.5) * patch / size_1).astype(np.int64),
             ((shared - start_2 + 0.5) * patch / size_2).astype(np.int64))
 
