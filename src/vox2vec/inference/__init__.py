@@ -2,6 +2,7 @@
 
 from vox2vec.inference.ct_to_pyramid import embed_volume
 from vox2vec.inference.embed import embed_image
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.sliding import sliding_window_head
 
-__all__ = ["embed_image", "embed_volume", "sliding_window_head"]
+__all__ = ["Runtime", "embed_image", "embed_volume", "resolve_runtime", "sliding_window_head"]

@@ -12,7 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.inference.placement import inference_copy
-from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
+from vox2vec.inference.precision import (
+    Precision,
+    autocast,
+    check_batch_size,
+    default_batch_size,
+    pick_device,
+    resolve_precision,
+)
 from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
 
 
@@ -58,11 +65,6 @@ def _group(runs: list[Assignment]) -> dict[int, list[Assignment]]:
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def default_batch_size(device: torch.device) -> int:
-    """CPU: one window at a time is fastest (measured); CUDA: 8 windows of 128×128×32 fit any modern card."""
-    return 8 if device.type == "cuda" else 1
 
 
 def embed_image(

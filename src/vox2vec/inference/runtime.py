@@ -1,0 +1,113 @@
+"""The shared runtime of every entry point that runs a model: device, precision, batch size, progress.
+
+One frozen value, one meaning per field, resolved in one place — so ``device=None`` means the same thing in
+``embed_volume``, ``train_head``, ``match`` and ``vox2vec show``. Entry points take ``runtime=Runtime(...)``; the
+older keyword arguments (``device=``, ``precision=``, ``batch_size=``, ``progress=``) still work and are merged
+through :func:`resolve_runtime`, which refuses a field given both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vox2vec.errors import ArgumentError
+from vox2vec.inference.precision import (
+    PRECISIONS,
+    Precision,
+    check_batch_size,
+    default_batch_size,
+    pick_device,
+    resolve_precision,
+)
+
+__all__ = ["RUNTIME_FIELDS", "Runtime", "resolve_runtime"]
+
+RUNTIME_FIELDS = ("device", "precision", "batch_size", "progress")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs.
+
+    * ``device`` — ``None``: the first CUDA GPU when there is one, else the CPU; or ``"cpu"``, ``"cuda"``,
+      ``"cuda:1"``, ``"mps"``, a ``torch.device``.
+    * ``precision`` — autocast of the model's forward passes: ``"auto"`` (bf16 on CUDA and on CPUs with native
+      bf16, else fp32), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    * ``batch_size`` — windows (crops) per forward pass of the backbone; ``None`` picks by device (CPU 1, CUDA 8).
+      Other batch-like knobs (voxels per optimiser step, …) have names of their own.
+    * ``progress`` — show progress bars on long work.
+    """
+
+    device: torch.device | str | int | None = None
+    precision: Precision = "auto"
+    batch_size: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ArgumentError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, as messages naming the fix (device availability is checked by :meth:`torch_device`)."""
+        found = []
+        if self.precision not in PRECISIONS:
+            found.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        try:
+            check_batch_size(self.batch_size)
+        except ArgumentError as error:
+            found.append(str(error))
+        if not isinstance(self.progress, bool):
+            found.append(f"progress must be True or False, got {self.progress!r}")
+        if self.device is not None and not isinstance(self.device, (str, int, torch.device)) \
+                or isinstance(self.device, bool):
+            found.append(f"device must be None, a name like 'cpu' or 'cuda:0', or a torch.device, got {self.device!r}")
+        return found
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The resolved device, checked against this machine (a clear error listing what it has)."""
+        return pick_device(self.device)
+
+    @property
+    def resolved_precision(self) -> str:
+        """``"auto"`` made concrete for :attr:`torch_device`."""
+        return resolve_precision(self.precision, self.torch_device)
+
+    @property
+    def windows_per_pass(self) -> int:
+        """``batch_size``, or the device's default."""
+        return self.batch_size if self.batch_size is not None else default_batch_size(self.torch_device)
+
+    def replace(self, **changes: Any) -> Runtime:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def checked(self) -> Runtime:
+        """This runtime with its device resolved and checked now — call it before any work starts."""
+        return self.replace(device=self.torch_device)
+
+
+def resolve_runtime(runtime: Runtime | None = None, **legacy: Any) -> Runtime:
+    """``runtime`` merged with an entry point's older keyword arguments (``device=…`` etc.; ``None`` = not given).
+
+    A field given both in ``runtime`` and as a keyword is refused: one place says where the work runs.
+    """
+    unknown = sorted(set(legacy) - set(RUNTIME_FIELDS))
+    if unknown:
+        raise ArgumentError(f"unknown runtime field(s) {', '.join(unknown)}; known: {', '.join(RUNTIME_FIELDS)}")
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise ArgumentError(f"runtime must be a vox2vec.Runtime, got {type(runtime).__name__}")
+    given = {name: value for name, value in legacy.items() if value is not None}
+    if runtime is None:
+        return Runtime(**given)
+    defaults = Runtime()
+    clashes = [name for name in given if getattr(runtime, name) != getattr(defaults, name)]
+    if clashes:
+        raise ArgumentError(f"{', '.join(clashes)} given both in runtime= and as a keyword argument; "
+                            "give each field once (runtime=Runtime(...) is the preferred form)")
+    return runtime.replace(**given) if given else runtime
