@@ -54,3 +54,10 @@ class ChecksumError(Vox2VecError, OSError):
 
 class MissingExtraError(Vox2VecError, ImportError):
     """An optional dependency (a ``pip install vox2vec[extra]``) that this function needs is not installed."""
+
+
+class NotHounsfieldWarning(UserWarning):
+    """The intensities do not look like CT in Hounsfield units (already normalised, MR, shifted, or no body).
+
+    Callers that must not embed such volumes (cohort runs) filter on this category, never on the message text.
+    """

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vox2vec.config import PreprocessingConfig
-from vox2vec.errors import ConfigError, InputError
+from vox2vec.errors import ConfigError, InputError, NotHounsfieldWarning
 from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.resample import Mode, is_identity_mapping, resample
 from vox2vec.volume import Volume, load_volume
@@ -43,12 +43,14 @@ def check_hounsfield(array: np.ndarray) -> None:
         warnings.warn(
             f"intensities span only [{low:.3g}, {high:.3g}]: this looks already normalised, but vox2vec expects "
             "raw CT in Hounsfield units (air ≈ -1000, water 0, bone > 300); pass the unscaled CT",
+            NotHounsfieldWarning,
             stacklevel=3,
         )
     elif low >= -100.0:
         warnings.warn(
             f"no voxel below -100 (0.5th percentile {low:.0f}): this does not look like a CT in Hounsfield units "
             "(MR or shifted CT?); vox2vec features are only meaningful for CT in HU",
+            NotHounsfieldWarning,
             stacklevel=3,
         )
 
@@ -107,6 +109,7 @@ class Preprocessor:
             warnings.warn(
                 f"the body mask is empty: no voxel ≥ {self.config.body_threshold_hu:g} HU; using the whole image. "
                 "Is this a CT in Hounsfield units?",
+                NotHounsfieldWarning,
                 stacklevel=3,
             )
             return np.zeros(3), np.asarray(volume.shape) - 1.0

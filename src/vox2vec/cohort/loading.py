@@ -19,6 +19,7 @@ from typing import Any
 
 from vox2vec.cohort.inputs import CaseInput
 from vox2vec.cohort.manifest import input_fingerprint
+from vox2vec.errors import NotHounsfieldWarning
 
 
 @dataclass
@@ -58,9 +59,9 @@ def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool,
             warnings.simplefilter("always")
             prepared = Preprocessor(PreprocessingConfig(**preprocessing))(case.source)
         messages = [str(w.message) for w in caught]
+        not_ct = [str(w.message) for w in caught if issubclass(w.category, NotHounsfieldWarning)]
     except Exception as error:  # noqa: BLE001 - any failure of one case is recorded, and the cohort goes on
         return LoadedCase(case, problem=f"{type(error).__name__}: {error}")
-    not_ct = [m for m in messages if "does not look like a CT" in m or "already normalised" in m]
     if not_ct and not allow_non_ct:
         return LoadedCase(case, fingerprint=fingerprint, problem=f"not a CT in Hounsfield units: {not_ct[0]} "
                           "(pass --allow-non-ct to embed it anyway)", status="skipped", warnings=messages)
