@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent H100/H200 (device tool), ≤ 10 minutes: pre-train with the paper's configuration in bf16 —
+# One call on a lent H100/H200 (device tool), ≤ 10 minutes: pre-train on the six shared CTs that are not transfer-test
+# scans (issue 22) with the paper's configuration in bf16 —
 # FPN3d(1, 16, 6) (configs/gpu-paper.toml) and, beside it, the small FPN3d(1, 8, 5) (configs/gpu-mini.toml) — for at
 # most PRETRAIN_SECONDS (default 280), then run the transfer benchmark of both against their random twins.
 #
@@ -16,7 +17,8 @@ if [[ "${1:-}" == "--export" ]]; then
 from vox2vec.pretrain import load_config, prepare
 config = load_config("configs/gpu-paper.toml")
 inputs = [f"../shared/data/ct/{n}/ct.nii.gz" for n in
-          ("rider_lung_chest", "invesalius_head", "pyradiomics_lung1", "pyradiomics_lung2")]
+          ("rider_lung_chest", "invesalius_head", "pyradiomics_lung1", "pyradiomics_lung2", "lctsc_chest",
+           "lungdx_chest")]
 prepare(inputs, "scratch/gpu8/prepared", preprocessing=config.preprocessing, patch_size=config.sampling.patch_size,
         workers=1, progress=False)
 PY
@@ -51,9 +53,9 @@ cp "$WORK/paper/log_rank0.jsonl" "$OUT/paper_log.jsonl"
 cp "$WORK/mini/log_rank0.jsonl" "$OUT/mini_log.jsonl"
 
 python -m vox2vec pretrain export --config "$MINI_CONFIG" -o "$OUT/fpn-ct-mini" --name fpn-ct-mini --dtype fp16 \
-  --data "4 CTs of the project's shared data (rider_lung_chest, invesalius_head, pyradiomics_lung1, pyradiomics_lung2)"
+  --data "6 CTs of the project's shared data (rider_lung_chest, invesalius_head, pyradiomics_lung1, pyradiomics_lung2, lctsc_chest, lungdx_chest)"
 python -m vox2vec pretrain export --config "$PAPER_CONFIG" -o "$WORK/fpn-ct-paper" --name fpn-ct-paper \
-  --dtype fp16 --data "the same 4 CTs"
+  --dtype fp16 --data "the same 6 CTs"
 # every model's linear rows first: a run cut short keeps the most useful part
 timeout "${LINEAR_SECONDS:-170}" python benchmarks/transfer_probe.py --data "$DATA/transfer" \
   --model "$OUT/fpn-ct-mini" "$WORK/fpn-ct-paper" --heads linear --output "$OUT/transfer_linear.json" || true
