@@ -16,6 +16,7 @@ from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import Grid
 from vox2vec.hub import ModelSpec, list_models, load_pretrained, register_model
 from vox2vec.inference import Runtime, embed_volume, sliding_window_head
+from vox2vec.inference.ct_to_pyramid import as_pyramid
 from vox2vec.preprocessing import PreprocessedVolume, Preprocessor
 from vox2vec.probing import ClassMap, DiceReport, Head, dice_scores, load_head, sparse_labels, train_head
 from vox2vec.volume import Volume, load_volume
@@ -26,7 +27,7 @@ __all__ = [
     "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
     "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "Runtime",
     "UnknownModelError", "Volume", "Vox2VecError",
-    "Vox2VecModel", "dice_scores", "embed_many", "embed_volume", "list_models", "load_head",
+    "Vox2VecModel", "as_pyramid", "dice_scores", "embed_many", "embed_volume", "list_models", "load_head",
     "load_pretrained", "load_volume", "match", "Matches", "point_features", "region_features", "register_model",
     "sliding_window_head", "sparse_labels", "train_head",
 ]

@@ -1,7 +1,9 @@
-"""``embed_volume``: from any CT input to a :class:`~vox2vec.features.FeaturePyramid`."""
+"""CT → pyramid: ``embed_volume`` (any CT input → a :class:`~vox2vec.features.FeaturePyramid`) and ``as_pyramid``,
+the one front door every query API uses ("a CT, a pyramid or a saved pyramid → a pyramid")."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,64 +13,103 @@ from vox2vec.configured_model import Vox2VecModel
 from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.embed import embed_image
-from vox2vec.inference.precision import Precision, check_batch_size, pick_device
+from vox2vec.inference.precision import Precision
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.preprocessing import PreprocessedVolume
+
+__all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "embed_prepared", "embed_volume"]
+
+DEFAULT_MODEL = "fpn-ct"  # the documented default of every entry point that embeds a CT
+PYRAMID_SUFFIX = ".safetensors"
 
 
 def embed_volume(
     ct: Any,
-    model: Any = "fpn-ct",
+    model: Any = DEFAULT_MODEL,
     *,
-    device: torch.device | str | None = None,
-    batch_size: int | None = None,
+    runtime: Runtime | None = None,
     window: Sequence[int] | None = None,
     overlap: float | None = None,
-    precision: Precision = "auto",
-    dtype: torch.dtype = torch.float16,
-    progress: bool = True,
+    dtype: torch.dtype | str = torch.float16,
     spacing: Any = None,
     axis_order: str | None = None,
     origin: Any = None,
     direction: Any = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    precision: Precision | None = None,
+    progress: bool | None = None,
 ) -> FeaturePyramid:
     """Embed a CT into per-voxel features.
 
     ``ct``: a path (NIfTI/NRRD/MHA/DICOM folder), ``SimpleITK.Image``, nibabel image, ``Volume``, or an array with
     ``spacing`` and ``axis_order``. ``model``: a name (loaded once per process), a path, or a loaded model.
-    Preprocessing follows the model's config; windows default to the config's (128×128×32, overlap 0.5).
-    ``precision="auto"`` is bf16 autocast on CUDA and on CPUs with native bf16, else fp32. The pyramid is stored in
-    ``dtype`` (fp16) on the CPU.
+    ``runtime``: where and how the backbone runs (:class:`~vox2vec.Runtime`; ``device=``, ``batch_size=``,
+    ``precision=``, ``progress=`` still work). Preprocessing follows the model's config; windows default to the
+    config's (128×128×32, overlap 0.5). The pyramid is stored in ``dtype`` (``"fp16"`` / ``torch.float16``, the
+    default, or fp32) on the CPU.
     """
-    device = pick_device(device)  # argument checks first: a wrong device or batch size fails before any work
-    check_batch_size(batch_size)
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision,
+                              progress=progress).checked()  # a wrong device fails before any work
     net = resolve_model(model)
-    prepared = net.preprocessor(ct, device=device, spacing=spacing, axis_order=axis_order, origin=origin,
-                                direction=direction)
-    return embed_prepared(prepared, net, device=device, batch_size=batch_size, window=window, overlap=overlap,
-                          precision=precision, dtype=dtype, progress=progress)
+    prepared = net.preprocessor(ct, device=runtime.torch_device, spacing=spacing, axis_order=axis_order,
+                                origin=origin, direction=direction)
+    return embed_prepared(prepared, net, runtime=runtime, window=window, overlap=overlap, dtype=dtype)
 
 
 def embed_prepared(
     prepared: PreprocessedVolume,
     net: Vox2VecModel,
     *,
-    device: torch.device | str | None = None,
-    batch_size: int | None = None,
+    runtime: Runtime | None = None,
     window: Sequence[int] | None = None,
     overlap: float | None = None,
-    precision: Precision = "auto",
-    dtype: torch.dtype = torch.float16,
-    progress: bool = True,
+    dtype: torch.dtype | str = torch.float16,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    precision: Precision | None = None,
+    progress: bool | None = None,
 ) -> FeaturePyramid:
     """The pyramid of a CT already on ``net``'s grid (``net.preprocessor(ct)``, possibly run in another process),
     with the provenance every pyramid carries."""
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
     config = net.config
     levels = embed_image(
-        prepared.image, net.backbone,
+        prepared.image, net.backbone, runtime=runtime,
         window=tuple(window or config.inference.window),
-        overlap=config.inference.overlap if overlap is None else overlap,
-        batch_size=batch_size, device=device, precision=precision, dtype=dtype, progress=progress,
+        overlap=config.inference.overlap if overlap is None else overlap, dtype=dtype,
     )
     meta = {"model": config.name, "fingerprint": net.fingerprint(), "num_levels": len(levels),
             "preprocessing": config.to_dict()["preprocessing"]}
     return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta, body=prepared.body_mask())
+
+
+def is_saved_pyramid(source: Any) -> bool:
+    """Whether ``source`` names a saved pyramid file (``*.safetensors``) rather than a CT."""
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(PYRAMID_SUFFIX)
+
+
+def as_pyramid(
+    source: Any,
+    model: Any = None,
+    *,
+    runtime: Runtime | None = None,
+    spacing: Any = None,
+    axis_order: str | None = None,
+    origin: Any = None,
+    direction: Any = None,
+) -> FeaturePyramid:
+    """A :class:`~vox2vec.features.FeaturePyramid` from whatever a query API was given.
+
+    ``source``: a ``FeaturePyramid`` (returned as it is), a saved pyramid (``*.safetensors``, read), or a CT —
+    anything :func:`embed_volume` reads (a path, DICOM folder, ``SimpleITK.Image``, nibabel image, ``Volume``, or an
+    array with ``spacing`` and ``axis_order``) — embedded with ``model`` (a name, path or loaded model; ``None``:
+    :data:`DEFAULT_MODEL`, ``"fpn-ct"``) on ``runtime``. A pyramid is never re-embedded: whether it fits a head or
+    another pyramid is the caller's check (the fingerprint in ``pyramid.meta``).
+    """
+    if isinstance(source, FeaturePyramid):
+        return source
+    if is_saved_pyramid(source):
+        return FeaturePyramid.load(source)
+    return embed_volume(source, DEFAULT_MODEL if model is None else model, runtime=runtime, spacing=spacing,
+                        axis_order=axis_order, origin=origin, direction=direction)

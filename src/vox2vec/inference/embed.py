@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,15 +12,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.inference.placement import inference_copy
-from vox2vec.inference.precision import (
-    Precision,
-    autocast,
-    check_batch_size,
-    default_batch_size,
-    pick_device,
-    resolve_precision,
-)
+from vox2vec.inference.precision import Precision, autocast, storage_dtype
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
+
+__all__ = ["embed_image", "plan_windows"]
 
 
 @dataclass(frozen=True)
@@ -62,31 +58,30 @@ def _group(runs: list[Assignment]) -> dict[int, list[Assignment]]:
     return grouped
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def embed_image(
     image: torch.Tensor,
     backbone: nn.Module,
     *,
+    runtime: Runtime | None = None,
     window: Sequence[int] = (128, 128, 32),
     overlap: float = 0.5,
+    dtype: torch.dtype | str = torch.float16,
+    output_device: torch.device | str = "cpu",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
-    precision: Precision = "auto",
-    dtype: torch.dtype = torch.float16,
-    output_device: torch.device | str = "cpu",
-    progress: bool = True,
+    precision: Precision | None = None,
+    progress: bool | None = None,
 ) -> list[torch.Tensor]:
     """Embed a preprocessed (X, Y, Z) image; returns the stitched levels, each (C_i, ceil(X/2^i), …) in ``dtype``.
 
-    Memory stays bounded: only ``batch_size`` windows of activations exist at once, and the output is the pyramid
-    itself (≈ 21 values per voxel for the paper's model), never the 1008 channels at full resolution.
+    Memory stays bounded: only ``runtime.batch_size`` windows of activations exist at once, and the output is the
+    pyramid itself (≈ 21 values per voxel for the paper's model), never the 1008 channels at full resolution.
     """
-    device = pick_device(device)
-    mode = resolve_precision(precision, device)
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    dtype = storage_dtype(dtype)
+    device = runtime.torch_device
+    mode = runtime.resolved_precision
+    progress = runtime.progress
     channels = [int(c) for c in backbone.channels]
     num_levels = len(channels)
     shape = tuple(int(n) for n in image.shape)
@@ -98,7 +93,7 @@ def embed_image(
         for i, c in enumerate(channels)
     ]
     backbone = inference_copy(backbone, device, channels_last=device.type != "mps")
-    batch_size = check_batch_size(batch_size) or default_batch_size(device)
+    batch_size = runtime.windows_per_pass
     with tqdm(total=len(plans), desc="embedding", unit="window", disable=not progress) as bar:
         queue = list(plans)
         while queue:

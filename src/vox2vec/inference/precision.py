@@ -12,6 +12,7 @@ from vox2vec.errors import ArgumentError, DeviceError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # what a stored pyramid's values are
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling (see training_precision)
 
 
@@ -69,6 +70,23 @@ def check_batch_size(batch_size: int | None, name: str = "batch_size") -> int | 
     if value is None or isinstance(batch_size, bool) or value < 1:
         raise ArgumentError(f"{name} must be a positive integer (windows per forward pass), got {batch_size!r}")
     return value
+
+
+def storage_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The value type a pyramid is stored in: ``"fp16"`` / ``"fp32"`` or ``torch.float16`` / ``torch.float32``
+    (every entry point accepts both forms)."""
+    if isinstance(dtype, torch.dtype) and dtype in STORAGE_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower() in STORAGE_DTYPES:
+        return STORAGE_DTYPES[dtype.strip().lower()]
+    raise ArgumentError(f"dtype must be one of {', '.join(STORAGE_DTYPES)} (or torch.float16 / torch.float32), "
+                        f"got {dtype!r}")
+
+
+def storage_dtype_name(dtype: torch.dtype | str) -> str:
+    """``"fp16"`` or ``"fp32"`` for any form :func:`storage_dtype` accepts."""
+    resolved = storage_dtype(dtype)
+    return next(name for name, value in STORAGE_DTYPES.items() if value == resolved)
 
 
 def default_batch_size(device: torch.device) -> int:

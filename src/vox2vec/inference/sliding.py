@@ -16,8 +16,11 @@ from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
 from vox2vec.inference.placement import inference_copy
-from vox2vec.inference.precision import Precision, autocast, check_batch_size, pick_device, resolve_precision
+from vox2vec.inference.precision import Precision, autocast
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.windows import original_starts, overlap_voxels
+
+__all__ = ["sliding_window_head"]
 
 
 def sliding_window_head(
@@ -25,20 +28,24 @@ def sliding_window_head(
     backbone: nn.Module,
     head: Callable[[list[torch.Tensor]], torch.Tensor],
     *,
+    runtime: Runtime | None = None,
     window: Sequence[int] = (128, 128, 32),
     overlap: float = 0.5,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
-    precision: Precision = "fp32",
-    progress: bool = False,
+    precision: Precision | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32, CPU).
 
-    Neither ``backbone`` nor an ``nn.Module`` head is modified: they run as eval-mode copies on ``device``.
+    ``runtime`` as everywhere (:class:`~vox2vec.Runtime`; the paper's protocol is ``precision="fp32"``). Neither
+    ``backbone`` nor an ``nn.Module`` head is modified: they run as eval-mode copies on the runtime's device.
     """
-    device = pick_device(device)
-    batch_size = check_batch_size(batch_size) or 1
-    mode = resolve_precision(precision, device)
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    device = runtime.torch_device
+    batch_size = runtime.windows_per_pass
+    mode = runtime.resolved_precision
+    progress = runtime.progress
     shape = tuple(int(n) for n in image.shape)
     padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
     padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
