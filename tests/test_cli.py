@@ -98,6 +98,7 @@ def test_demo_runs_offline_on_the_bundled_data(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")
     # the user's file is untouched, and both outputs are recognisably ours, so a rerun replaces them freely
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.png", "notes.txt", "prediction.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vox2vec-outputs.json", "demo.png", "notes.txt",
+                                                         "prediction.nii.gz"]
     assert written_by_vox2vec(tmp_path / "prediction.nii.gz", "label-map")
     assert written_by_vox2vec(tmp_path / "demo.png")

@@ -104,7 +104,7 @@ def test_cohort_run_records_every_case_and_goes_on(cohort, tmp_path, model_dir, 
     mr = next(e for k, e in entries.items() if k.endswith("mr_like.nii.gz"))
     assert "not a CT" in mr["reason"] and "--allow-non-ct" in mr["reason"]
     assert (out / "README.txt").read_text() == "someone else's notes"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".vox2vec-outputs.json"]  # no temp files
 
     # each pyramid is the one embed_volume gives, with its geometry in the manifest
     first = next(e for k, e in entries.items() if k.endswith("p1/ct.nii.gz"))
@@ -170,7 +170,7 @@ def test_interrupted_run_resumed_twice(cohort, tmp_path, model_dir):
         assert run.interrupted
         assert "stopped early" in run.summary()
         assert sum(r.status == "done" for r in run.results) == 1
-        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".vox2vec-outputs.json"]
         assert len(list(out.glob("*.safetensors"))) == attempt + 1
     final = embed_many(inputs, out, model=str(model_dir), workers=0, progress=False)
     assert sorted(r.status for r in final) == ["done", "done", "skipped", "skipped"]

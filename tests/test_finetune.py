@@ -44,7 +44,7 @@ def test_runs_resumes_exactly_and_loads_back(tmp_path):
     assert loaded.fingerprint() == straight.fingerprint() == loaded_head.backbone["fingerprint"]
     assert loaded_head.classes.names == ("liver", "aorta")
     checkpoints = sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir())
-    assert checkpoints == ["step_00000004.pt", "step_00000006.pt"]
+    assert checkpoints == [".vox2vec-outputs.json", "step_00000004.pt", "step_00000006.pt"]
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous(tmp_path):

@@ -130,7 +130,7 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.inference_mode():
         expected = model(x)
     directory = model.save_pretrained(tmp_path / "mine")
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == [".vox2vec-outputs.json", "config.json", "model.safetensors"]
     loaded = load_pretrained(directory)
     assert loaded.config == model.config and loaded.fingerprint() == model.fingerprint()
     with torch.inference_mode():

@@ -153,7 +153,7 @@ def test_show_writes_marked_png_with_three_panels_per_row_and_the_point_where_it
     point = volume.grid.index_to_world(np.array([[120, 70, 6]]))[0] + np.array([0.3, -0.2, 0.4])
     out = tmp_path / "view.png"
     assert show(volume, out, pyramid=pyramid, head=head, point=point, progress=False) == out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["view.png"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vox2vec-outputs.json", "view.png"]  # no temporary file left
     assert written_by_vox2vec(out, "picture")
 
     picture = build_picture(volume, pyramid, point=point, head=head, similarity=True, progress=False)

@@ -19,7 +19,7 @@ from conftest import crop, label_path, read_image, tiny_model
 from vox2vec import FeaturePyramid
 from vox2vec.cli import main
 from vox2vec.errors import OutputError, Vox2VecError
-from vox2vec.outputs import check_output_dir, check_output_file, written_by_vox2vec
+from vox2vec.outputs import REGISTRY, check_output_dir, check_output_file, written_by_vox2vec
 from vox2vec.volume import load_volume
 
 
@@ -73,7 +73,7 @@ def test_train_head_keeps_other_files_in_the_output_folder(scan, tmp_path, capsy
     assert train_head_cli(scan, folder) == 0
     after = snapshot(folder)
     assert {k: after[k] for k in before} == before  # old main: only head.json + head.safetensors remained
-    assert set(after) - set(before) == {"head.json", "head.safetensors"}
+    assert set(after) - set(before) == {"head.json", "head.safetensors", REGISTRY}  # + the record of what we wrote
     first = after["head.safetensors"]
     # a second run replaces our own files (no --overwrite needed) and still touches nothing else
     assert main(["train-head", "-i", str(scan["ct"]), str(scan["labels"]), "-o", str(folder), "--model",
@@ -132,7 +132,7 @@ def test_pretrain_export_keeps_other_files(tmp_path, capsys):
     assert main(["pretrain", "export", "--run-dir", str(tmp_path / "run"), "-o", str(out), "--name", "t"]) == 0
     after = snapshot(out)
     assert {k: after[k] for k in before} == before  # old main: both files deleted
-    assert set(after) - set(before) == {"model.safetensors", "config.json", "README.md"}
+    assert set(after) - set(before) == {"model.safetensors", "config.json", "README.md", REGISTRY}
     loaded = vox2vec.load_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # exporting again over our own export works and still leaves the other files alone
@@ -158,7 +158,7 @@ def test_model_and_head_save_pretrained_leave_other_files_alone(tmp_path):
     model.save_pretrained(folder)
     model.save_pretrained(folder)  # our own files: replaced without overwrite=True
     assert (folder / "data.npy").read_bytes() == b"keep me"
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "data.npy", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [REGISTRY, "config.json", "data.npy", "model.safetensors"]
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(OutputError, match="a_file"):
         model.save_pretrained(tmp_path / "a_file")

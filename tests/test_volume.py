@@ -56,7 +56,7 @@ def test_save_writes_geometry_atomically(abdomen_crop, tmp_path):
     assert back.GetSize() == abdomen_crop.GetSize()
     np.testing.assert_allclose(back.GetOrigin(), abdomen_crop.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(back.GetDirection(), abdomen_crop.GetDirection())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vox2vec-outputs.json", "mask.nii.gz"]  # no temp files left
 
 
 def test_missing_file():

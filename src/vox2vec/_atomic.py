@@ -1,24 +1,109 @@
-"""Write files so that a crash never leaves a half-written file under the final name."""
+"""The one writer path: write to a temporary name, verify what landed on disk, then rename and record it as ours.
+
+A full disk, a quota or a file-size limit must never replace a good file with a truncated one: some writers (ITK
+with gzip, ``.nii``) ignore short writes, so every file is read back before the rename (:func:`verify_file`, or the
+writer's own ``verify`` that compares content) and flushed to disk. On failure the previous file is untouched, the
+temporary file is removed, and one :class:`~vox2vec.errors.OutputError` line says what happened and the fix.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vox2vec.errors import OutputError
+from vox2vec.outputs import file_digest, file_mode, record_written, safetensors_header
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+__all__ = ["atomic_path", "atomic_directory", "verify_file", "write_failed"]
+
+_REASONS = {
+    errno.ENOSPC: ("the disk is full (no space left on device)", "free some space or write to another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota or write to another disk"),
+    errno.EFBIG: ("the file is larger than this system allows (file-size limit)",
+                  "raise the limit (ulimit -f) or write to another disk"),
+    errno.EROFS: ("the file system is read-only", "write to another disk"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to"),
+}
+
+
+def _likely_reason(folder: Path, written: int) -> tuple[str, str]:
+    """Why a write came out short when the writer raised nothing (or a non-OSError): disk, limit, or unknown."""
+    import resource
+
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < max(written, 1) * 2 + (1 << 20):
+            return _REASONS[errno.ENOSPC]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and written >= limit - 4096:
+        return _REASONS[errno.EFBIG]
+    return ("what was written does not read back", "check the disk (space, quota, health) and run again")
+
+
+def write_failed(final: Path, error: BaseException | None = None, detail: str = "", written: int = 0) -> OutputError:
+    """The one-line error of a failed write of ``final`` (the previous file, if any, is untouched)."""
+    code = getattr(error, "errno", None)
+    reason, fix = _REASONS.get(code) or (
+        (error.strerror, "check the disk and run again") if isinstance(error, OSError) and error.strerror
+        else _likely_reason(final.parent, written))
+    kept = f"{final} is unchanged" if final.exists() else "nothing was written"
+    return OutputError(f"could not write {final}: {reason}{f' ({detail})' if detail else ''}; {kept} — {fix}")
+
+
+def verify_file(path: Path, final: Path | None = None) -> None:
+    """Read back a just-written file by the format of ``final`` (default ``path``); raise ``ValueError`` if it is
+    not whole: JSON parses, safetensors size matches its header, images decompress to their declared size, PNG and
+    Parquet and zip (``torch.save``) files open completely."""
+    name = (final or path).name.lower()
+    if name.endswith(".json"):
+        json.loads(path.read_text(encoding="utf-8"))
+    elif name.endswith(".jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            json.loads(line)
+    elif name.endswith(".safetensors"):
+        found = safetensors_header(path)
+        if found is None or found[1] != path.stat().st_size:
+            raise ValueError("the safetensors file is incomplete")
+    elif name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        _read_image(path)
+    elif name.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pq.read_table(path)
+    elif name.endswith((".pt", ".pth", ".ckpt")):
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                raise ValueError("a member of the checkpoint is damaged")
+
+
+def _read_image(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(str(error).strip().splitlines()[-1][:120]) from None
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path with the same suffixes; rename it onto ``path`` if the block succeeds."""
+def atomic_path(path: str | os.PathLike, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling path with the same suffixes; when the block succeeds, check the file written there
+    (``verify(tmp)``, else :func:`verify_file`), flush it to disk, rename it onto ``path`` and record it as ours.
+
+    An ``OSError`` of the block (disk full, quota), or a file that does not read back, raises :func:`write_failed`'s
+    one-line :class:`OutputError`; the previous file is untouched and the temporary one removed.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
@@ -26,24 +111,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp_path, final)
+        try:
+            yield tmp_path
+            digest = _check_and_flush(tmp_path, final, verify)
+            os.chmod(tmp_path, file_mode())
+            os.replace(tmp_path, final)
+        except OSError as error:
+            raise write_failed(final, error) from None
+        record_written(final, digest)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
+def _check_and_flush(tmp: Path, final: Path, verify: Callable[[Path], None] | None) -> str:
+    """Verify the temporary file, fsync it, and return its digest; a file that does not read back → OutputError."""
+    try:
+        (verify or (lambda p: verify_file(p, final)))(tmp)
+    except (ValueError, RuntimeError, zipfile.BadZipFile) as error:
+        size = tmp.stat().st_size if tmp.exists() else 0
+        raise write_failed(final, None, str(error).strip().splitlines()[0][:160] if str(error) else "",
+                           size) from None
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    return file_digest(tmp)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder inside ``path``; if the block succeeds, each file written there replaces its
-    namesake in ``path`` with one atomic rename. Anything else already in ``path`` is left alone (as the Hugging Face
-    ``save_pretrained`` does); a crash leaves every file either old or new, never half-written.
+    """Yield an empty temporary folder inside ``path``; if the block succeeds, each file written there is verified
+    and replaces its namesake in ``path`` with one atomic rename (and is recorded as ours). Anything else already in
+    ``path`` is left alone (as the Hugging Face ``save_pretrained`` does); a crash leaves every file either old or
+    new, never half-written.
 
     ``path`` is created when missing (and removed again if the block fails and left it empty); an existing regular
     file at ``path`` is refused.
     """
-    from vox2vec.errors import OutputError
-
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise OutputError(f"output folder {final} is an existing file, not a folder; give a folder path")
@@ -52,8 +154,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".vox2vec-", suffix=".tmp", dir=final))
     done = False
     try:
-        yield tmp
-        _move_into(tmp, final)
+        try:
+            yield tmp
+        except OSError as error:
+            raise write_failed(final, error) from None
+        _move_into(tmp, final, _verify_tree(tmp, final))
         done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,19 +168,34 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                     folder.rmdir()
 
 
-def _move_into(source: Path, target: Path) -> None:
-    """Rename every file under ``source`` onto the same relative path under ``target`` (one rename per file)."""
-    from vox2vec.errors import OutputError
+def _verify_tree(source: Path, target: Path) -> dict[Path, str]:
+    """Verify and flush every file under ``source`` (named by its place under ``target``); their digests."""
+    digests = {}
+    for child in sorted(source.rglob("*")):
+        if child.is_file():
+            destination = target / child.relative_to(source)
+            try:
+                digests[child] = _check_and_flush(child, destination, None)
+            except OSError as error:
+                raise write_failed(destination, error) from None
+    return digests
 
+
+def _move_into(source: Path, target: Path, digests: dict[Path, str]) -> None:
+    """Rename every file under ``source`` onto the same relative path under ``target`` (one rename per file)."""
     for child in sorted(source.iterdir()):
         destination = target / child.name
         if child.is_dir():
             if destination.exists() and not destination.is_dir():
                 raise OutputError(f"cannot write folder {destination}: a file of that name is in the way")
             destination.mkdir(exist_ok=True)
-            _move_into(child, destination)
+            _move_into(child, destination, digests)
             continue
         if destination.is_dir():
             raise OutputError(f"cannot write {destination}: a folder of that name is in the way")
-        os.chmod(child, 0o666 & ~_umask())  # temporary files may be created 0600; give normal permissions
-        os.replace(child, destination)
+        os.chmod(child, file_mode())
+        try:
+            os.replace(child, destination)
+        except OSError as error:
+            raise write_failed(destination, error) from None
+        record_written(destination, digests[child])

@@ -9,24 +9,29 @@
   anything else in the folder is left alone. A file of ours that already exists under one of our names is replaced
   only when vox2vec wrote it, or with ``overwrite=True``.
 
-How we recognise our own files (:func:`written_by_vox2vec`), without reading their data:
+"Ours" (:func:`is_ours`, :func:`written_by_vox2vec`) means **written by vox2vec and unchanged since**: every file
+we write is recorded, at write time, in the folder's registry :data:`REGISTRY` (``.vox2vec-outputs.json``: file name
+→ sha256 and size of its bytes; :func:`record_written`, called by :func:`vox2vec._atomic.atomic_path` after each
+rename). A file whose bytes no longer match its record — a label map corrected in nibabel with the header passed
+along, a hand-annotated table, a config edited by hand — is the user's now and is replaced only with ``overwrite``.
+A file copied elsewhere without the registry, or written before vox2vec kept one, is not ours either (the safe
+direction: ``--overwrite`` says so explicitly).
+
+The kind of a file (a pyramid is not a model; a volume is not a label map) comes from a marker in its own header,
+checked without reading its data:
 
 * ``.safetensors``: the header's metadata has ``"vox2vec": "FeaturePyramid"`` (pyramids), ``"vox2vec": "model"`` or a
   ``config`` entry holding a model config (exported models), ``"vox2vec": "head"`` or ``kind`` linear/nonlinear
   (heads);
 * images (``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``): the header note ``ITK_FileNotes`` (NIfTI ``descrip``) is
   ``vox2vec:<kind>``, e.g. ``vox2vec:label-map`` — :meth:`vox2vec.volume.Volume.save` writes it;
-* ``config.json`` / ``head.json``: a JSON object with a model config's ``architecture`` or a head's ``classes`` and
-  ``backbone``; ``manifest.jsonl``: a first line with ``"vox2vec"`` and ``"input"`` (cohort runs); ``README.md``: a
-  model card with ``library_name: vox2vec``; ``.png``: a ``Software`` text chunk ``vox2vec``; ``.csv``: a first
-  line ``# vox2vec:table``; ``.parquet``: schema metadata ``vox2vec`` (read with pyarrow).
-
-A file someone edits after vox2vec wrote it may keep the marker (e.g. a label map re-saved by a viewer that keeps the
-NIfTI description); it is then treated as ours.
+* ``.png``: a ``Software`` text chunk ``vox2vec``; ``.csv``/``.parquet``: the suffix (a table).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -48,6 +53,8 @@ EXTENSIONS = {
 DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
                 "picture": "picture"}
 TABLE_MARKER = "# vox2vec:table"  # the first line of every CSV we write (pandas: read_csv(path, comment="#"))
+REGISTRY = ".vox2vec-outputs.json"  # in each folder we write into: the digest of every file we wrote there
+_REGISTRY_KEY = "vox2vec-outputs"
 OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
 
 
@@ -59,6 +66,94 @@ def marker(kind: str) -> str:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def file_mode() -> int:
+    """The permissions of a new file under the current umask (``mkstemp`` creates 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# -- "ours": written by vox2vec and unchanged since -----------------------------------------------------------------
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _registry(folder: Path) -> dict[str, Any] | None:
+    """The records of ``folder`` ({} when it has none), or None when a file of that name is not our registry."""
+    try:
+        content = json.loads((folder / REGISTRY).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    records = content.get(_REGISTRY_KEY) if isinstance(content, dict) else None
+    return records if isinstance(records, dict) else None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Serialise registry updates of one folder across processes (cohort ranks); best effort where flock is absent."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def record_written(path: str | os.PathLike, digest: str | None = None) -> None:
+    """Record that vox2vec has just written ``path`` (its sha256 and size) in the folder's :data:`REGISTRY`, so that
+    a later run may replace it while it stays unchanged (:func:`is_ours`).
+
+    Best effort: a registry that cannot be written (a full disk, a foreign file of that name, which is never
+    replaced) leaves ``path`` unrecorded, i.e. not ours — a later run then asks for ``overwrite``.
+    """
+    path = Path(path)
+    folder = path.parent
+    if path.name == REGISTRY or not path.is_file():
+        return
+    entry = {"sha256": digest or file_digest(path), "size": path.stat().st_size}
+    with _folder_lock(folder):
+        records = _registry(folder)
+        if records is None:
+            return
+        records[path.name] = entry
+        fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({_REGISTRY_KEY: records}, handle, indent=1, sort_keys=True)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, folder / REGISTRY)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def is_ours(path: str | os.PathLike) -> bool:
+    """Whether vox2vec wrote ``path`` and its bytes are unchanged since (its record in the folder's registry)."""
+    path = Path(path)
+    if not path.is_file() or path.name == REGISTRY:
+        return False
+    record = (_registry(path.parent) or {}).get(path.name)
+    if not isinstance(record, dict):
+        return False
+    try:
+        return record.get("size") == path.stat().st_size and record.get("sha256") == file_digest(path)
+    except OSError:
+        return False
 
 
 # -- recognising our own files -----------------------------------------------------------------------------------
@@ -124,74 +219,27 @@ def _png_software(path: Path) -> str | None:
     return None
 
 
-def _parquet_marked(path: Path) -> bool:
-    """A Parquet file whose schema metadata has ``vox2vec`` (False when pyarrow is missing: then it is not ours)."""
-    try:
-        import pyarrow.parquet as pq
-
-        metadata = pq.read_schema(path).metadata or {}
-    except Exception:  # noqa: BLE001 - no pyarrow, or not a Parquet file: not ours
-        return False
-    return b"vox2vec" in metadata
+def _has_kind(path: Path, kind: str) -> bool:
+    """Whether the marker in the file's own header says it is an output of this ``kind``."""
+    suffix = _suffix(path)
+    if suffix == ".safetensors":
+        return kind == "pyramid" and (_safetensors_metadata(path) or {}).get("vox2vec") == "FeaturePyramid"
+    if suffix in IMAGE_EXTENSIONS:
+        return _image_note(path) == marker(kind)
+    if suffix in (".csv", ".parquet"):
+        return kind == "table"
+    if suffix == ".png":
+        return kind == "picture" and (_png_software(path) or "").startswith("vox2vec")
+    return False
 
 
 def written_by_vox2vec(path: str | os.PathLike, kind: str | None = None) -> bool:
-    """Whether ``path`` is a file vox2vec wrote (as ``kind``, when given: "pyramid", "label-map", "volume")."""
+    """Whether ``path`` is a file vox2vec wrote and nobody changed since (:func:`is_ours`) — as ``kind``, when given
+    ("pyramid", "label-map", "volume", "table", "picture")."""
     path = Path(path)
-    if not path.is_file():
+    if kind is not None and (not path.is_file() or not _has_kind(path, kind)):
         return False
-    suffix = _suffix(path)
-    if suffix == ".safetensors":
-        metadata = _safetensors_metadata(path)
-        if metadata is None:
-            return False
-        tag = metadata.get("vox2vec")
-        if kind is not None:
-            return kind == "pyramid" and tag == "FeaturePyramid"
-        if tag is not None or metadata.get("kind") in ("linear", "nonlinear"):
-            return True
-        try:
-            return "architecture" in json.loads(metadata.get("config", "null"))
-        except (TypeError, ValueError):
-            return False
-    if suffix in IMAGE_EXTENSIONS:
-        note = _image_note(path)
-        if note is None:
-            return False
-        return note == marker(kind) if kind is not None else note.startswith("vox2vec:")
-    if suffix == ".csv":
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                return handle.readline().startswith(TABLE_MARKER) and kind in (None, "table")
-        except OSError:
-            return False
-    if suffix == ".parquet":
-        return _parquet_marked(path) and kind in (None, "table")
-    if suffix == ".png":
-        return (_png_software(path) or "").startswith("vox2vec") and kind in (None, "picture")
-    if kind is not None:
-        return False
-    if suffix == ".json":
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(content, dict) and (
-            "vox2vec" in content or "architecture" in content or {"classes", "backbone"} <= content.keys()
-        )
-    if suffix == ".jsonl":  # a cohort manifest: every line carries "vox2vec" and "input"
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                first = json.loads(handle.readline() or "null")
-        except (OSError, ValueError):
-            return False
-        return isinstance(first, dict) and {"vox2vec", "input"} <= first.keys()
-    if suffix == ".md":
-        try:
-            return "library_name: vox2vec" in path.read_text(errors="replace")[:2000]
-        except OSError:
-            return False
-    return False
+    return is_ours(path)
 
 
 # -- path checks ---------------------------------------------------------------------------------------------------
@@ -251,8 +299,8 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     """Refuse, before any compute, an output file we must not or cannot write; returns the path.
 
     ``kind``: "pyramid" (``.safetensors``), "label-map" or "volume" (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``),
-    "table" (``.csv``, first line :data:`TABLE_MARKER`; or ``.parquet``) or "picture" (``.png`` with a
-    ``Software: vox2vec`` chunk).
+    "table" (``.csv``, ``.parquet``) or "picture" (``.png``). An existing file is replaced only when it is ours as
+    this kind (:func:`written_by_vox2vec`), or with ``overwrite``.
     ``inputs``: the paths this run reads (non-path inputs are ignored).
     """
     if kind not in EXTENSIONS:
@@ -276,7 +324,8 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     ours = written_by_vox2vec(path, kind)
     _check_not_an_input(path, _paths(inputs), what, ours)
     if path.exists() and not overwrite and not ours:
-        raise OutputError(f"{what} {path} already exists and was not written by vox2vec as a {DESCRIPTIONS[kind]}; "
+        raise OutputError(f"{what} {path} already exists and is not a {DESCRIPTIONS[kind]} vox2vec wrote "
+                          f"(or it was changed since); "
                           f"{OVERWRITE_HINT}")
     _check_writable(path, what)
     return path
@@ -303,6 +352,7 @@ def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inpu
         ours = written_by_vox2vec(target)
         _check_not_an_input(target, sources, f"{what} file", ours)
         if target.exists() and not overwrite and not ours:
-            raise OutputError(f"{target} already exists and was not written by vox2vec; {hint}")
+            raise OutputError(f"{target} already exists and was not written by vox2vec (or was changed since); "
+                              f"{hint}")
     _check_writable(path / "_", what)
     return path
