@@ -12,13 +12,14 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vox2vec.errors import OutputError
+from vox2vec.errors import OutputError, Vox2VecError
 from vox2vec.outputs import file_digest, file_mode, record_written, safetensors_header
 
 __all__ = ["atomic_path", "atomic_directory", "verify_file", "write_failed"]
@@ -33,33 +34,60 @@ _REASONS = {
 }
 
 
-def _likely_reason(folder: Path, written: int) -> tuple[str, str]:
-    """Why a write came out short when the writer raised nothing (or a non-OSError): disk, limit, or unknown."""
+def _disk_cause(folder: Path, written: int) -> int | None:
+    """The errno that explains a write which failed without one (a library's own error, a short write ITK ignored):
+    ENOSPC when the disk is (nearly) full, EFBIG when the file reached the process's file-size limit, else None."""
     import resource
 
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < max(written, 1) * 2 + (1 << 20):
-            return _REASONS[errno.ENOSPC]
+            return errno.ENOSPC
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and written >= limit - 4096:
-        return _REASONS[errno.EFBIG]
-    return ("what was written does not read back", "check the disk (space, quota, health) and run again")
+        return errno.EFBIG
+    return None
+
+
+def _errno_of(error: BaseException | None, folder: Path, written: int) -> int | None:
+    """The errno of an ``OSError``, of a library error quoting one ("os error 28"), or found by :func:`_disk_cause`."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    quoted = re.search(r"os error (\d+)", str(error)) if error is not None else None
+    return int(quoted.group(1)) if quoted else _disk_cause(folder, written)
 
 
 def write_failed(final: Path, error: BaseException | None = None, detail: str = "", written: int = 0) -> OutputError:
     """The one-line error of a failed write of ``final`` (the previous file, if any, is untouched)."""
-    code = getattr(error, "errno", None)
+    code = _errno_of(error, final.parent, written)
     reason, fix = _REASONS.get(code) or (
-        (error.strerror, "check the disk and run again") if isinstance(error, OSError) and error.strerror
-        else _likely_reason(final.parent, written))
+        (os.strerror(code), "check the disk and run again") if code
+        else ("what was written does not read back", "check the disk (space, quota, health) and run again"))
     kept = f"{final} is unchanged" if final.exists() else "nothing was written"
-    return OutputError(f"could not write {final}: {reason}{f' ({detail})' if detail else ''}; {kept} — {fix}")
+    return OutputError(f"could not write {final}{f' ({detail})' if detail else ''}: {reason}; {kept} — {fix}")
+
+
+def _written_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _as_write_error(error: Exception, final: Path, tmp: Path) -> Exception:
+    """An exception raised while writing ``tmp``: an ``OSError``, or a library's error (safetensors, torch) that a
+    full disk or a size limit explains, becomes :func:`write_failed`'s error; anything else stays as it is."""
+    if isinstance(error, Vox2VecError):
+        return error
+    written = _written_size(tmp)
+    if isinstance(error, OSError) or _errno_of(error, final.parent, written) is not None:
+        return write_failed(final, error, "", written)
+    return error
 
 
 def verify_file(path: Path, final: Path | None = None) -> None:
     """Read back a just-written file by the format of ``final`` (default ``path``); raise ``ValueError`` if it is
-    not whole: JSON parses, safetensors size matches its header, images decompress to their declared size, PNG and
-    Parquet and zip (``torch.save``) files open completely."""
+    not whole: JSON parses, safetensors size matches its header, PNG, Parquet and zip (``torch.save``) files open
+    completely. Images are checked by their writer, :func:`vox2vec.writers.write_image` (voxels compared)."""
     name = (final or path).name.lower()
     if name.endswith(".json"):
         json.loads(path.read_text(encoding="utf-8"))
@@ -70,8 +98,6 @@ def verify_file(path: Path, final: Path | None = None) -> None:
         found = safetensors_header(path)
         if found is None or found[1] != path.stat().st_size:
             raise ValueError("the safetensors file is incomplete")
-    elif name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
-        _read_image(path)
     elif name.endswith(".png"):
         from PIL import Image
 
@@ -85,15 +111,6 @@ def verify_file(path: Path, final: Path | None = None) -> None:
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
                 raise ValueError("a member of the checkpoint is damaged")
-
-
-def _read_image(path: Path):
-    import SimpleITK as sitk
-
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise ValueError(str(error).strip().splitlines()[-1][:120]) from None
 
 
 @contextlib.contextmanager
@@ -116,8 +133,11 @@ def atomic_path(path: str | os.PathLike, verify: Callable[[Path], None] | None =
             digest = _check_and_flush(tmp_path, final, verify)
             os.chmod(tmp_path, file_mode())
             os.replace(tmp_path, final)
-        except OSError as error:
-            raise write_failed(final, error) from None
+        except Exception as error:
+            converted = _as_write_error(error, final, tmp_path)
+            if converted is error:
+                raise
+            raise converted from None
         record_written(final, digest)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -156,8 +176,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except OSError as error:
-            raise write_failed(final, error) from None
+        except Exception as error:
+            converted = _as_write_error(error, final, max(tmp.rglob("*"), key=_written_size, default=tmp))
+            if converted is error:
+                raise
+            raise converted from None
         _move_into(tmp, final, _verify_tree(tmp, final))
         done = True
     finally:
