@@ -1,34 +1,106 @@
-"""The command line on real data, with a local model directory."""
+"""The command line on real data, with a local model directory: what each command writes equals what the Python
+API gives on the same input (the independent oracle), and the output keeps the input's geometry."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
+import vox2vec
 from conftest import tiny_model
-from vox2vec import FeaturePyramid
+from vox2vec import FeaturePyramid, Runtime
 from vox2vec.cli import main
 
 
-def test_embed_writes_a_pyramid(abdomen_crop, tmp_path):
+@pytest.fixture
+def ct_file(abdomen_crop, tmp_path) -> Path:
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(abdomen_crop, str(ct))
-    model_dir = tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+    return ct
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+
+
+def _geometry(image: sitk.Image) -> tuple:
+    return (*image.GetSize(), *image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
+
+
+def test_embed_writes_what_embed_volume_gives(ct_file, model_dir, tmp_path):
+    """`vox2vec embed` with the shared runtime options = `vox2vec.embed_volume` with that Runtime, value for value."""
     out = tmp_path / "features.safetensors"
-    assert main(["embed", "-i", str(ct), "-o", str(out), "--model", str(model_dir), "--no-progress"]) == 0
-    pyramid = FeaturePyramid.load(out)
-    assert pyramid.dim == 30 and pyramid.source_grid.shape == abdomen_crop.GetSize()
+    assert main(["embed", "-i", str(ct_file), "-o", str(out), "--model", str(model_dir), "--device", "cpu",
+                 "--precision", "fp32", "--batch-size", "2", "--no-progress"]) == 0
+    written = FeaturePyramid.load(out)
+    expected = vox2vec.embed_volume(str(ct_file), model=str(model_dir),
+                                    runtime=Runtime(device="cpu", precision="fp32", batch_size=2, progress=False))
+    assert len(written.levels) == len(expected.levels) == 4
+    for got, want in zip(written.levels, expected.levels):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert written.grid == expected.grid
+    source = written.source_grid
+    image = sitk.ReadImage(str(ct_file))
+    assert source.shape == image.GetSize()
+    assert np.allclose(source.spacing, image.GetSpacing()) and np.allclose(source.origin, image.GetOrigin())
 
 
-def test_errors_are_one_line_not_a_traceback(tmp_path):
+def test_predict_writes_the_heads_prediction_on_the_input_grid(ct_file, model_dir, tmp_path, capsys):
+    """train-head → predict: the label map equals `Head.predict` in Python and has the input CT's geometry."""
+    image = sitk.ReadImage(str(ct_file))
+    labels = sitk.Cast(sitk.BinaryThreshold(image, 150, 3000, 1, 0), sitk.sitkUInt8)  # bone, on the CT's grid
+    labels.CopyInformation(image)
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    head_dir, out = tmp_path / "head", tmp_path / "seg.nii.gz"
+    assert main(["train-head", "-i", str(ct_file), str(tmp_path / "labels.nii.gz"), "-o", str(head_dir),
+                 "--model", str(model_dir), "--steps", "3", "--no-progress"]) == 0
+    assert main(["predict", "-i", str(ct_file), "--head", str(head_dir), "-o", str(out), "--model", str(model_dir),
+                 "--no-progress"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = sitk.ReadImage(str(out))
+    assert _geometry(written) == pytest.approx(_geometry(image))
+    expected = vox2vec.load_head(head_dir).predict(str(ct_file), model=str(model_dir), progress=False)
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+    assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1}
+
+
+def test_features_refuses_a_model_other_than_the_pyramids(ct_file, model_dir, tmp_path, capsys):
+    """A saved pyramid keeps its model: an explicit --model naming another one is refused, not silently ignored."""
+    pyramid = tmp_path / "ct.safetensors"
+    assert main(["embed", "-i", str(ct_file), "-o", str(pyramid), "--model", str(model_dir), "--no-progress"]) == 0
+    points = tmp_path / "points.csv"
+    centre = FeaturePyramid.load(pyramid).source_grid.index_to_world(np.array([[80.0, 60.0, 10.0]]))[0]
+    points.write_text("name,x,y,z\ncentre," + ",".join(map(str, centre)) + "\n")
+    other = tiny_model(base_channels=2, num_scales=4, seed=5).save_pretrained(tmp_path / "other")
+    args = ["features", "-i", str(pyramid), "--points", str(points), "-o", str(tmp_path / "t.csv"), "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was embedded with" in err and "--model" in err and not (tmp_path / "t.csv").exists()
+    assert main([*args, "--model", str(model_dir)]) == 0  # the pyramid's own model: fine
+    assert main([*args, "--overwrite"]) == 0  # no --model: the pyramid's
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["embed", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.safetensors"),
+                 "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no-such-model" in err and "fpn-ct" in err
+
+
+@pytest.mark.slow
+def test_the_installed_command_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vox2vec", "embed", "-i", str(tmp_path / "missing.nii.gz"),
                              "-o", str(tmp_path / "x.safetensors"), "--model", "no-such-model"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "no-such-model" in result.stderr and "fpn-ct" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and "no-such-model" in result.stderr
 
 
 def _entry(out: str, name: str) -> str:
@@ -59,12 +131,20 @@ def test_info_reports_what_is_on_disk(capsys):
     assert "estimated" not in paper
 
 
+@pytest.mark.slow
+def test_info_does_not_load_the_trainer():
+    """`vox2vec info` and `--help` build only their own options: the pre-training stack is never imported."""
+    code = ("import sys; from vox2vec.cli import main; main(['info']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('vox2vec.pretrain', 'vox2vec.probing.evaluate'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_demo_runs_offline_on_the_bundled_data(tmp_path, monkeypatch, capsys):
     """The README's first command: bundled CT + bundled model, no network; its Dice report is the truth about its
     own prediction file, and a rerun into the same folder works and leaves other files alone."""
     import json
-
-    import numpy as np
 
     from vox2vec.demo import DEMO
     from vox2vec.outputs import written_by_vox2vec

@@ -48,7 +48,7 @@ def usage_error(capsys, argv) -> str:
 def test_train_head_steps_must_be_positive(files, capsys, steps):
     line = usage_error(capsys, ["train-head", "-i", files["ct"], files["labels"], "-o", files["out"],
                                 "--steps", steps])
-    assert "--steps" in line and steps in line and "positive integer" in line  # old main: saved an untrained head
+    assert "--steps" in line and steps in line and "whole number ≥ 1" in line  # old main: saved an untrained head
 
 
 def test_embed_batch_size_must_be_positive(files, capsys):
@@ -98,9 +98,9 @@ def test_classes_are_parsed_with_a_clear_message(files, capsys, classes, expecte
 
 
 def test_classes_still_accept_merged_and_bare_ids():
-    from vox2vec.cli import _parse_classes
+    from vox2vec.cli.heads import parse_classes
 
-    assert _parse_classes("1=spleen, 32=vertebrae,33=vertebrae,7") == {1: "spleen", 32: "vertebrae",
+    assert parse_classes("1=spleen, 32=vertebrae,33=vertebrae,7") == {1: "spleen", 32: "vertebrae",
                                                                        33: "vertebrae", 7: "7"}
 
 
@@ -119,6 +119,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vox2vec", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_and_plain_runs_do_not(tmp_path):
     args = ["embed", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.safetensors"), "--model",
             "no-such-model"]
@@ -171,7 +172,7 @@ def test_deliberate_errors_are_vox2vec_errors():
 
 
 OWNED = ["configured_model.py", "hub/registry.py", "inference", "modeling", "preprocessing.py", "probing/apply.py",
-         "cli.py", "outputs.py", "_atomic.py", "demo.py"]
+         "cli", "outputs.py", "_atomic.py", "demo.py"]
 
 
 def test_no_plain_builtin_errors_or_asserts_left():
@@ -184,3 +185,86 @@ def test_no_plain_builtin_errors_or_asserts_left():
                 if plain.match(text):
                     found.append(f"{path.relative_to(SRC)}:{number}: {text.strip()}")
     assert not found, "\n".join(found)
+
+
+# -- one set of options, one meaning, one home for number checks ------------------------------------------------
+MODEL_COMMANDS = {  # every command that runs a model, with the arguments it needs besides the shared options
+    "embed": ["-i", "ct.nii.gz", "-o", "x.safetensors"],
+    "features": ["-i", "ct.nii.gz", "--mask", "m.nii.gz", "-o", "t.csv"],
+    "match": ["-s", "a.nii.gz", "-t", "b.nii.gz", "--points", "p.csv", "-o", "m.csv"],
+    "show": ["ct.nii.gz", "-o", "v.png"],
+    "train-head": ["-i", "ct.nii.gz", "l.nii.gz", "-o", "head"],
+    "predict": ["-i", "ct.nii.gz", "--head", "head", "-o", "seg.nii.gz"],
+    "eval": ["data", "-o", "results"],
+    "demo": [],
+}
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_every_model_command_takes_the_shared_runtime_options(command):
+    """--model --device --precision --batch-size --no-progress --overwrite parse to the same Runtime everywhere."""
+    from vox2vec.cli import build_parser
+    from vox2vec.cli._common import runtime_of
+
+    argv = [command, *MODEL_COMMANDS[command], "--model", "m", "--device", "cpu", "--precision", "fp32",
+            "--batch-size", "3", "--no-progress", "--overwrite"]
+    args = build_parser(command).parse_args(argv)
+    assert args.model == "m" and args.overwrite is True
+    assert runtime_of(args) == vox2vec.Runtime(device="cpu", precision="fp32", batch_size=3, progress=False)
+    defaults = build_parser(command).parse_args([command, *MODEL_COMMANDS[command]])
+    assert runtime_of(defaults) == vox2vec.Runtime()  # the defaults are Runtime's own
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_batch_size_is_checked_the_same_on_every_command(command, capsys):
+    line = usage_error(capsys, [command, *MODEL_COMMANDS[command], "--batch-size", "0"])
+    assert "--batch-size" in line and "must be a whole number ≥ 1, got 0" in line
+
+
+@pytest.mark.parametrize(("argv", "option", "expected"), [
+    (["embed", "-i", "a", "b", "-o", "out", "--workers", "-1"], "--workers", "whole number ≥ 0, got -1"),
+    (["embed", "-i", "a", "b", "-o", "out", "--levels", "2", "x"], "--levels", "whole number ≥ 0, got 'x'"),
+    (["eval", "data", "-o", "r", "--seed", "-4"], "--seed", "whole number ≥ 0, got -4"),
+    (["eval", "data", "-o", "r", "--finetune-steps", "1.5"], "--finetune-steps", "whole number ≥ 1, got '1.5'"),
+    (["match", "-s", "a", "-t", "b", "--points", "p", "-o", "o", "--top-k", "0"], "--top-k", "≥ 1, got 0"),
+    (["show", "ct", "-o", "v.png", "--width", "wide"], "--width", "whole number ≥ 1, got 'wide'"),
+    (["train-head", "-i", "c", "l", "-o", "h", "--ignore-label", "x"], "--ignore-label", "whole number, got 'x'"),
+    (["features", "-i", "c", "--mask", "m", "-o", "t.csv", "--labels", "-2"], "--labels", "≥ 0, got -2"),
+])
+def test_number_options_share_the_settings_checks(capsys, argv, option, expected):
+    line = usage_error(capsys, argv)
+    assert option in line and expected in line, line
+
+
+def test_a_runtime_field_a_function_cannot_take_is_refused_not_dropped():
+    from vox2vec.cli._common import runtime_call
+    from vox2vec.errors import InputError
+
+    def old_style(x, *, progress=True):
+        return x, progress
+
+    assert runtime_call(old_style, vox2vec.Runtime(progress=False), 1, legacy=("progress",)) == (1, False)
+    with pytest.raises(InputError, match="--device is not supported"):
+        runtime_call(old_style, vox2vec.Runtime(device="cpu"), 1, legacy=("progress",))
+    assert runtime_call(lambda x, *, runtime: (x, runtime.batch_size), vox2vec.Runtime(batch_size=2), 7) == (7, 2)
+
+
+@pytest.mark.parametrize("extra", [["--mask", "m.nii.gz"], ["--case", "A"], ["--points", "p.csv"]])
+def test_features_refuses_options_a_list_would_silently_ignore(tmp_path, capsys, extra):
+    assert main(["features", "--list", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "t.csv"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and extra[0] in err[0] and "does not apply" in err[0].replace("do(es)", "does"), err
+
+
+def test_features_refuses_mask_options_with_points(tmp_path, capsys):
+    argv = ["features", "-i", "ct.nii.gz", "--points", "p.csv", "-o", str(tmp_path / "t.csv"), "--labels", "1"]
+    assert main(argv) == 2
+    assert "--labels" in capsys.readouterr().err
+
+
+def test_eval_and_export_take_overwrite():
+    from vox2vec.cli import build_parser
+
+    assert build_parser("eval").parse_args(["eval", "d", "-o", "r", "--overwrite"]).overwrite is True
+    export = build_parser("pretrain").parse_args(["pretrain", "export", "-o", "m", "--overwrite"])
+    assert export.overwrite is True and export.license is None  # the licence default is export()'s, not the CLI's

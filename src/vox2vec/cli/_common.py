@@ -1,0 +1,140 @@
+"""What every command shares: the one-line-error parser, argument types built on the settings checks of
+``config.py``, the runtime options (``--model --device --precision --batch-size --no-progress``) and ``--overwrite``.
+
+One meaning per option on every command (the same as :class:`vox2vec.Runtime`'s fields), defined here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from vox2vec.config import check_int
+from vox2vec.errors import InputError, Vox2VecError
+
+__all__ = [
+    "DEFAULT_MODEL", "OVERWRITE_HELP", "Parser", "accepts", "add_command", "add_overwrite", "add_runtime_options",
+    "device", "model_paths", "positive_int", "runtime_call", "runtime_of", "whole_number",
+]
+
+DEFAULT_MODEL = "fpn-ct"
+OVERWRITE_HELP = "replace an existing output that vox2vec did not write"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (``vox2vec: error: …``) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"vox2vec: error: {message} (see `{self.prog} --help`)\n")
+
+
+_DEBUG = Parser(add_help=False)
+# --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting the global value
+_DEBUG.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A (sub)command parser that also takes ``--debug``."""
+    return group.add_parser(name, parents=[_DEBUG], **kwargs)
+
+
+def whole_number(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in [low, high], checked by ``config.check_int`` (the one home)."""
+
+    def parse(text: str) -> int:
+        try:
+            value: Any = int(text)
+        except ValueError:
+            value = text
+        problems: list[str] = []
+        if low is None:
+            if isinstance(value, str):
+                problems.append(f"must be a whole number, got {text!r}")
+        else:
+            check_int(problems, "", value, low, high)
+        if problems:
+            raise argparse.ArgumentTypeError(problems[0].strip())
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in "invalid … value" messages
+    return parse
+
+
+positive_int = whole_number(1)
+
+
+def device(text: str) -> str:
+    """An argparse ``type``: a device this machine has (``cpu``, ``cuda``, ``cuda:1`` …), checked before any work."""
+    from vox2vec.inference.precision import pick_device
+
+    try:
+        pick_device(text)
+    except Vox2VecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = DEFAULT_MODEL,
+                        model_help: str | None = None) -> None:
+    """``--model --device --precision --batch-size --no-progress``: where and how the model runs (a ``Runtime``)."""
+    from vox2vec.inference.precision import PRECISIONS
+
+    group = parser.add_argument_group("model and runtime (the same on every command)")
+    group.add_argument("--model", default=model,
+                       help=model_help or f"model name, directory or .pt file (default: {model})")
+    group.add_argument("--device", type=device, default=None,
+                       help="cpu, cuda, cuda:1, mps … (default: the first CUDA GPU if there is one, else the CPU)")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="autocast of the backbone (default auto: bf16 on CUDA and on CPUs with native bf16, "
+                            "else fp32)")
+    group.add_argument("--batch-size", type=positive_int, default=None,
+                       help="windows per forward pass of the backbone (default: by device, CPU 1, CUDA 8)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_overwrite(parser: argparse.ArgumentParser, help: str = OVERWRITE_HELP) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def runtime_of(args: argparse.Namespace) -> Any:
+    """The command's :class:`vox2vec.Runtime`, from the shared options."""
+    from vox2vec.inference.runtime import Runtime
+
+    return Runtime(device=args.device, precision=args.precision, batch_size=args.batch_size,
+                   progress=not args.no_progress)
+
+
+def runtime_call(function: Callable[..., Any], runtime: Any, /, *args: Any, legacy: Iterable[str] = (),
+                 strict: bool = True, **kwargs: Any) -> Any:
+    """Call a library entry point with the command's runtime: as ``runtime=`` where it takes one, else through the
+    older keywords in ``legacy`` (those it accepts today with the runtime's meaning).
+
+    A set runtime field the function cannot take is refused (``strict``) rather than silently dropped; progress
+    is only a display choice and is never refused.
+    """
+    from vox2vec.inference.runtime import RUNTIME_FIELDS, Runtime
+
+    if accepts(function, "runtime"):
+        return function(*args, runtime=runtime, **kwargs)
+    legacy, defaults = set(legacy), Runtime()
+    for field in RUNTIME_FIELDS:
+        value = getattr(runtime, field)
+        if field in legacy:
+            kwargs[field] = value
+        elif strict and field != "progress" and value != getattr(defaults, field):
+            raise InputError(f"--{field.replace('_', '-')} is not supported by this command yet; leave it out")
+    return function(*args, **kwargs)
+
+
+def accepts(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter ``name`` (for options whose library parameter is still landing)."""
+    import inspect
+
+    return name in inspect.signature(function).parameters
+
+
+def model_paths(model: Any) -> list[str]:
+    """The model argument, when it names a local file or folder (so that no output may replace it)."""
+    return [model] if isinstance(model, str) and os.path.exists(model) else []

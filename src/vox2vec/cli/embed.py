@@ -1,0 +1,96 @@
+"""``vox2vec embed``: one CT → one pyramid file; several CTs, a folder, a glob or a list → a cohort folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, runtime_call, runtime_of, whole_number
+from vox2vec.errors import InputError
+
+__all__ = ["add_arguments", "run"]
+
+DESCRIPTION = ("One CT and an output .safetensors file: that pyramid. Several -i, a folder (searched recursively for "
+               "NIfTI/NRRD/MHA files and DICOM series), a glob or a list file (one path per line, or a CSV with a "
+               "'path' column) and an output folder: one pyramid per case plus manifest.jsonl; rerunning resumes. "
+               "Under torchrun the cases are shared by the ranks.")
+
+_COHORT_DEFAULTS = {"workers": None, "hash": False, "levels": None, "keep": "all", "dtype": "fp16",
+                    "allow_non_ct": False}  # the cohort-only options of `embed` and their defaults
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vox2vec.cohort.embed_many import KEEP_REGIONS, STORAGE_DTYPES
+
+    parser.description = DESCRIPTION
+    parser.add_argument("-i", "--input", required=True, action="extend", nargs="+",
+                        help="CT file, DICOM series folder, cohort folder, glob or list file (repeatable)")
+    parser.add_argument("-o", "--output", required=True, help="output .safetensors file (one CT) or folder (cohort)")
+    add_runtime_options(parser)
+    add_overwrite(parser)
+    cohort = parser.add_argument_group("cohort runs")
+    cohort.add_argument("--workers", type=whole_number(0), default=None,
+                        help="processes reading and preprocessing the next cases (0: in this process; default: 2 "
+                             "with a GPU, on a CPU one per 4 cores up to 2)")
+    cohort.add_argument("--hash", action="store_true",
+                        help="fingerprint inputs by SHA-256 of their bytes (default: size and modification time)")
+    cohort.add_argument("--levels", type=whole_number(0), nargs="+", default=None,
+                        help="keep only these pyramid levels (e.g. 2 3 4 5; default all — heads need all)")
+    cohort.add_argument("--keep", choices=KEEP_REGIONS, default="all",
+                        help="store every voxel's features, or only the cells touching the body")
+    cohort.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="fp16", help="stored precision (fp16)")
+    cohort.add_argument("--allow-non-ct", action="store_true",
+                        help="embed volumes that do not look like CT in HU (default: skip them, with the reason)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """One CT → one .safetensors file; anything else (several inputs, a folder, a list, torchrun) → a cohort."""
+    from vox2vec.cohort import Shard
+    from vox2vec.inference import embed_volume
+    from vox2vec.outputs import check_output_file
+
+    if Shard.from_environment().world > 1 or _is_cohort(args.input, args.output):
+        return _embed_cohort(args)
+    cohort_only = [f"--{name.replace('_', '-')}" for name, default in _COHORT_DEFAULTS.items()
+                   if getattr(args, name) != default]
+    if cohort_only:
+        raise InputError(f"{', '.join(cohort_only)} apply to cohort runs (an output folder); for one CT with an "
+                         f".safetensors output, leave them out — or give an output folder")
+    check_output_file(args.output, "pyramid", inputs=[*args.input, *model_paths(args.model)],
+                      overwrite=args.overwrite)
+    pyramid = runtime_call(embed_volume, runtime_of(args), args.input[0], model=args.model,
+                           legacy=("device", "batch_size", "precision", "progress"))
+    pyramid.save(args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}: {pyramid}")
+    return 0
+
+
+def _is_cohort(inputs: list[str], output: str) -> bool:
+    """Several inputs, a list file, a glob, or a folder written to an output folder: a cohort. One CT file (or one
+    DICOM series folder with a .safetensors output) is a single embedding, whose output must be a .safetensors file."""
+    from vox2vec.cohort.inputs import LIST_SUFFIXES
+
+    if len(inputs) > 1:
+        return True
+    path = Path(inputs[0])
+    if path.is_file():
+        return path.name.lower().endswith(LIST_SUFFIXES)
+    if path.is_dir():
+        return not output.lower().endswith(".safetensors")
+    return any(c in inputs[0] for c in "*?[")
+
+
+def _embed_cohort(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every case is done or up to date, 1 when any failed, 130 when stopped by a signal."""
+    from vox2vec.cohort import embed_many
+
+    if args.output.lower().endswith(".safetensors"):
+        raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
+    result = runtime_call(embed_many, runtime_of(args), args.input, args.output, model=args.model, levels=args.levels,
+                          keep=args.keep, dtype=args.dtype, workers=args.workers, hash_inputs=args.hash,
+                          allow_non_ct=args.allow_non_ct, overwrite=args.overwrite,
+                          legacy=("device", "batch_size", "precision", "progress"))
+    for _ in result:  # embed_many's run embeds as it is iterated
+        pass
+    print(result.summary())
+    return 130 if result.interrupted else 1 if result.failed else 0

@@ -1,0 +1,70 @@
+"""``vox2vec match``: find world points of one CT in another, as a table (with the target's label where given).
+
+Building the rows (one per point and rank, plus the label under each match) stays here: it is the table format
+of this command, not a rule of ``correspondence.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, positive_int, runtime_call, runtime_of
+
+__all__ = ["add_arguments", "run"]
+
+COLUMNS = ["name", "x", "y", "z", "rank", "matched_x", "matched_y", "matched_z", "score"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-s", "--source", required=True, help="the CT the points are in (or its saved pyramid)")
+    parser.add_argument("-t", "--target", required=True, help="the CT to find them in (or its saved pyramid)")
+    parser.add_argument("--points", required=True, help="CSV with columns x, y, z (world LPS mm), optional name")
+    parser.add_argument("-o", "--output", required=True, help="output CSV (adds matched_x/y/z, score, label)")
+    parser.add_argument("--target-labels", default=None, help="label map of the target: report the label found")
+    parser.add_argument("--top-k", type=positive_int, default=1, help="best matches per point (default 1)")
+    add_runtime_options(parser)
+    add_overwrite(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vox2vec.correspondence import match
+    from vox2vec.geometry import check_same_grid
+    from vox2vec.hub import resolve_model
+    from vox2vec.inference.ct_to_pyramid import as_pyramid
+    from vox2vec.outputs import check_output_file
+    from vox2vec.tables import read_points, write_table
+    from vox2vec.volume import load_volume
+
+    inputs = [args.source, args.target, args.points, args.target_labels, *model_paths(args.model)]
+    check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
+    names, points = read_points(args.points)
+    labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
+    runtime = runtime_of(args)
+    model = resolve_model(args.model)
+    source, target = (as_pyramid(ct, model, runtime=runtime) for ct in (args.source, args.target))
+    if labels is not None:
+        check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
+    found = runtime_call(match, runtime, points, source, target, top_k=args.top_k, strict=False)
+    rows = []
+    for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):
+        for rank, (where, score) in enumerate(zip(matched, scores), 1):
+            row = [name, *map(float, point), rank, *map(float, where), float(score)]
+            if labels is not None:
+                row.append(_label_at(labels, where))
+            rows.append(row)
+    write_table(args.output, COLUMNS + (["label"] if labels is not None else []), rows)
+    print(f"wrote {args.output}: {len(names)} points, top {args.top_k}")
+    return 0
+
+
+def _label_at(labels: Any, point: Any) -> int | str:
+    """The label map's value at a world point (nearest voxel); empty outside it or for an unmatched point."""
+    import numpy as np
+
+    if not np.isfinite(point).all():
+        return ""
+    index = np.floor(labels.grid.world_to_index(np.asarray(point)[None])[0] + 0.5).astype(int)
+    if np.any(index < 0) or np.any(index >= np.asarray(labels.shape)):
+        return ""
+    return int(labels.array[tuple(index)])

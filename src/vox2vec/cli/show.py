@@ -1,0 +1,54 @@
+"""``vox2vec show``: a PNG of three planes — the CT, its features (PCA-RGB), a head's prediction or a point's
+similarity map (needs ``vox2vec[viz]``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, positive_int, runtime_call, runtime_of
+
+__all__ = ["add_arguments", "run", "world_point"]
+
+
+def world_point(text: str) -> tuple[float, float, float]:
+    """``"x,y,z"`` (world LPS millimetres) → three finite floats, or a usage error naming the form."""
+    import math
+
+    parts = text.split(",")
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected x,y,z in world millimetres (LPS), e.g. --point 12.5,-140,830; "
+                                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="CT", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    parser.add_argument("-o", "--output", required=True, help="output picture, e.g. view.png")
+    parser.add_argument("--head", default=None, help="head folder written by train-head: overlay its prediction")
+    parser.add_argument("--point", type=world_point, default=None, metavar="X,Y,Z",
+                        help="world point in LPS mm: planes through it and its cosine-similarity map (default planes: "
+                             "through the body's centre)")
+    parser.add_argument("--pyramid", default=None, help="the CT's saved pyramid (vox2vec embed) instead of embedding")
+    parser.add_argument("--width", type=positive_int, default=1000, metavar="PIXELS",
+                        help="width of the three panels of a row together (default 1000)")
+    add_runtime_options(parser, model=None, model_help="backbone (default: the head's, else fpn-ct)")
+    add_overwrite(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vox2vec.outputs import check_output_file
+    from vox2vec.viz.render import require_matplotlib
+
+    require_matplotlib()  # before anything is read: the one thing pip can fix
+    check_output_file(args.output, "picture", inputs=[args.input, args.head, args.pyramid, *model_paths(args.model)],
+                      overwrite=args.overwrite)
+    from vox2vec.viz import show
+
+    runtime_call(show, runtime_of(args), args.input, args.output, model=args.model, pyramid=args.pyramid,
+                 head=args.head, point=args.point, overwrite=args.overwrite, width=args.width, legacy=("progress",))
+    print(f"wrote {args.output}")
+    return 0
