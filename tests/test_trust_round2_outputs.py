@@ -108,6 +108,23 @@ def test_train_head_on_a_full_disk_keeps_the_previous_head(scan, tmp_path):
     assert {p.name: p.read_bytes() for p in head.iterdir()} == before
 
 
+def test_cohort_embed_on_a_full_disk_records_each_case_as_failed_with_a_manifest(scan, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b"):
+        (cases / f"{name}.nii.gz").write_bytes(scan["ct"].read_bytes())
+    out = tmp_path / "pyramids"
+    result = run_with_disk_limit(["embed", "-i", str(cases), "-o", str(out), "--model", str(scan["model"]),
+                                  "--no-progress"], limit=64 * 1024)
+    assert result.returncode == 1, result.stderr  # old main: a raw traceback on the first case and no manifest
+    assert "0 embedded, 0 skipped, 2 failed" in result.stdout + result.stderr
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in entries] == ["failed", "failed"]
+    assert all("file-size limit" in e["reason"] and "nothing was written" in e["reason"] for e in entries)
+    assert not list(out.glob("*.safetensors")) and no_temporary_files(out)
+    assert written_by_vox2vec(out / "manifest.jsonl")  # ours: the next run may resume and merge it
+
+
 # -- "ours" = written by vox2vec and unchanged since ----------------------------------------------------------
 def test_an_edited_label_map_is_the_users_and_is_not_replaced(scan, tmp_path):
     nib = pytest.importorskip("nibabel")
@@ -138,6 +155,14 @@ def test_is_ours_follows_the_bytes(tmp_path):
     with open(table, "a") as handle:
         handle.write("a,liver,0.5  # checked by hand\n")  # hand-annotated
     assert not is_ours(table)
+    log = tmp_path / "manifest.jsonl"  # a log we append to stays ours while what we recorded is unchanged
+    log.write_text('{"input": "a"}\n')
+    record_written(log, appendable=True)
+    with open(log, "a") as handle:
+        handle.write('{"input": "b"}\n')  # appended, then the run was killed before recording again
+    assert is_ours(log)
+    log.write_text('{"input": "A"}\n{"input": "b"}\n')  # an edit of the recorded part
+    assert not is_ours(log)
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "regions.csv").write_bytes(table.read_bytes())
     assert not is_ours(tmp_path / "copy" / "regions.csv")  # copied without the registry: not ours

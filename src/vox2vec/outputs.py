@@ -76,10 +76,16 @@ def file_mode() -> int:
 
 
 # -- "ours": written by vox2vec and unchanged since -----------------------------------------------------------------
-def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (hex)."""
+def file_digest(path: str | os.PathLike, size: int | None = None) -> str:
+    """The sha256 of a file's bytes (hex); of its first ``size`` bytes when given."""
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        if size is None:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while size > 0 and (block := handle.read(min(size, 1 << 22))):
+            digest.update(block)
+            size -= len(block)
+        return digest.hexdigest()
 
 
 def _registry(folder: Path) -> dict[str, Any] | None:
@@ -112,46 +118,59 @@ def _folder_lock(folder: Path):
         os.close(fd)  # releases the lock
 
 
-def record_written(path: str | os.PathLike, digest: str | None = None) -> None:
+def record_written(path: str | os.PathLike, digest: str | None = None, *, appendable: bool = False) -> None:
     """Record that vox2vec has just written ``path`` (its sha256 and size) in the folder's :data:`REGISTRY`, so that
     a later run may replace it while it stays unchanged (:func:`is_ours`).
 
-    Best effort: a registry that cannot be written (a full disk, a foreign file of that name, which is never
-    replaced) leaves ``path`` unrecorded, i.e. not ours — a later run then asks for ``overwrite``.
+    ``appendable``: a log we append to (a manifest, a training log) — it stays ours while the bytes recorded here
+    are unchanged, whatever was appended after them (a run killed between two records keeps its log). Best effort:
+    a registry that cannot be written (a full disk; a foreign file of that name, never replaced) leaves ``path``
+    unrecorded, i.e. not ours — a later run then asks for ``overwrite``.
     """
     path = Path(path)
     folder = path.parent
     if path.name == REGISTRY or not path.is_file():
         return
     entry = {"sha256": digest or file_digest(path), "size": path.stat().st_size}
+    if appendable:
+        entry["appendable"] = True
     with _folder_lock(folder):
         records = _registry(folder)
-        if records is None:
-            return
-        records[path.name] = entry
+        if records is not None:
+            records[path.name] = entry
+            _write_registry(folder, records)
+
+
+def _write_registry(folder: Path, records: dict[str, Any]) -> None:
+    tmp = None
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({_REGISTRY_KEY: records}, handle, indent=1, sort_keys=True)
-            os.chmod(tmp, file_mode())
-            os.replace(tmp, folder / REGISTRY)
-        except OSError:
-            pass
-        finally:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({_REGISTRY_KEY: records}, handle, indent=1, sort_keys=True)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, folder / REGISTRY)
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
 
 def is_ours(path: str | os.PathLike) -> bool:
-    """Whether vox2vec wrote ``path`` and its bytes are unchanged since (its record in the folder's registry)."""
+    """Whether vox2vec wrote ``path`` and its bytes are unchanged since (its record in the folder's registry; for an
+    appendable log, the bytes recorded last are unchanged)."""
     path = Path(path)
     if not path.is_file() or path.name == REGISTRY:
         return False
     record = (_registry(path.parent) or {}).get(path.name)
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or not isinstance(record.get("size"), int):
         return False
     try:
-        return record.get("size") == path.stat().st_size and record.get("sha256") == file_digest(path)
+        size = path.stat().st_size
+        if record.get("appendable"):
+            return size >= record["size"] and record.get("sha256") == file_digest(path, record["size"])
+        return size == record["size"] and record.get("sha256") == file_digest(path)
     except OSError:
         return False
 

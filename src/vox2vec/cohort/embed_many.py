@@ -11,6 +11,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vox2vec._launch import launch_environment
 from vox2vec._signals import StopFlag
 from vox2vec.cohort.inputs import CaseInput, discover
 from vox2vec.cohort.loading import LoadedCase, load_ahead
@@ -32,13 +34,15 @@ from vox2vec.cohort.manifest import (
     manifest_parts,
     merge_manifests,
 )
-from vox2vec.errors import InputError
+from vox2vec.errors import ArgumentError, InputError, UsageError
 from vox2vec.hub import resolve_model
-from vox2vec.inference.ct_to_pyramid import embed_prepared
-from vox2vec.inference.precision import PRECISIONS, check_batch_size, local_device, pick_device
-from vox2vec.outputs import check_output_dir
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, embed_prepared
+from vox2vec.inference.precision import STORAGE_DTYPES, local_device, storage_dtype_name
+from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.outputs import check_output_dir, is_ours
 
-STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+__all__ = ["KEEP_REGIONS", "STORAGE_DTYPES", "CohortRun", "Shard", "Storage", "embed_many", "iter_embed_many"]
+
 KEEP_REGIONS = ("all", "body")
 
 
@@ -79,11 +83,8 @@ class Shard:
     @classmethod
     def from_environment(cls) -> Shard:
         """The rank and world size torchrun (or any launcher setting RANK / WORLD_SIZE) gives this process."""
-        try:
-            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-        except ValueError:
-            raise InputError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must "
-                             "be whole numbers (as torchrun sets them)") from None
+        environment = launch_environment()  # the one reading of torchrun's variables, checked
+        return cls(environment.rank, environment.world)
 
     def take(self, cases: Sequence[CaseInput]) -> list[CaseInput]:
         return list(cases[self.rank :: self.world])
@@ -95,88 +96,174 @@ class Shard:
 
 def embed_many(
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
-    out_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
     *,
-    model: Any = "fpn-ct",
-    device: torch.device | str | None = None,
-    batch_size: int | None = None,
-    precision: str = "auto",
+    model: Any = DEFAULT_MODEL,
+    runtime: Runtime | None = None,
     levels: Sequence[int] | None = None,
     keep: str = "all",
-    dtype: str = "fp16",
+    dtype: torch.dtype | str = "fp16",
     workers: int | None = None,
     hash_inputs: bool = False,
     allow_non_ct: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
     shard: Shard | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    progress: bool | None = None,
+    out_dir: str | os.PathLike | None = None,
 ) -> CohortRun:
-    """Embed every CT in ``inputs`` (files, folders searched recursively, globs, list files) into ``out_dir``.
+    """Embed every CT in ``inputs`` (files, folders searched recursively, globs, list files) into ``output_dir`` and
+    return the finished run: iterate it (or read :attr:`CohortRun.results`) for one
+    :class:`~vox2vec.cohort.manifest.CaseResult` per case of this shard; :meth:`CohortRun.summary` says how it
+    went. :func:`iter_embed_many` takes the same arguments and streams the results as each case finishes.
 
     Everything is checked before the first case is read: the settings, the inputs (a pattern matching nothing is an
     error; a missing listed file is a failed case), and the output folder (a file of ours that is in the way is
-    replaced, anyone else's is an error; unrelated files are left alone). Returns a :class:`CohortRun`: iterate it
-    for one :class:`~vox2vec.cohort.manifest.CaseResult` per case of this shard, as each finishes.
+    replaced, anyone else's is an error; unrelated files are left alone).
 
+    ``runtime``: where and how the backbone runs (:class:`~vox2vec.Runtime`; ``device=`` etc. still work).
     Storage: ``levels`` keeps only those backbone levels (pyramids that heads and matching refuse, but enough for
-    region tables); ``keep="body"`` stores only the cells touching the body; ``dtype`` "fp16" (default) or "fp32".
-    ``workers``: reader processes (0: read in this process); by default 2 when the backbone runs on a GPU, and on a
-    CPU one per 4 cores, at most 2 (0 on a 2-core machine: there the readers only take cores from the backbone —
-    measured in docs/benchmarks.md). ``shard``: default from the environment (torchrun).
+    region tables); ``keep="body"`` stores only the cells touching the body; ``dtype`` "fp16" (default) or "fp32"
+    (or ``torch.float16`` / ``torch.float32``). ``workers``: reader processes (0: read in this process); by default
+    2 when the backbone runs on a GPU, and on a CPU one per 4 cores, at most 2 (0 on a 2-core machine: there the
+    readers only take cores from the backbone — measured in docs/benchmarks.md). ``shard``: default from the
+    environment (torchrun). ``out_dir``: the former name of ``output_dir`` (deprecated).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(i) for i in inputs]
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return iter_embed_many(
+        inputs, output_dir, model=model, runtime=runtime, levels=levels, keep=keep, dtype=dtype, workers=workers,
+        hash_inputs=hash_inputs, allow_non_ct=allow_non_ct, overwrite=overwrite, shard=shard, device=device,
+        batch_size=batch_size, precision=precision, progress=progress, out_dir=out_dir,
+    ).run()
+
+
+def iter_embed_many(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike | None = None,
+    *,
+    model: Any = DEFAULT_MODEL,
+    runtime: Runtime | None = None,
+    levels: Sequence[int] | None = None,
+    keep: str = "all",
+    dtype: torch.dtype | str = "fp16",
+    workers: int | None = None,
+    hash_inputs: bool = False,
+    allow_non_ct: bool = False,
+    overwrite: bool = False,
+    shard: Shard | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    progress: bool | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> CohortRun:
+    """:func:`embed_many`, streaming: nothing is embedded until the returned :class:`CohortRun` is iterated (once);
+    each :class:`~vox2vec.cohort.manifest.CaseResult` arrives as its case finishes. Every check still happens here,
+    before any case is read."""
+    output_dir = _output_dir(output_dir, out_dir)
+    inputs = _input_list(inputs)
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise InputError(f"workers must be a whole number ≥ 0 (0 reads in this process), got {workers!r}")
-    check_batch_size(batch_size)
     shard = shard or Shard.from_environment()
-    if shard.world > 1 and (device is None or str(device) == "cuda"):
-        device = local_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank (CPU without CUDA)
-    else:
-        device = pick_device(device)
+    if shard.world > 1 and (runtime.device is None or str(runtime.device) == "cuda"):
+        runtime = runtime.replace(device=local_device(launch_environment().local_rank))  # one GPU per rank
+    runtime = runtime.checked()
     if workers is None:
-        workers = 2 if device.type == "cuda" else min(2, (os.cpu_count() or 1) // 4)
-    storage = Storage(tuple(int(v) for v in levels) if levels is not None else None, keep, dtype)
+        workers = 2 if runtime.torch_device.type == "cuda" else min(2, (os.cpu_count() or 1) // 4)
+    storage = Storage(tuple(int(v) for v in levels) if levels is not None else None, keep, _dtype_name(dtype))
     storage.check()  # before the model is loaded (which may mean a download)
     net = resolve_model(model)
     storage.check(net.config.architecture.num_scales)
-    out_dir = Path(out_dir)
     cases = discover(inputs)
     mine = shard.take(cases)
-    sources = [*inputs, *(c.source.folder if hasattr(c.source, "folder") else c.source for c in cases)]
-    check_output_dir(out_dir, files=[f"{c.name}.safetensors" for c in mine] + [MANIFEST], inputs=sources,
+    sources = [*inputs, *(path for c in cases for path in c.sources())]
+    check_output_dir(output_dir, files=[f"{c.name}.safetensors" for c in mine] + [MANIFEST], inputs=sources,
                      overwrite=overwrite, what="cohort output folder")
-    return CohortRun(mine, len(cases), out_dir, net, storage, shard,
-                     dict(device=device, batch_size=batch_size, precision=precision),
-                     dict(workers=workers, hash_inputs=hash_inputs, allow_non_ct=allow_non_ct), progress)
+    return CohortRun(mine, len(cases), output_dir, net, storage, shard, runtime,
+                     dict(workers=workers, hash_inputs=hash_inputs, allow_non_ct=allow_non_ct))
+
+
+def _output_dir(output_dir: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> Path:
+    """``output_dir``, or the deprecated ``out_dir`` (given once)."""
+    if out_dir is not None:
+        if output_dir is not None:
+            raise ArgumentError("output_dir and out_dir name the same folder; give output_dir only")
+        warnings.warn("embed_many(out_dir=...) is deprecated; use output_dir=", DeprecationWarning, stacklevel=3)
+        output_dir = out_dir
+    if output_dir is None:
+        raise ArgumentError("embed_many needs output_dir, the folder for the pyramids and manifest.jsonl")
+    return Path(output_dir)
+
+
+def _input_list(inputs: Any) -> list[str]:
+    """``inputs`` as a list of path strings: one path, or an iterable of paths (anything else is refused)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, (bytes, dict)) or not isinstance(inputs, Iterable):
+        raise ArgumentError(f"inputs must be a path (file, folder, glob, list file) or a list of them, got "
+                            f"{type(inputs).__name__}")
+    found = list(inputs)
+    bad = [item for item in found if not isinstance(item, (str, os.PathLike))]
+    if bad:
+        raise ArgumentError(f"every input must be a path (str or os.PathLike), got {bad[0]!r}")
+    if not found:
+        raise ArgumentError("inputs is empty: name at least one CT, folder, glob or list file")
+    return [os.fspath(item) for item in found]
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The storage value type's name ("fp16"/"fp32"), from a string or a torch dtype."""
+    try:
+        return storage_dtype_name(dtype)
+    except ArgumentError:
+        raise InputError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)} (or torch.float16 / "
+                         f"torch.float32), got {dtype!r}") from None
 
 
 class CohortRun:
     """An embedding run over this shard's cases: iterate it (once) for the results; afterwards :attr:`results`,
     :attr:`interrupted` and :meth:`summary` tell how it went."""
 
-    def __init__(self, cases: list[CaseInput], total: int, out_dir: Path, net: Any, storage: Storage, shard: Shard,
-                 embedding: dict[str, Any], loading: dict[str, Any], progress: bool) -> None:
-        self.cases, self.total, self.out_dir, self.net = cases, total, out_dir, net
-        self.storage, self.shard, self.embedding, self.loading = storage, shard, embedding, loading
-        self.progress = progress
+    def __init__(self, cases: list[CaseInput], total: int, output_dir: Path, net: Any, storage: Storage,
+                 shard: Shard, runtime: Runtime, loading: dict[str, Any]) -> None:
+        self.cases, self.total, self.output_dir, self.net = cases, total, output_dir, net
+        self.storage, self.shard, self.runtime, self.loading = storage, shard, runtime, loading
         self.results: list[CaseResult] = []
         self.interrupted = False
+        self.finished = False
         self.model_fingerprint = net.fingerprint()
         self._started = False
         self._wall, self._elapsed = 0.0, 0.0
 
+    @property
+    def out_dir(self) -> Path:
+        """Deprecated name of :attr:`output_dir`."""
+        return self.output_dir
+
+    def run(self) -> CohortRun:
+        """Embed every case now (what :func:`embed_many` does); returns this run, finished."""
+        for _ in self:
+            pass
+        return self
+
     def __iter__(self) -> Iterator[CaseResult]:
+        if self.finished:
+            return iter(list(self.results))  # a finished run is a list of its results
         if self._started:
-            raise RuntimeError("a CohortRun can be iterated once; call embed_many again to resume")
+            raise UsageError("this CohortRun is being iterated already; call embed_many again to resume")
+        return self._stream()
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def _stream(self) -> Iterator[CaseResult]:
         self._started = True
         self._wall = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        writer = ManifestWriter(self.out_dir, self.shard.manifest_name)
-        bar = _Progress(len(self.cases), self.progress)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        writer = ManifestWriter(self.output_dir, self.shard.manifest_name)
+        bar = _Progress(len(self.cases), self.runtime.progress)
         try:
             with StopFlag(second_abandons=True) as stop:
                 todo = []
@@ -185,10 +272,10 @@ class CohortRun:
                     if meta is None:
                         todo.append(case)
                     else:
-                        yield self._record(writer, bar, self._skip(case, meta))
+                        yield self._record(writer, bar, self._skip(case, meta), case)
                 preprocessing = asdict(self.net.config.preprocessing)
                 for loaded in load_ahead(todo, preprocessing, **self.loading):
-                    yield self._record(writer, bar, self._embed(loaded))
+                    yield self._record(writer, bar, self._embed(loaded), loaded.case)
                     if stop.requested:
                         self.interrupted = True
                         break
@@ -200,10 +287,11 @@ class CohortRun:
             bar.close()
             writer.close()
             self._finish_manifest()
+            self.finished = True
 
     # -- one case ------------------------------------------------------------------------------------------------
     def _output(self, case: CaseInput) -> Path:
-        return self.out_dir / f"{case.name}.safetensors"
+        return self.output_dir / f"{case.name}.safetensors"
 
     def _wanted(self, case: CaseInput, fingerprint: dict[str, str] | None) -> dict[str, Any]:
         return {"input": case.key, "input_fingerprint": fingerprint, "storage": asdict(self.storage)}
@@ -214,6 +302,9 @@ class CohortRun:
             return None
         meta = complete_pyramid_meta(self._output(case))
         if meta is None or meta.get("fingerprint") != self.model_fingerprint:
+            return None
+        if not is_ours(self._output(case)):  # changed since we wrote it (same size and mtime or not): redo it
+            return None
             return None
         cohort = meta.get("cohort", {})
         if cohort.get("storage") != asdict(self.storage) or cohort.get("input") != case.key:
@@ -243,8 +334,8 @@ class CohortRun:
         prepared = loaded.prepared
         geometry = {"original": prepared.source_grid.to_dict(), "model": prepared.grid.to_dict()}
         try:
-            pyramid = embed_prepared(prepared, self.net, progress=False,
-                                     dtype=STORAGE_DTYPES[self.storage.dtype], **self.embedding)
+            pyramid = embed_prepared(prepared, self.net, runtime=self.runtime.replace(progress=False),
+                                     dtype=self.storage.dtype)
             if self.storage.levels is not None:
                 pyramid = type(pyramid)([pyramid.levels[i] for i in sorted(self.storage.levels)], pyramid.grid,
                                         pyramid.source_grid, pyramid.meta, pyramid.body, sorted(self.storage.levels))
@@ -257,7 +348,8 @@ class CohortRun:
         return CaseResult(case.key, output.name, "done", seconds=round(time.perf_counter() - started, 2),
                           bytes=output.stat().st_size, geometry=geometry, **common)
 
-    def _record(self, writer: ManifestWriter, bar: _Progress, result: CaseResult) -> CaseResult:
+    def _record(self, writer: ManifestWriter, bar: _Progress, result: CaseResult, case: CaseInput) -> CaseResult:
+        result.aliases = list(case.aliases)
         writer.add(result)
         self.results.append(result)
         bar.update(result)
@@ -267,13 +359,13 @@ class CohortRun:
     def _finish_manifest(self) -> None:
         """One process: compact manifest.jsonl. Ranks: wait for all, rank 0 merges every part."""
         if self.shard.world == 1:
-            merge_manifests(self.out_dir, manifest_parts(self.out_dir))  # parts a sharded run left are merged too
+            merge_manifests(self.output_dir, manifest_parts(self.output_dir))  # parts a sharded run left are merged too
             return
         if self.interrupted or not _join_ranks(self.shard):
             return  # the parts stay; the next complete run merges them
         torch.distributed.barrier()
         if self.shard.rank == 0:
-            merge_manifests(self.out_dir, manifest_parts(self.out_dir))
+            merge_manifests(self.output_dir, manifest_parts(self.output_dir))
         torch.distributed.barrier()
 
     @property
@@ -289,7 +381,7 @@ class CohortRun:
             if self.shard.world > 1 else ""
         stopped = "; stopped early — rerun the same command to resume" if self.interrupted else ""
         return (f"{counts['done']} embedded, {counts['skipped']} skipped, {counts['failed']} failed{where} in "
-                f"{seconds:.0f} s, {megabytes:.1f} MB written to {self.out_dir}{stopped}")
+                f"{seconds:.0f} s, {megabytes:.1f} MB written to {self.output_dir}{stopped}")
 
 
 def _join_ranks(shard: Shard) -> bool:

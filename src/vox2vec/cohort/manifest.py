@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vox2vec._atomic import atomic_path
-from vox2vec.outputs import safetensors_header, written_by_vox2vec
+from vox2vec.outputs import record_written, safetensors_header, written_by_vox2vec
 
 MANIFEST = "manifest.jsonl"
 STATUSES = ("done", "failed", "skipped")
@@ -51,6 +51,7 @@ class CaseResult:
     model: str | None = None
     model_fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)  # other names of the same input in this run (symlinks)
     finished: float = field(default_factory=time.time)  # Unix time: the newest entry of an input wins a merge
 
     def to_json(self) -> str:
@@ -123,6 +124,7 @@ class ManifestWriter:
     def add(self, result: CaseResult) -> None:
         if self._handle is None:
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
+            record_written(self.path, appendable=True)  # ours while these bytes stay, whatever is appended after
         self._handle.write(result.to_json() + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -130,6 +132,7 @@ class ManifestWriter:
     def close(self) -> None:
         if self._handle is not None and not self._handle.closed:
             self._handle.close()
+            record_written(self.path, appendable=True)
 
 
 def manifest_parts(folder: Path) -> list[Path]:

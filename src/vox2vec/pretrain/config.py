@@ -120,9 +120,16 @@ def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Pretrain
         path = Path(path)
         if not path.is_file():
             raise InputError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"could not read config file {path} ({error}); give a UTF-8 .toml or .json file") from None
         if path.suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno} "
+                                 "(a trailing comma? a comment?); fix it, or write the config as TOML") from None
         else:
             try:
                 import tomllib
@@ -132,8 +139,13 @@ def load_config(path: str | Path | None, **sections: dict[str, Any]) -> Pretrain
                 data = tomllib.loads(text)
             except tomllib.TOMLDecodeError as error:
                 raise InputError(f"{path} is not valid TOML: {error}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold one object of sections ({{\"train\": {{…}}, …}}), got a "
+                         f"{type(data).__name__}; put the settings under their section names")
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if not isinstance(data.get(name, {}), dict):
+            raise InputError(f"[{name}] in {path} must be a table of settings, got {type(data[name]).__name__}")
+        data[name] = {**data.get(name, {}), **values}
     return from_dict(data)
 
 
