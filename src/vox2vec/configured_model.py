@@ -13,10 +13,25 @@ import torch
 from torch import nn
 
 from vox2vec._atomic import atomic_directory
+from vox2vec._memory import check_fits
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from vox2vec.errors import ConfigError
-from vox2vec.modeling import FPN3d
+from vox2vec.errors import ConfigError, InputError
+from vox2vec.modeling import FPN3d, forward_bytes, parameter_count
 from vox2vec.preprocessing import Preprocessor
+
+__all__ = ["Vox2VecModel", "check_backbone_memory", "check_same_backbone"]
+
+
+def check_backbone_memory(config: ModelConfig) -> None:
+    """Refuse, before the network is built, a config whose backbone cannot fit in this process's memory: its fp32
+    weights twice (the model and the state dict being loaded into it) and one window's forward pass."""
+    arch = config.architecture
+    parameters = parameter_count(arch.in_channels, arch.base_channels, arch.num_scales)
+    needed = 8 * parameters + forward_bytes(arch.base_channels, arch.num_scales, tuple(config.inference.window))
+    check_fits(needed, f"the backbone of {config.name!r} (base_channels {arch.base_channels}, num_scales "
+               f"{arch.num_scales}: {parameters / 1e6:,.0f} M parameters, a {list(config.inference.window)} window)",
+               "check architecture in its config.json (fpn-ct has base_channels 16, num_scales 6), or use a "
+               "machine with more memory")
 
 
 class Vox2VecModel(nn.Module):
@@ -28,6 +43,7 @@ class Vox2VecModel(nn.Module):
         arch = self.config.architecture
         if arch.type != "FPN3d":
             raise ConfigError(f"unknown architecture type {arch.type!r}; this vox2vec knows 'FPN3d'")
+        check_backbone_memory(self.config)
         self.backbone = FPN3d(arch.in_channels, arch.base_channels, arch.num_scales)
         self._fingerprint: tuple[tuple, str] | None = None  # (weight versions, digest)
 
@@ -104,3 +120,18 @@ class Vox2VecModel(nn.Module):
             save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
             (tmp / CONFIG_NAME).write_text(self.config.to_json())
         return Path(directory)
+
+
+def check_same_backbone(records: list[tuple[str, dict[str, Any]]], fix: str) -> None:
+    """Refuse features or heads from different backbones — the one home of the check (training pyramids, a head and
+    its pyramid, two matched pyramids). ``records``: (what, record) pairs, each record a pyramid's ``meta`` or a
+    head's ``backbone`` (a ``fingerprint`` and a ``model`` or ``name``); all fingerprints must agree."""
+    if len({record.get("fingerprint") for _, record in records}) <= 1:
+        return
+    seen, parts = set(), []
+    for what, record in records:
+        key = record.get("fingerprint")
+        if key not in seen:
+            seen.add(key)
+            parts.append(f"{what} from {record.get('model') or record.get('name')!r} (fingerprint {key})")
+    raise InputError(f"these come from different backbones: {'; '.join(parts)}; {fix}")

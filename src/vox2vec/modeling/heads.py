@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vox2vec.errors import ArgumentError
 from vox2vec.modeling.blocks import ResBlock3d, upsample_and_crop
 from vox2vec.modeling.fpn import pyramid_channels
 
@@ -33,6 +34,19 @@ class FPNLinearHead(nn.Module):
     def matrix(self) -> torch.Tensor:
         """The (K, D) matrix on the concatenated embedding (the bias is level 0's conv bias)."""
         return torch.cat([layer.weight[:, :, 0, 0, 0] for layer in self.layers], dim=1)
+
+    @torch.no_grad()
+    def set_matrix(self, weight: torch.Tensor, bias: torch.Tensor) -> FPNLinearHead:
+        """Write a (K, D) matrix on the concatenated embedding and a (K,) bias into the per-level layout (the one
+        home of "a linear head from a matrix": folded probes, PCA heads); the inverse of :meth:`matrix`."""
+        widths = [layer.in_channels for layer in self.layers]
+        if tuple(weight.shape) != (self.num_classes, sum(widths)) or tuple(bias.shape) != (self.num_classes,):
+            raise ArgumentError(f"expected a ({self.num_classes}, {sum(widths)}) matrix and a ({self.num_classes},) "
+                                f"bias, got {tuple(weight.shape)} and {tuple(bias.shape)}")
+        for layer, part in zip(self.layers, torch.split(weight, widths, dim=1)):
+            layer.weight.copy_(part[:, :, None, None, None])
+        self.layers[0].bias.copy_(bias)
+        return self
 
     def forward_voxels(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) concatenated voxel embeddings → (B, K) logits: ``forward`` on one-voxel pyramids, as one product."""

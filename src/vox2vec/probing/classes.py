@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from vox2vec.errors import InputError
+from vox2vec.features import FeaturePyramid
+from vox2vec.geometry import check_same_grid
+from vox2vec.resample import resample
+from vox2vec.volume import Volume, load_volume
+
+__all__ = ["MAX_CLASSES", "ClassMap", "check_integer_labels", "label_ids", "labels_on_model_grid"]
+
+#: The most classes one head may predict: its per-voxel outputs on a CT are classes × voxels floats, so a label map or
+#: ``head.json`` declaring 200 000 classes would allocate tens of gigabytes before anything is learned or predicted.
+MAX_CLASSES = 4096
+_TABLE_LIMIT = 1 << 20  # label ids below this are looked up in a table (fast); larger ones by sorted search
 
 
 @dataclass(frozen=True)
@@ -16,6 +29,12 @@ class ClassMap:
 
     names: tuple[str, ...]
     ids: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) > MAX_CLASSES:
+            raise InputError(f"{len(self.names)} classes, more than the {MAX_CLASSES} one head supports (its outputs "
+                             "on a CT would need tens of gigabytes); choose the label ids to learn (classes=, "
+                             "--classes) — the others become background")
 
     @property
     def num_classes(self) -> int:
@@ -56,11 +75,18 @@ class ClassMap:
         return table
 
     def encode(self, labels: np.ndarray) -> np.ndarray:
-        """Label ids → class indices 0..K."""
+        """Label ids → class indices 0..K (a lookup table for ordinary ids; a sorted search when an id is huge, so
+        a label value of 2 000 000 000 does not allocate a 16 GB table)."""
         labels = np.asarray(labels)
         if labels.size and labels.min() < 0:
             raise InputError("label maps must hold non-negative integer ids")
-        return self.lookup_table(int(labels.max(initial=0)))[labels]
+        high = int(labels.max(initial=0))
+        if high < _TABLE_LIMIT:
+            return self.lookup_table(high)[labels]
+        pairs = sorted((i, k + 1) for k, ids in enumerate(self.ids) for i in ids)
+        known, index = (np.array(column, dtype=np.int64) for column in zip(*pairs))
+        where = np.clip(np.searchsorted(known, labels), 0, len(known) - 1)
+        return np.where(known[where] == labels, index[where], 0)
 
     def output_ids(self) -> np.ndarray:
         """The label id written for each class in predicted maps (index 0 → 0; a merged class → its smallest id)."""
@@ -93,6 +119,38 @@ def label_ids(array: np.ndarray) -> set[int]:
     if array.size == 0:
         return set()
     low, high = int(array.min()), int(array.max())
-    if low >= 0 and high < 1 << 20:
+    if low >= 0 and high < _TABLE_LIMIT:
         return set(np.flatnonzero(np.bincount(array, minlength=high + 1)).tolist())
     return set(np.unique(array).tolist())
+
+
+def labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, *, classes: ClassMap | None = None,
+                         ignore_label: int | None = None, same_grid: bool = True,
+                         what: str = "label map") -> tuple[Volume, torch.Tensor]:
+    """A label map read on its own grid, and its labels on the pyramid's model grid (nearest neighbour through world
+    coordinates; 0 outside the map) — the one home of "labels → the model grid" (train_head, region tables).
+
+    Returns the label map as read (integer ids) and an int64 tensor on ``pyramid.grid``: the label ids, or with
+    ``classes`` the class indices 0..K, voxels labelled ``ignore_label`` becoming -1 (never sampled). With
+    ``same_grid`` (default) the map must lie on its CT's grid (:func:`~vox2vec.geometry.check_same_grid`).
+    Bare arrays are refused: they carry no geometry.
+    """
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        raise InputError(f"pass {what}s as files or images (with geometry), not bare arrays; e.g. "
+                         "vox2vec.load_volume(array, spacing=..., axis_order=...) first")
+    volume = load_volume(labels, check_finite=False)
+    if same_grid:
+        if pyramid.source_grid is None:
+            raise InputError(f"this pyramid does not know its CT's grid, so the {what} cannot be checked against it; "
+                             "embed the CT again (a current pyramid records its grid)")
+        check_same_grid(volume.grid, pyramid.source_grid, f"the {what}")
+    array = check_integer_labels(volume.array, what)
+    volume = volume.with_array(array)
+    if classes is not None:
+        encoded = classes.encode(array)
+        if ignore_label is not None:
+            encoded[array == ignore_label] = -1
+        array = encoded
+    on_grid = resample(torch.from_numpy(np.ascontiguousarray(array)), volume.grid, pyramid.grid, mode="nearest",
+                       fill=0)
+    return volume, on_grid.long()

@@ -18,8 +18,9 @@ IGNORE_LABEL = 255  # the value of unlabelled voxels (pass it to train_head / --
 
 
 def axial_axis(volume: Volume) -> int:
-    """The array axis that runs along the body (closest to world S–I): axial slices are its indices."""
-    return int(np.argmax(np.abs(volume.grid.direction_matrix[2])))
+    """The array axis that runs along the body (closest to world S–I): axial slices are its indices
+    (:attr:`Volume.axial_axis`)."""
+    return volume.axial_axis
 
 
 def sparse_labels(labels: Any, *, axial_slices: Sequence[int] | None = None, every: int | None = None,

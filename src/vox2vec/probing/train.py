@@ -1,496 +1,245 @@
-"""``train_head``: fit a linear or non-linear head on voxel features sampled from pyramids computed once."""
+"""``train_head``: fit a linear or non-linear head on voxel features sampled from pyramids computed once.
+
+The parts live beside it: the settings (:mod:`~vox2vec.probing.head_config`), the pairs and levers
+(:mod:`~vox2vec.probing.levers`), voxel sampling (``_sampling``), the linear algebra of the linear head
+(``_linalg``) and the fit loop with its L2 search (``_fit``).
+"""
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec.augment import AugmentationConfig, augment
-from vox2vec.errors import InputError
+from vox2vec._memory import check_fits
+from vox2vec.configured_model import check_same_backbone
+from vox2vec.errors import ArgumentError, InputError
 from vox2vec.features import FeaturePyramid
-from vox2vec.geometry import check_same_grid
 from vox2vec.hub import resolve_model
-from vox2vec.inference.precision import pick_device
-from vox2vec.probing.apply import voxel_forward
-from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
-from vox2vec.probing.head import Head, build_head_module, check_head_kind
-from vox2vec.probing.losses import head_loss
-from vox2vec.resample import resample
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid
+from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.probing._fit import FitSpec, choose_l2, fit
+from vox2vec.probing._linalg import (  # re-exported: the names users and benchmarks imported from here
+    feature_moments,
+    principal_subspaces,
+    standardised_linear_forward,
+)
+from vox2vec.probing._sampling import LabelledPyramid, class_weights, sample_voxels
+from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids, labels_on_model_grid
+from vox2vec.probing.head import Head
+from vox2vec.probing.head_config import REGULARIZATION_GRID, HeadTrainingConfig
+from vox2vec.probing.levers import check_levers, intensity_augmented_copies, training_pairs
+from vox2vec.probing.sparse import IGNORE_LABEL
 from vox2vec.volume import Volume, load_volume
 
+__all__ = ["REGULARIZATION_GRID", "HeadTrainingConfig", "feature_moments", "intensity_augmented_copies",
+           "principal_subspaces", "standardised_linear_forward", "train_head"]
 
-@dataclass
-class LabelledPyramid:
-    """A pyramid with its label map (class indices 0..K) and body mask on the model grid."""
-
-    pyramid: FeaturePyramid
-    labels: torch.Tensor  # int64 (X, Y, Z)
-
-
-def _embed(ct: Any, model: Any, progress: bool) -> tuple[FeaturePyramid, Any]:
-    if isinstance(ct, FeaturePyramid):
-        return ct, None
-    from vox2vec.inference import embed_volume
-
-    net = resolve_model(model)
-    return embed_volume(ct, model=net, progress=progress), net
-
-
-def _labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, classes: ClassMap,
-                          ignore_label: int | None = None) -> torch.Tensor:
-    """Class indices on the model grid; voxels labelled ``ignore_label`` become -1 (never sampled)."""
-    volume = load_volume(labels, check_finite=False) if not isinstance(labels, np.ndarray) else None
-    if volume is None:
-        raise InputError("pass label maps as files or images (with geometry), not bare arrays")
-    check_same_grid(volume.grid, pyramid.source_grid)
-    array = check_integer_labels(volume.array)
-    encoded = classes.encode(array)
-    if ignore_label is not None:
-        encoded[array == ignore_label] = -1
-    encoded = torch.from_numpy(encoded)
-    return resample(encoded, pyramid.source_grid, pyramid.grid, mode="nearest", fill=0).long()
-
-
-HOLDOUT_SLAB_MM = 32.0  # regularisation is chosen on alternating slabs of this thickness
-
-
-def sample_voxels(items: Sequence[LabelledPyramid], num_classes: int, per_class: int,
-                  generator: torch.Generator, holdout: list[torch.Tensor] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced voxel features: up to ``per_class`` voxels of every class from every pyramid, inside the body
-    (background) or anywhere labelled (foreground). Returns (M, D) features in the pyramids' storage dtype (fp16 by
-    default: exact, and half the memory) and (M,) class indices, both on the CPU whatever device the pyramids are on.
-    With a ``holdout`` list, appends to it whether each voxel lies in an odd :data:`HOLDOUT_SLAB_MM` slab along the
-    model grid's third (S) axis."""
-    features, targets = [], []
-    for item in items:
-        labels = item.labels  # on the CPU, wherever the pyramid is stored
-        body = item.pyramid.body.to(labels.device) if item.pyramid.body is not None else \
-            torch.ones_like(labels, dtype=torch.bool)
-        for k in range(num_classes + 1):
-            mask = (labels == k) & body if k == 0 else labels == k
-            index = mask.reshape(-1).nonzero().squeeze(1)
-            if index.numel() == 0:
-                continue
-            if index.numel() > per_class:
-                index = index[torch.randperm(index.numel(), generator=generator)[:per_class]]
-            coords = torch.stack(torch.unravel_index(index, labels.shape), dim=1)
-            features.append(item.pyramid.at_grid_indices(coords, dtype=item.pyramid.dtype).cpu())
-            targets.append(torch.full((len(index),), k, dtype=torch.long))
-            if holdout is not None:
-                thickness = max(1, round(HOLDOUT_SLAB_MM / item.pyramid.grid.spacing[2]))
-                holdout.append((coords[:, 2] // thickness) % 2 == 1)
-    if len({f.dtype for f in features}) > 1:  # pyramids stored in different precisions
-        features = [f.float() for f in features]
-    return torch.cat(features), torch.cat(targets)
-
-
-def feature_moments(features: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation (fp32), accumulated in fp64 chunk by chunk (no fp32 copy of all)."""
-    total = torch.zeros(features.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for rows in torch.split(features, chunk):
-        rows = rows.to(torch.float64)
-        total += rows.sum(0)
-        squares += rows.square().sum(0)
-    count = max(len(features), 2)
-    mean = total / count
-    variance = (squares - count * mean.square()).clamp(min=0) / (count - 1)
-    return mean.float(), variance.sqrt().float()
-
-
-def standardised_linear_forward(head: nn.Module, features: torch.Tensor, mean: torch.Tensor,
-                                std: torch.Tensor) -> torch.Tensor:
-    """A linear head whose weights act on standardised features, (x − μ)/σ, applied to raw features x.
-
-    The same function and gradients as training on standardised copies (far better conditioned for Adam), without
-    ever writing those copies: W/σ and b − (W/σ)·μ are folded into one matrix product.
-    """
-    return nn.functional.linear(features, *_raw_feature_weights(head, mean, std))
-
-
-def _raw_feature_weights(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of a linear head trained on (x − μ)/σ, rewritten to take x: W/σ and b − (W/σ)·μ."""
-    weight = head.matrix() / std
-    return weight, head.layers[0].bias - weight @ mean
-
-
-REGULARIZATION_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths tried by regularization="auto"
-
-
-def intensity_augmented_copies(ct: Any, copies: int, *, seed: int = 0,
-                               clip_hu: tuple[float, float] = (-1350.0, 1000.0)) -> list[Volume]:
-    """``copies`` intensity-augmented versions of a CT, in HU on its own grid (same geometry, so its label map
-    applies unchanged). Seeded and deterministic.
-
-    Each copy is the pre-training augmentation (:func:`vox2vec.augment.augment`, paper defaults: in-plane
-    blur or sharpening, Gaussian noise, a random HU window — a random HU scale and shift), applied to the CT clipped
-    to ``clip_hu`` (the model's window) in its own voxels, with the array axis nearest the body axis as the slice
-    axis; the [0, 1] result is mapped back to HU through ``clip_hu``. ``train_head(augmented_copies=n)`` uses
-    ``seed = train_head's seed + index of the pair``.
-    """
-    volume = load_volume(ct)
-    low, high = (float(v) for v in clip_hu)
-    config = AugmentationConfig(default_window_hu=(low, high))
-    slice_axis = int(np.argmax(np.abs(volume.grid.direction_matrix[2])))  # the array axis nearest world S
-    hu = torch.from_numpy(np.moveaxis(volume.array, slice_axis, 2).astype(np.float32)).clamp_(low, high)
-    generator = torch.Generator().manual_seed(seed)
-    result = []
-    for _ in range(copies):
-        scaled, _ = augment(hu[None, None], config, generator)
-        array = np.moveaxis((scaled[0, 0] * (high - low) + low).numpy(), 2, slice_axis)
-        result.append(Volume(np.ascontiguousarray(array), volume.grid))
-    return result
+#: ``batch_size`` counts windows per forward pass; a value this large is the old voxels-per-step meaning.
+_OLD_BATCH_SIZE = 256
 
 
 def train_head(
     data: Iterable[tuple[Any, Any]],
     *,
-    model: Any = "fpn-ct",
-    kind: str = "linear",
+    model: Any = DEFAULT_MODEL,
     classes: Mapping[int, str] | Iterable[int] | None = None,
-    multilabel: bool = False,
     validation: Iterable[tuple[Any, Any]] | None = None,
-    voxels_per_class: int = 20000,
-    steps: int = 2000,
-    batch_size: int = 4096,
+    config: HeadTrainingConfig | None = None,
+    runtime: Runtime | None = None,
+    kind: str | None = None,
+    multilabel: bool | None = None,
+    voxels_per_class: int | None = None,
+    steps: int | None = None,
+    voxels_per_step: int | None = None,
     lr: float | None = None,
     regularization: str | float | None = None,
-    patience: int = 5,
-    eval_every: int = 100,
+    patience: int | None = None,
+    eval_every: int | None = None,
     ignore_label: int | None = None,
-    feature_dropout: float = 0.0,
-    augmented_copies: int = 0,
+    feature_dropout: float | None = None,
+    augmented_copies: int | None = None,
     levels: Sequence[int] | None = None,
     components_per_level: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
 ) -> Head:
     """Train a head on frozen features.
 
-    ``data``: (CT, label map) or (FeaturePyramid, label map) pairs; each CT is embedded once. ``classes`` maps label
-    ids to names (ids sharing a name merge; ids left out become background); by default every id present.
-    Training draws ``voxels_per_class`` voxels per class and scan (class-balanced, background inside the body) and
-    runs ``steps`` Adam steps (``lr``: 1e-2 for the linear head, on standardised features; 3e-3 non-linear) with
-    class-weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft Dice, as the original).
+    ``data``: a list of (CT, label map) or (FeaturePyramid, label map) pairs; each CT is embedded once (by
+    :func:`vox2vec.as_pyramid`, on ``runtime``). ``classes`` maps label ids to names (ids sharing a name merge; ids
+    left out become background); by default every id present. The settings are a :class:`HeadTrainingConfig`
+    (``config=``) or its fields as keywords (defaults: a linear head, ``voxels_per_class`` 20 000 per class and scan,
+    ``steps`` 2000 Adam steps of ``voxels_per_step`` 4096 voxels, ``lr`` 1e-2 linear / 3e-3 non-linear): class-
+    weighted softmax cross-entropy (``multilabel=True``: sigmoid BCE + soft Dice, as the original).
+
+    ``runtime`` (or ``device=``, ``precision=``, ``batch_size=``, ``progress=``) has the meaning it has everywhere:
+    ``device=None`` is the first CUDA GPU when there is one, else the CPU — the backbone and the head fit both run
+    there; ``batch_size`` is windows per forward pass of the backbone (voxels per Adam step are ``voxels_per_step``).
 
     ``regularization``: ``None`` (default) is the paper's unregularised head; a float puts that L2 penalty on the
     head's weights (for the linear head, on the weights of standardised features); ``"auto"`` picks it from
     :data:`REGULARIZATION_GRID` by the loss on held-out voxels of the training scans — alternating 32 mm slabs along
-    the body axis, so that neighbours of training voxels do not score it — then refits on every voxel. (Measured on
-    two patients, docs/benchmarks.md, "auto" lowered transfer Dice, so it is not the default.)
+    the body axis — then refits on every voxel (measured lower transfer Dice, docs/benchmarks.md, so not the default).
     With ``validation`` pairs it keeps the best head by validation loss and stops after ``patience`` evaluations
-    without improvement. Voxels labelled ``ignore_label`` (partial annotations) are never sampled. Seeded and
-    deterministic on CPU.
+    without improvement. Voxels labelled ``ignore_label`` (partial annotations, :data:`IGNORE_LABEL` = 255 from
+    :func:`~vox2vec.sparse_labels`) are never sampled; a label map holding 255 is refused unless 255 is the
+    ignore label or a named class. Seeded and deterministic on the CPU.
 
     Levers against fitting the training patient (all off by default, which is the paper's head):
-
-    * ``feature_dropout``: probability of zeroing each feature of a training batch (inverted dropout; for the
-      linear head the standardised features, so a dropped feature takes its mean); never at evaluation.
-    * ``augmented_copies``: also embed that many intensity-augmented copies of every training CT
-      (:func:`intensity_augmented_copies`: the pre-training augmentation, same geometry and label map) and sample
-      ``voxels_per_class`` voxels per class from each copy too. Needs CTs: a pair given as a ``FeaturePyramid``
-      cannot be re-embedded, and is refused (``InputError``) when ``augmented_copies > 0``.
-    * ``levels``: indices of the pyramid levels the head may use (linear head only; 0 is the finest); the weights of
-      the other levels are zero, so the head keeps its layout and ``predict`` is unchanged.
-    * ``components_per_level``: confine the linear head's weights on each level to the top ``k`` principal
-      directions of that level's standardised training features (projected Adam): a head of at most
-      k × levels free inputs per class that sees only each level's dominant variations; same layout, same ``predict``.
+    ``feature_dropout`` (inverted dropout of each training batch's features; never at evaluation),
+    ``augmented_copies`` (also embed that many :func:`intensity_augmented_copies` of every training CT; needs CTs,
+    not pyramids), ``levels`` (the pyramid levels a linear head may use; the others' weights are zero) and
+    ``components_per_level`` (a linear head's weights confined to each level's top-k principal directions).
     """
-    data = list(data)
-    _check_arguments(kind, voxels_per_class, steps, batch_size, lr, regularization, patience, eval_every,
-                     feature_dropout, augmented_copies, levels, components_per_level)
-    _check_levers(data, model, augmented_copies, levels)
-    device = torch.device("cpu") if device is None else pick_device(device)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    embedded, net = _embed_training_scans(data, model, progress, augmented_copies, seed)
-    class_map = _class_map(classes, [labels for _, labels in embedded], ignore_label)
-    items = [LabelledPyramid(p, _labels_on_model_grid(lab, p, class_map, ignore_label)) for p, lab in embedded]
-    val_items = [LabelledPyramid(p, _labels_on_model_grid(load_volume(labels), p, class_map, ignore_label))
-                 for p, labels in ((_embed(ct, net or model, progress)[0], labels) for ct, labels in validation or [])]
+    settings = _settings(config, kind=kind, multilabel=multilabel, voxels_per_class=voxels_per_class, steps=steps,
+                         voxels_per_step=voxels_per_step, lr=lr, regularization=regularization, patience=patience,
+                         eval_every=eval_every, ignore_label=ignore_label, feature_dropout=feature_dropout,
+                         augmented_copies=augmented_copies, levels=levels,
+                         components_per_level=components_per_level, seed=seed)
+    if batch_size is not None and not isinstance(batch_size, bool) and isinstance(batch_size, int) \
+            and batch_size >= _OLD_BATCH_SIZE:
+        raise ArgumentError(f"batch_size is windows per forward pass of the backbone, and {batch_size} windows is "
+                            f"far more than fit in memory; for {batch_size} voxels per Adam step pass "
+                            f"voxels_per_step={batch_size} (train_head's batch_size was renamed)")
+    runtime = resolve_runtime(runtime, device=device, precision=precision, batch_size=batch_size,
+                              progress=progress).checked()  # a wrong device fails before any work
+    pairs = training_pairs(data)
+    val_pairs = [] if validation is None else training_pairs(validation, "validation")
+    check_levers(pairs, model, settings)
+    _check_requested_classes(classes, settings.ignore_label)
+    return _train(pairs, val_pairs, model, classes, settings, runtime)
 
-    holdout: list[torch.Tensor] | None = [] if regularization == "auto" else None
-    features, targets = sample_voxels(items, class_map.num_classes, voxels_per_class, generator, holdout)
+
+def _settings(config: HeadTrainingConfig | None, **keywords: Any) -> HeadTrainingConfig:
+    """``config`` with the keywords given (not None) applied; a field set differently both ways is refused."""
+    if config is None:
+        return HeadTrainingConfig.from_keywords(**keywords)
+    if not isinstance(config, HeadTrainingConfig):
+        raise ArgumentError(f"config must be a vox2vec.probing.HeadTrainingConfig, got {type(config).__name__}")
+    given = {k: v for k, v in keywords.items() if v is not None}
+    clashes = sorted(k for k, v in given.items() if getattr(config, k) != (tuple(v) if k == "levels" else v))
+    if clashes:
+        raise ArgumentError(f"{', '.join(clashes)} given both in config= and as a keyword argument, with different "
+                            "values; give each setting once")
+    return config
+
+
+def _check_requested_classes(classes: Any, ignore_label: int | None) -> None:
+    """Before any scan is read: an ignore label cannot also be a class, and 0 (background) cannot be ignored."""
+    if ignore_label == 0:
+        raise InputError("ignore_label=0 would discard every background voxel (0 is background), so the head could "
+                         "never learn background; mark the unlabelled voxels with another value (sparse_labels "
+                         f"writes {IGNORE_LABEL}) and pass that")
+    if ignore_label is None or classes is None:
+        return
+    ids = classes.keys() if isinstance(classes, Mapping) else classes
+    if ignore_label in {int(i) for i in ids}:
+        name = classes[ignore_label] if isinstance(classes, Mapping) else ignore_label
+        raise InputError(f"label {ignore_label} is both the ignore label (unlabelled voxels, never sampled) and the "
+                         f"requested class {name!r}; a value is either unlabelled or a class — drop it from classes "
+                         "or pass another ignore_label")
+
+
+def _train(pairs: list, val_pairs: list, model: Any, classes: Any, settings: HeadTrainingConfig,
+           runtime: Runtime) -> Head:
+    """The fit itself, once every argument is checked: embed, sample, (search the L2 strength,) fit."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    embedded, net = _embed_training_scans(pairs, model, runtime, settings)
+    class_map = _class_map(classes, [labels for _, labels in embedded], settings.ignore_label)
+    _check_head_size(class_map, embedded, settings)
+    items = [_labelled(pyramid, labels, class_map, settings) for pyramid, labels in embedded]
+    val_items = [_labelled(as_pyramid(ct, net or model, runtime=runtime), labels, class_map, settings)
+                 for ct, labels in val_pairs]
+    holdout: list[torch.Tensor] | None = [] if settings.regularization == "auto" else None
+    features, targets = sample_voxels(items, class_map.num_classes, settings.voxels_per_class, generator, holdout)
+    device = runtime.torch_device
     val = None
     if val_items:
-        val_x, val_y = sample_voxels(val_items, class_map.num_classes, voxels_per_class, generator)
+        val_x, val_y = sample_voxels(val_items, class_map.num_classes, settings.voxels_per_class, generator)
         val = (val_x.to(device).float(), val_y.to(device))
     reference = embedded[0][0]
-    spec = _HeadSpec(kind, reference.channels, class_map.num_classes + (0 if multilabel else 1), multilabel,
-                     _class_weights(targets, class_map.num_classes, multilabel).to(device), batch_size,
-                     lr or (1e-2 if kind == "linear" else 3e-3), device, float(feature_dropout),
-                     None if levels is None else tuple(sorted(set(int(i) for i in levels))),
-                     None if components_per_level is None else int(components_per_level))
-
+    spec = FitSpec(settings.kind, tuple(reference.channels),
+                   class_map.num_classes + (0 if settings.multilabel else 1), settings.multilabel,
+                   class_weights(targets, class_map.num_classes, settings.multilabel).to(device),
+                   settings.voxels_per_step, settings.learning_rate, device, float(settings.feature_dropout),
+                   settings.level_set, settings.components_per_level)
     search: dict[str, float] = {}
-    if regularization == "auto":
-        l2, search = _choose_l2(spec, features, targets, torch.cat(holdout), steps, generator, progress)
+    if settings.regularization == "auto":
+        l2, search = choose_l2(spec, features, targets, torch.cat(holdout), settings.steps, generator,
+                               runtime.progress)
     else:
-        l2 = float(regularization or 0.0)
-    module, history = _fit(spec, features, targets, steps=steps, l2=l2, generator=generator, val=val,
-                           patience=patience, eval_every=eval_every, progress=progress)
+        l2 = float(settings.regularization or 0.0)
+    module, history = fit(spec, features, targets, steps=settings.steps, l2=l2, generator=generator, val=val,
+                          patience=settings.patience, eval_every=settings.eval_every, progress=runtime.progress)
     if search:
         history.insert(0, {"l2_search_heldout_loss": search})
     backbone = net.record() if net is not None else _record_from_pyramid(reference)
-    return Head(module.cpu().eval(), kind, class_map, backbone, multilabel, net, history)
+    return Head(module.cpu().eval(), settings.kind, class_map, backbone, settings.multilabel, net, history)
 
 
-def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, progress: bool, copies: int = 0,
-                          seed: int = 0) -> tuple[list, Any]:
-    """(pyramid, label volume) per pair — each CT embedded once, all by one backbone, followed by its ``copies``
-    augmented copies — and the backbone if loaded."""
-    net = None
+def _labelled(pyramid: FeaturePyramid, labels: Any, class_map: ClassMap,
+              settings: HeadTrainingConfig) -> LabelledPyramid:
+    _, on_grid = labels_on_model_grid(labels, pyramid, classes=class_map, ignore_label=settings.ignore_label)
+    return LabelledPyramid(pyramid, on_grid)
+
+
+def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, runtime: Runtime,
+                          settings: HeadTrainingConfig) -> tuple[list[tuple[FeaturePyramid, Volume]], Any]:
+    """(pyramid, label volume) per pair — each CT embedded once, all by one backbone, followed by its
+    ``augmented_copies`` copies — and the backbone if one was loaded."""
+    net = None if all(isinstance(ct, FeaturePyramid) for ct, _ in pairs) else resolve_model(model)
     embedded = []
     for index, (ct, labels) in enumerate(tqdm(pairs, desc="embedding training scans",
-                                              disable=not progress or len(pairs) < 2)):
-        pyramid, loaded = _embed(ct, model if net is None else net, progress)
-        net = net or loaded
+                                              disable=not runtime.progress or len(pairs) < 2)):
         label_volume = load_volume(labels, check_finite=False)
-        embedded.append((pyramid, label_volume))
-        if copies:
+        embedded.append((as_pyramid(ct, net, runtime=runtime), label_volume))
+        if settings.augmented_copies:
             clip = tuple(net.config.preprocessing.clip_hu)
-            for copy_ct in intensity_augmented_copies(ct, copies, seed=seed + index, clip_hu=clip):
-                embedded.append((_embed(copy_ct, net, progress)[0], label_volume))
+            for copy_ct in intensity_augmented_copies(ct, settings.augmented_copies, seed=settings.seed + index,
+                                                      clip_hu=clip):
+                embedded.append((as_pyramid(copy_ct, net, runtime=runtime), label_volume))
     for pyramid, _ in embedded:
         pyramid.check_complete("training a head")
-    fingerprints = {p.meta.get("fingerprint") for p, _ in embedded}
-    if len(fingerprints) != 1:
-        raise InputError(f"training pyramids come from different backbones: {sorted(map(str, fingerprints))}")
+    check_same_backbone([(f"training pair {i}", p.meta) for i, (p, _) in enumerate(embedded)],
+                        "embed every training CT with one backbone")
     return embedded, net
 
 
-def _class_map(classes: Any, label_volumes: list, ignore_label: int | None) -> ClassMap:
-    """The classes to learn: as given, or every id present in the label maps (``ignore_label`` excluded)."""
+def _class_map(classes: Any, label_volumes: list[Volume], ignore_label: int | None) -> ClassMap:
+    """The classes to learn: as given, or every id present in the label maps (``ignore_label`` excluded).
+
+    A label map holding :data:`IGNORE_LABEL` (255, what :func:`~vox2vec.sparse_labels` writes for unlabelled voxels)
+    is refused when 255 is neither the ignore label nor a named class: it would silently become a class "255" (or,
+    with ``classes`` given, background) — the unlabelled slices taught as an organ."""
     present: set[int] = set()
     for labels in label_volumes:
         present |= label_ids(check_integer_labels(labels.array))
+    named = set() if classes is None else {int(i) for i in (classes.keys() if isinstance(classes, Mapping)
+                                                             else classes)}
+    if IGNORE_LABEL in present and ignore_label != IGNORE_LABEL and IGNORE_LABEL not in named:
+        raise InputError(f"the label maps hold {IGNORE_LABEL}, the value sparse_labels writes for unlabelled voxels, "
+                         f"but ignore_label is not {IGNORE_LABEL}; pass ignore_label={IGNORE_LABEL} (--ignore-label "
+                         f"{IGNORE_LABEL}) if it marks unlabelled voxels, or name it in classes "
+                         f"({{{IGNORE_LABEL}: 'name'}}) if it is a real class")
     present.discard(ignore_label)
     return ClassMap.build(classes, present)
 
 
-def _class_weights(targets: torch.Tensor, num_classes: int, multilabel: bool) -> torch.Tensor:
-    """Inverse-frequency weights of the sampled classes (mean 1 over the classes present); no background for
-    multi-label heads."""
-    counts = torch.bincount(targets, minlength=num_classes + 1).float()
-    weights = counts.sum() / counts.clamp(min=1) / (counts > 0).sum()
-    return weights[1:] if multilabel else weights
-
-
-def _check_arguments(kind: str, voxels_per_class: Any, steps: Any, batch_size: Any, lr: Any, regularization: Any,
-                     patience: Any, eval_every: Any, feature_dropout: Any = 0.0, augmented_copies: Any = 0,
-                     levels: Any = None, components_per_level: Any = None) -> None:
-    """Every training setting is checked before any scan is read."""
-    check_head_kind(kind)
-    for name, value in (("voxels_per_class", voxels_per_class), ("steps", steps), ("batch_size", batch_size),
-                        ("patience", patience), ("eval_every", eval_every)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"{name} must be a positive whole number, got {value!r}")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
-        raise InputError(f"lr must be a positive number (or None for the default), got {lr!r}")
-    if regularization not in (None, "auto") and (isinstance(regularization, bool) or not isinstance(
-            regularization, (int, float)) or not 0 <= regularization < math.inf):
-        raise InputError(f"regularization must be 'auto', None or a non-negative L2 strength, got {regularization!r}")
-    if isinstance(feature_dropout, bool) or not isinstance(feature_dropout, (int, float)) \
-            or not 0 <= feature_dropout < 1:
-        raise InputError(f"feature_dropout must be a probability in [0, 1) (0: no dropout), got {feature_dropout!r}")
-    if isinstance(augmented_copies, bool) or not isinstance(augmented_copies, (int, np.integer)) \
-            or augmented_copies < 0:
-        raise InputError(f"augmented_copies must be a whole number ≥ 0 (0: none), got {augmented_copies!r}")
-    if levels is not None:
-        if kind != "linear":
-            raise InputError(f"levels is only for the linear head (kind='linear'), got kind={kind!r}; "
-                             "leave levels=None for the non-linear head")
-        values = list(levels) if isinstance(levels, (list, tuple, range)) else None
-        if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in values):
-            raise InputError(f"levels must be a non-empty list of pyramid level indices ≥ 0 (0: the finest), "
-                             f"got {levels!r}; or None for every level")
-    if components_per_level is not None:
-        if kind != "linear":
-            raise InputError(f"components_per_level is only for the linear head (kind='linear'), got kind={kind!r}; "
-                             "leave it None for the non-linear head")
-        if isinstance(components_per_level, bool) or not isinstance(components_per_level, (int, np.integer)) \
-                or components_per_level < 1:
-            raise InputError(f"components_per_level must be a whole number ≥ 1 (principal directions per level), "
-                             f"got {components_per_level!r}; or None for every channel")
-
-
-def _check_levers(pairs: list, model: Any, copies: int, levels: Sequence[int] | None) -> None:
-    """The levers that depend on the training pairs, checked before any scan is read or embedded."""
-    if not pairs:
-        raise InputError("the training set is empty: pass at least one (CT, label map) pair")
-    given = [i for i, pair in enumerate(pairs) if isinstance(pair, (tuple, list)) and pair
-             and isinstance(pair[0], FeaturePyramid)]
-    if copies and given:
-        raise InputError(f"augmented_copies={copies} needs CTs to re-embed, but pair {given[0]} is a FeaturePyramid; "
-                         "pass (CT, label map) pairs and the model, or augmented_copies=0")
-    if levels is not None:
-        first = pairs[0][0] if isinstance(pairs[0], (tuple, list)) and pairs[0] else None
-        count = first.num_levels if isinstance(first, FeaturePyramid) else \
-            resolve_model(model).config.architecture.num_scales
-        if max(levels) >= count:
-            raise InputError(f"levels {list(levels)} name a level the pyramid does not have (it has {count}: "
-                             f"0 … {count - 1}); pass indices below {count}")
-
-
-@dataclass
-class _HeadSpec:
-    """What every fit of one ``train_head`` call shares."""
-
-    kind: str
-    channels: list[int]
-    outputs: int
-    multilabel: bool
-    class_weights: torch.Tensor
-    batch_size: int
-    lr: float
-    device: torch.device
-    feature_dropout: float = 0.0
-    levels: tuple[int, ...] | None = None  # the pyramid levels a linear head may use (None: all)
-    components: int | None = None  # principal directions per level a linear head may use (None: all channels)
-
-
-def _choose_l2(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, held: torch.Tensor, steps: int,
-               generator: torch.Generator, progress: bool) -> tuple[float, dict[str, float]]:
-    """The L2 strength of :data:`REGULARIZATION_GRID` whose head, fit on the other slabs for an eighth of the
-    steps, has the lowest class-weighted loss on the held-out slabs (the middle of the grid if a side is empty)."""
-    if held.all() or not held.any():
-        return REGULARIZATION_GRID[len(REGULARIZATION_GRID) // 2], {}
-    fit_rows, held_rows = (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
-    held_x = features.index_select(0, held_rows).to(spec.device).float()
-    held_y = targets.index_select(0, held_rows).to(spec.device)
-    fit_x, fit_y = features.index_select(0, fit_rows), targets.index_select(0, fit_rows)
-    losses = {}
-    for l2 in tqdm(REGULARIZATION_GRID, desc="choosing the L2 strength", disable=not progress):
-        module, _ = _fit(spec, fit_x, fit_y, steps=max(100, steps // 8), l2=l2, generator=generator, progress=False)
-        with torch.no_grad():
-            logits = voxel_forward(module.eval(), held_x)
-            losses[f"{l2:g}"] = float(head_loss(logits, held_y, spec.multilabel, spec.class_weights))
-    best = min(losses, key=losses.get)
-    return float(best), losses
-
-
-def _l2_penalty(module: nn.Module) -> torch.Tensor:
-    """Σ‖W‖² over the head's convolution weights (biases and normalisation layers are not penalised)."""
-    return sum(layer.weight.square().sum() for layer in module.modules() if isinstance(layer, nn.Conv3d))
-
-
-def _fit(spec: _HeadSpec, features: torch.Tensor, targets: torch.Tensor, *, steps: int, l2: float,
-         generator: torch.Generator, val: tuple[torch.Tensor, torch.Tensor] | None = None, patience: int = 5,
-         eval_every: int = 100, progress: bool = True) -> tuple[nn.Module, list[dict[str, float]]]:
-    """One head trained on sampled voxels; a linear head comes back folded (taking raw features)."""
-    # The linear head's weights act on standardised features (much better conditioned for Adam, and what the L2
-    # penalty is scaled to); the scaling is folded into them afterwards, so the saved head takes raw features in the
-    # original layout.
-    base, num_scales = spec.channels[0], len(spec.channels)
-    module = build_head_module(spec.kind, base, num_scales, spec.outputs).to(spec.device).train()
-    if spec.kind == "linear":
-        mean, std = (t.to(spec.device) for t in feature_moments(features))
-        std = std.clamp(min=1e-6)
-        if spec.levels is not None:  # an infinite σ zeroes a channel's standardised feature and its folded weight
-            used = torch.cat([torch.full((c,), i in spec.levels) for i, c in enumerate(spec.channels)])
-            std = std.masked_fill(~used.to(spec.device), math.inf)
-        forward = lambda x: standardised_linear_forward(module, x, mean, std)
-        if spec.components is not None:
-            subspaces = principal_subspaces(features, mean, std, spec.channels, spec.components)
-            _project_weights(module, subspaces)
-    else:
-        forward = lambda x: voxel_forward(module, x)
-    train_forward = forward
-    if spec.feature_dropout:
-        def train_forward(x: torch.Tensor) -> torch.Tensor:
-            """Inverted dropout of the batch's (standardised, for the linear head) features; masks drawn on the CPU
-            from the seeded generator."""
-            keep = torch.rand(x.shape, generator=generator) >= spec.feature_dropout
-            scale = keep.to(spec.device, torch.float32) / (1 - spec.feature_dropout)
-            if spec.kind == "linear":
-                return nn.functional.linear((x - mean) / std * scale, module.matrix(), module.layers[0].bias)
-            return voxel_forward(module, x * scale)
-    optimiser = torch.optim.Adam(module.parameters(), lr=spec.lr)
-    features, targets = features.to(spec.device), targets.to(spec.device)
-    history: list[dict[str, float]] = []
-    best_state, best_loss, waited = None, math.inf, 0
-    with tqdm(total=steps, desc=f"training {spec.kind} head", disable=not progress) as bar:
-        for step in range(1, steps + 1):
-            batch = torch.randint(0, len(targets), (min(spec.batch_size, len(targets)),), generator=generator)
-            batch = batch.to(spec.device)
-            logits = train_forward(features.index_select(0, batch).float())
-            loss = head_loss(logits, targets[batch], spec.multilabel, spec.class_weights)
-            objective = loss + l2 * _l2_penalty(module) if l2 else loss
-            optimiser.zero_grad(set_to_none=True)
-            objective.backward()
-            optimiser.step()
-            if spec.kind == "linear" and spec.components is not None:
-                _project_weights(module, subspaces)
-            bar.update()
-            if step % eval_every and step != steps:
-                continue
-            record = {"step": step, "train_loss": float(loss.detach()), "l2": l2}
-            if spec.feature_dropout:
-                record["feature_dropout"] = spec.feature_dropout
-            if val is not None:
-                module.eval()
-                with torch.no_grad():
-                    record["val_loss"] = float(head_loss(forward(val[0]), val[1], spec.multilabel, spec.class_weights))
-                module.train()
-                if record["val_loss"] < best_loss - 1e-4:
-                    best_loss, best_state, waited = record["val_loss"], copy.deepcopy(module.state_dict()), 0
-                else:
-                    waited += 1
-            history.append(record)
-            bar.set_postfix({k: round(v, 4) for k, v in record.items() if k not in ("step", "l2")})
-            if val is not None and waited >= patience:
-                break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    if spec.kind == "linear":
-        _fold_standardisation(module, mean, std, spec.channels)
-    return module, history
-
-
-def principal_subspaces(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels: list[int],
-                        k: int, chunk: int = 16384) -> list[torch.Tensor]:
-    """Per level, the (C, C) orthogonal projection onto the top ``k`` principal directions of the standardised
-    features (all C when k ≥ C); the second moments are accumulated in fp64, chunk by chunk."""
-    gram = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64, device=mean.device)
-    for rows in torch.split(features, chunk):
-        z = ((rows.to(mean.device).float() - mean) / std).double()
-        gram += z.T @ z
-    projections = []
-    for block in _level_blocks(gram, channels):
-        vectors = torch.linalg.eigh(block).eigenvectors[:, -min(k, len(block)):]  # eigenvalues ascend
-        projections.append((vectors @ vectors.T).float())
-    return projections
-
-
-def _level_blocks(gram: torch.Tensor, channels: list[int]) -> list[torch.Tensor]:
-    starts = np.cumsum([0, *channels])
-    return [gram[a:b, a:b] for a, b in zip(starts[:-1], starts[1:])]
-
-
-@torch.no_grad()
-def _project_weights(head: nn.Module, projections: list[torch.Tensor]) -> None:
-    """W_level ← W_level · P_level for every level of a linear head (weights on standardised features)."""
-    for layer, projection in zip(head.layers, projections):
-        layer.weight[:, :, 0, 0, 0] = layer.weight[:, :, 0, 0, 0] @ projection
-
-
-@torch.no_grad()
-def _fold_standardisation(head: nn.Module, mean: torch.Tensor, std: torch.Tensor, channels: list[int]) -> None:
-    """Rewrite a linear head trained on (x − μ)/σ in place so that it takes x (the saved, original layout)."""
-    weight, bias = _raw_feature_weights(head, mean, std)
-    for layer, part in zip(head.layers, torch.split(weight, channels, dim=1)):
-        layer.weight.copy_(part[:, :, None, None, None])
-    head.layers[0].bias.copy_(bias)
+def _check_head_size(class_map: ClassMap, embedded: list, settings: HeadTrainingConfig) -> None:
+    """Refuse, before any voxel is sampled, a fit that cannot fit in memory: the sampled voxels (fp16, and an fp32
+    copy of each step's batch) grow with the number of classes and scans."""
+    dim, outputs = embedded[0][0].dim, class_map.num_classes + 1
+    rows = settings.voxels_per_class * outputs * len(embedded)
+    check_fits(2 * rows * dim + 4 * settings.voxels_per_step * (dim + 4 * outputs),
+               f"sampling {settings.voxels_per_class} voxels of each of {outputs} classes (background included) from "
+               f"{len(embedded)} scans of {dim}-d features", "pass fewer classes or a smaller voxels_per_class")
 
 
 def _record_from_pyramid(pyramid: FeaturePyramid) -> dict[str, Any]:
