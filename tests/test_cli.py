@@ -70,8 +70,9 @@ def test_predict_writes_the_heads_prediction_on_the_input_grid(ct_file, model_di
     assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1}
 
 
-def test_features_refuses_a_model_other_than_the_pyramids(ct_file, model_dir, tmp_path, capsys):
-    """A saved pyramid keeps its model: an explicit --model naming another one is refused, not silently ignored."""
+def test_saved_pyramids_refuse_another_explicit_model(ct_file, model_dir, tmp_path, capsys):
+    """`features` and `match` read saved pyramids as they are: an explicit --model naming another backbone is
+    refused, not silently ignored."""
     pyramid = tmp_path / "ct.safetensors"
     assert main(["embed", "-i", str(ct_file), "-o", str(pyramid), "--model", str(model_dir), "--no-progress"]) == 0
     points = tmp_path / "points.csv"
@@ -85,6 +86,12 @@ def test_features_refuses_a_model_other_than_the_pyramids(ct_file, model_dir, tm
     assert "was embedded with" in err and "--model" in err and not (tmp_path / "t.csv").exists()
     assert main([*args, "--model", str(model_dir)]) == 0  # the pyramid's own model: fine
     assert main([*args, "--overwrite"]) == 0  # no --model: the pyramid's
+    matching = ["match", "-s", str(pyramid), "-t", str(pyramid), "--points", str(points), "-o", str(tmp_path / "m.csv")]
+    capsys.readouterr()
+    assert main([*matching, "--model", str(other)]) == 2
+    assert "was embedded with" in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
+    assert main(matching) == 0
+    assert f"{centre[0]:.4f},{centre[1]:.4f},{centre[2]:.4f},1," in (tmp_path / "m.csv").read_text()  # found itself
 
 
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):

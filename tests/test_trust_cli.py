@@ -268,3 +268,12 @@ def test_eval_and_export_take_overwrite():
     assert build_parser("eval").parse_args(["eval", "d", "-o", "r", "--overwrite"]).overwrite is True
     export = build_parser("pretrain").parse_args(["pretrain", "export", "-o", "m", "--overwrite"])
     assert export.overwrite is True and export.license is None  # the licence default is export()'s, not the CLI's
+
+
+def test_a_rank_outside_the_world_is_named_as_such(files, capsys, monkeypatch):
+    """RANK ≥ WORLD_SIZE is a launcher mistake, reported as one — not as "must be whole numbers"."""
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["embed", "-i", files["ct"], "-o", files["out"]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RANK" in err and "WORLD_SIZE" in err and "whole numbers" not in err

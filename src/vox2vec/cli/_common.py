@@ -13,14 +13,17 @@ from typing import Any
 
 from vox2vec.config import check_int
 from vox2vec.errors import InputError, Vox2VecError
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_MODEL", "OVERWRITE_HELP", "Parser", "accepts", "add_command", "add_overwrite", "add_runtime_options",
-    "device", "model_paths", "positive_int", "runtime_call", "runtime_of", "whole_number",
+    "DEFAULT_MODEL", "OVERWRITE_HELP", "PYRAMID_MODEL_HELP", "Parser", "accepts", "add_command", "add_overwrite",
+    "add_runtime_options", "command_model", "device", "is_saved_pyramid", "model_paths", "positive_int", "pyramid_of",
+    "runtime_call", "runtime_of", "whole_number",
 ]
 
-DEFAULT_MODEL = "fpn-ct"
 OVERWRITE_HELP = "replace an existing output that vox2vec did not write"
+PYRAMID_MODEL_HELP = (f"model name, directory or .pt file for CTs (default: {DEFAULT_MODEL}); a saved pyramid keeps "
+                      "the model it was embedded with, and an explicit --model must be that one")
 
 
 class Parser(argparse.ArgumentParser):
@@ -133,6 +136,32 @@ def accepts(function: Callable[..., Any], name: str) -> bool:
     import inspect
 
     return name in inspect.signature(function).parameters
+
+
+def is_saved_pyramid(source: Any) -> bool:
+    return str(source).lower().endswith(".safetensors")
+
+
+def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:
+    """The model a command embeds its CTs with, loaded once — or ``None`` when every source is a saved pyramid and
+    no ``--model`` was given."""
+    from vox2vec.hub import resolve_model
+
+    if model_arg is None and all(is_saved_pyramid(source) for source in sources):
+        return None
+    return resolve_model(model_arg or DEFAULT_MODEL)
+
+
+def pyramid_of(source: Any, model_arg: str | None, model: Any, runtime: Any) -> Any:
+    """``source`` as a pyramid: a saved one is read, a CT embedded with ``model`` on ``runtime``. A saved pyramid
+    embedded with another model than an explicit ``--model`` is refused: the option never silently means nothing."""
+    from vox2vec.inference.ct_to_pyramid import as_pyramid
+
+    pyramid = as_pyramid(source, model, runtime=runtime)
+    if model_arg is not None and pyramid.meta.get("fingerprint") != model.fingerprint():
+        raise InputError(f"{source} was embedded with {pyramid.meta.get('model', 'another model')}, not --model "
+                         f"{model_arg}; leave --model out for saved pyramids, or embed the CT again")
+    return pyramid
 
 
 def model_paths(model: Any) -> list[str]:

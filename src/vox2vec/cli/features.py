@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vox2vec.cli._common import DEFAULT_MODEL, add_overwrite, add_runtime_options, model_paths, runtime_of, whole_number
+from vox2vec.cli._common import (
+    PYRAMID_MODEL_HELP,
+    add_overwrite,
+    add_runtime_options,
+    command_model,
+    model_paths,
+    pyramid_of,
+    runtime_of,
+    whole_number,
+)
 from vox2vec.errors import InputError, Vox2VecError
 
 __all__ = ["add_arguments", "run"]
@@ -33,9 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these label ids (default: every one present)")
     parser.add_argument("--resample-mask", action="store_true",
                         help="accept a mask on another grid than its CT (mapped through world coordinates)")
-    add_runtime_options(parser, model=None, model_help=f"model name, directory or .pt file for CTs (default: "
-                        f"{DEFAULT_MODEL}); a saved pyramid keeps the model it was embedded with, and an explicit "
-                        "--model must be that one")
+    add_runtime_options(parser, model=None, model_help=PYRAMID_MODEL_HELP)
     add_overwrite(parser)
 
 
@@ -68,12 +75,8 @@ def _jobs(args: argparse.Namespace) -> list:
 def _case_table(args: argparse.Namespace, job: Any, model: Any, runtime: Any) -> Any:
     """One case's rows: its pyramid (read, or embedded with the shared model) and the region or point table."""
     from vox2vec.cohort.regions import point_table, region_table
-    from vox2vec.inference.ct_to_pyramid import as_pyramid
 
-    pyramid = as_pyramid(job.ct, model, runtime=runtime)
-    if args.model is not None and pyramid.meta.get("fingerprint") != model.fingerprint():
-        raise InputError(f"{job.ct} was embedded with {pyramid.meta.get('model', 'another model')}, not --model "
-                         f"{args.model}; leave --model out for saved pyramids, or embed the CT again")
+    pyramid = pyramid_of(job.ct, args.model, model, runtime)
     if job.mask is not None:
         return region_table(pyramid, job.mask, case=job.case, resample_mask=args.resample_mask, labels=args.labels)
     return point_table(pyramid, [n for n, _ in job.points], [p for _, p in job.points], case=job.case)
@@ -84,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from vox2vec.cohort.regions import FeatureTable
-    from vox2vec.hub import resolve_model
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import write_table
 
@@ -93,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
     runtime = runtime_of(args)
     runtime = runtime.replace(progress=runtime.progress and len(jobs) == 1)  # one bar for a list: the cases'
-    needs_model = args.model is not None or any(not str(job.ct).lower().endswith(".safetensors") for job in jobs)
-    model = resolve_model(args.model or DEFAULT_MODEL) if needs_model else None  # loaded once for every case
+    model = command_model(args.model, [job.ct for job in jobs])  # loaded once for every case
     table, failed = FeatureTable([], []), 0
     for job in tqdm(jobs, desc="tabulating features", unit="case", disable=args.no_progress or len(jobs) < 2):
         try:

@@ -9,7 +9,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, positive_int, runtime_call, runtime_of
+from vox2vec.cli._common import (
+    PYRAMID_MODEL_HELP,
+    add_overwrite,
+    add_runtime_options,
+    command_model,
+    model_paths,
+    positive_int,
+    pyramid_of,
+    runtime_call,
+    runtime_of,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -23,15 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output CSV (adds matched_x/y/z, score, label)")
     parser.add_argument("--target-labels", default=None, help="label map of the target: report the label found")
     parser.add_argument("--top-k", type=positive_int, default=1, help="best matches per point (default 1)")
-    add_runtime_options(parser)
+    add_runtime_options(parser, model=None, model_help=PYRAMID_MODEL_HELP)
     add_overwrite(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from vox2vec.correspondence import match
     from vox2vec.geometry import check_same_grid
-    from vox2vec.hub import resolve_model
-    from vox2vec.inference.ct_to_pyramid import as_pyramid
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import read_points, write_table
     from vox2vec.volume import load_volume
@@ -41,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     names, points = read_points(args.points)
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
     runtime = runtime_of(args)
-    model = resolve_model(args.model)
-    source, target = (as_pyramid(ct, model, runtime=runtime) for ct in (args.source, args.target))
+    model = command_model(args.model, [args.source, args.target])
+    source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
     if labels is not None:
         check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
     found = runtime_call(match, runtime, points, source, target, top_k=args.top_k, strict=False)
