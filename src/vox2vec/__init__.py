@@ -6,10 +6,18 @@ from vox2vec.config import ModelConfig
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.correspondence import Matches, match
 from vox2vec.errors import (
+    ArgumentError,
     CheckpointMismatchError,
     ChecksumError,
+    ConfigError,
+    DeviceError,
     InputError,
+    MissingExtraError,
+    NotHounsfieldWarning,
+    OutputError,
     UnknownModelError,
+    UnsupportedTypeError,
+    UsageError,
     Vox2VecError,
 )
 from vox2vec.features import FeaturePyramid
@@ -24,9 +32,10 @@ from vox2vec.volume import Volume, load_volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointMismatchError", "ChecksumError", "ClassMap", "DiceReport", "FeaturePyramid", "Grid", "Head",
-    "InputError", "ModelConfig", "ModelSpec", "PreprocessedVolume", "Preprocessor", "Runtime",
-    "UnknownModelError", "Volume", "Vox2VecError",
+    "ArgumentError", "CheckpointMismatchError", "ChecksumError", "ClassMap", "ConfigError", "DeviceError",
+    "DiceReport", "FeaturePyramid", "Grid", "Head", "InputError", "MissingExtraError", "ModelConfig", "ModelSpec",
+    "NotHounsfieldWarning", "OutputError", "PreprocessedVolume", "Preprocessor", "Runtime", "UnknownModelError",
+    "UnsupportedTypeError", "UsageError", "Volume", "Vox2VecError",
     "Vox2VecModel", "as_pyramid", "dice_scores", "embed_many", "embed_volume", "list_models", "load_head",
     "load_pretrained", "load_volume", "match", "Matches", "point_features", "region_features", "register_model",
     "sliding_window_head", "sparse_labels", "train_head",

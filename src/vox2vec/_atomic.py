@@ -86,8 +86,9 @@ def _as_write_error(error: Exception, final: Path, tmp: Path) -> Exception:
 
 def verify_file(path: Path, final: Path | None = None) -> None:
     """Read back a just-written file by the format of ``final`` (default ``path``); raise ``ValueError`` if it is
-    not whole: JSON parses, safetensors size matches its header, PNG, Parquet and zip (``torch.save``) files open
-    completely. Images are checked by their writer, :func:`vox2vec.writers.write_image` (voxels compared)."""
+    not whole: JSON parses, safetensors size matches its header, ``.npy`` arrays have all their data, PNG, Parquet
+    and zip (``torch.save``) files open completely. Images are checked by their writer,
+    :func:`vox2vec.writers.write_image` (voxels compared)."""
     name = (final or path).name.lower()
     if name.endswith(".json"):
         json.loads(path.read_text(encoding="utf-8"))
@@ -97,7 +98,11 @@ def verify_file(path: Path, final: Path | None = None) -> None:
     elif name.endswith(".safetensors"):
         found = safetensors_header(path)
         if found is None or found[1] != path.stat().st_size:
-            raise ValueError("the safetensors file is incomplete")
+            raise OutputError("the safetensors file is incomplete")
+    elif name.endswith(".npy"):
+        import numpy as np
+
+        np.load(path, mmap_mode="r", allow_pickle=False)  # header parses and the data is all there
     elif name.endswith(".png"):
         from PIL import Image
 
@@ -110,7 +115,7 @@ def verify_file(path: Path, final: Path | None = None) -> None:
     elif name.endswith((".pt", ".pth", ".ckpt")):
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
-                raise ValueError("a member of the checkpoint is damaged")
+                raise OutputError("a member of the checkpoint is damaged")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,12 @@ would have caught before (``ValueError``, ``KeyError``, ``OSError``, ``TypeError
 
 from __future__ import annotations
 
+__all__ = [
+    "ArgumentError", "CheckpointMismatchError", "ChecksumError", "ConfigError", "DeviceError", "InputError",
+    "MissingExtraError", "NotHounsfieldWarning", "OutputError", "UnknownModelError", "UnsupportedTypeError",
+    "UsageError", "Vox2VecError",
+]
+
 
 class Vox2VecError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -50,6 +56,10 @@ class CheckpointMismatchError(Vox2VecError, ValueError):
 
 class ChecksumError(Vox2VecError, OSError):
     """A downloaded file whose size or sha256 is not the expected one."""
+
+
+class UsageError(Vox2VecError, RuntimeError):
+    """An object used in a way it does not support (a one-shot cohort run iterated a second time)."""
 
 
 class MissingExtraError(Vox2VecError, ImportError):

@@ -17,11 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from vox2vec._atomic import atomic_path
+from vox2vec._memory import check_fits
 from vox2vec.errors import InputError
-from vox2vec.geometry import Grid
+from vox2vec.geometry import Grid, voxel_index_hint
+from vox2vec.pyramid_io import PyramidContents, read_pyramid, write_pyramid
+
+__all__ = ["FeaturePyramid", "check_original_grid_fits", "check_world_points"]
 
 _MAX_REGION_VALUES = 2**31  # refuse dense regions above ~4 GB in fp16
+#: float32 maps of the original grid that a similarity query holds at once (resampled map, Volume, SimpleITK copy)
+SIMILARITY_MAPS = 3
 
 
 class FeaturePyramid:
@@ -134,14 +139,36 @@ class FeaturePyramid:
         return torch.cat(parts, dim=1)
 
     def world_to_grid_indices(self, points: np.ndarray) -> np.ndarray:
-        """(K, 3) world points (LPS mm) → nearest (K, 3) level-0 indices on the model grid."""
+        """(K, 3) world points (LPS mm) → (K, 3) level-0 indices of the nearest model voxel; points inside the
+        embedded region (:meth:`contains`) but beyond the grid's last voxel centre get the edge voxel."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-        return np.floor(self.grid.world_to_index(points) + 0.5).astype(np.int64)
+        index = self.grid.nearest_index(points)
+        inside = self.contains(points)
+        index[inside] = np.clip(index[inside], 0, np.asarray(self.shape) - 1)
+        return index
+
+    def edge_tolerance(self) -> np.ndarray:
+        """(3,) model voxels beyond the model grid's own voxel extent that still count as embedded.
+
+        The model grid is cut to whole model voxels from the first body voxel's centre, so it may stop up to half a
+        model voxel plus half an original voxel short of the scan's edge (1.3 mm before the centre of the last slice
+        of a CT with 3 mm slices); points there get the edge voxel. 0 when the original grid is unknown.
+        """
+        if self.source_grid is None:
+            return np.zeros(3)
+        cosines = np.abs(self.grid.direction_matrix.T @ self.source_grid.direction_matrix)  # [model axis, source axis]
+        return 0.5 + 0.5 * (cosines @ np.asarray(self.source_grid.spacing)) / np.asarray(self.grid.spacing)
 
     def contains(self, points: np.ndarray) -> np.ndarray:
-        """Which world points (K, 3) fall inside the embedded region."""
-        idx = self.world_to_grid_indices(points)
-        return np.all((idx >= 0) & (idx < np.asarray(self.shape)), axis=1)
+        """Which world points (K, 3) fall inside the embedded region: within the model grid's voxel extent (grown by
+        :meth:`edge_tolerance`) and, when the original grid is known, within the scan's own voxel extent."""
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        index, band = self.grid.world_to_index(points), self.edge_tolerance()
+        inside = np.all((index >= -0.5 - band) & (index < np.asarray(self.shape) - 0.5 + band), axis=1)
+        if self.source_grid is not None:
+            source = self.source_grid.world_to_index(points)
+            inside &= np.all((source >= -0.5) & (source <= np.asarray(self.source_grid.shape) - 0.5), axis=1)
+        return inside
 
     def at_world(self, points: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(K, 3) world points in LPS millimetres → (K, dim) embeddings (nearest model voxel)."""
@@ -177,11 +204,14 @@ class FeaturePyramid:
         if vector.numel() != self.dim:
             raise InputError(f"the embedding has {vector.numel()} values but this pyramid's have {self.dim}: they "
                              "come from different backbones")
+        if grid == "original":
+            if self.source_grid is None:
+                raise InputError("this pyramid does not know its original grid; use grid='model'")
+            check_original_grid_fits(self.source_grid, SIMILARITY_MAPS, "a similarity map on the original grid",
+                                     fix="ask for grid='model' (the model grid, no resampling)")
         cosine = self.cosine_map(vector)
         if grid == "model":
             return Volume(cosine.numpy(), self.grid)
-        if self.source_grid is None:
-            raise InputError("this pyramid does not know its original grid; use grid='model'")
         volume = Volume(resample(cosine, self.grid, self.source_grid, mode="linear", fill=-1.0).numpy(),
                         self.source_grid)
         return volume if output == "volume" else volume.to_sitk()
@@ -237,98 +267,33 @@ class FeaturePyramid:
         out = torch.cat(parts, dim=0)
         return out if dtype is None else out.to(dtype)
 
-    # -- persistence ---------------------------------------------------------------------------------------
+    # -- persistence (the file format lives in pyramid_io.py) ---------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, inside: torch.Tensor | None = None) -> Path:
         """One ``.safetensors`` file: the levels plus geometry and provenance in its metadata (atomic write).
 
         ``inside``: a bool (X, Y, Z) mask on the model grid (e.g. :attr:`body`); only the cells of each level that
         touch it are stored (the rest reads back as zeros), which saves the disk space outside it.
         An existing file that is not a vox2vec pyramid is replaced only with ``overwrite=True``."""
-        from safetensors.torch import save_file
-
-        from vox2vec.outputs import check_output_file
-
-        check_output_file(path, "pyramid", overwrite=overwrite)
-        if inside is not None and tuple(inside.shape) != self.shape:
-            raise InputError(f"the mask to keep has shape {tuple(inside.shape)}, not the model grid's {self.shape}")
-        metadata = {
-            "vox2vec": "FeaturePyramid",
-            "grid": json.dumps(self.grid.to_dict()),
-            "source_grid": json.dumps(self.source_grid.to_dict() if self.source_grid else None),
-            "meta": json.dumps(self.meta),
-            "layout": "dense" if inside is None else "inside-mask",
-        }
-        tensors = {}
-        for scale, level in zip(self.scales, self.levels):
-            level = level.detach().cpu()
-            if inside is None:
-                tensors[f"level_{scale}"] = level.contiguous()
-                continue
-            cells = _cells_touching(inside.cpu().bool(), 2**scale, level.shape[1:])
-            tensors[f"level_{scale}"] = level[:, cells].contiguous()  # (C, K): the kept cells in C order
-            tensors[f"cells_{scale}"] = cells.to(torch.uint8).contiguous()
-        if self.body is not None:
-            tensors["body"] = self.body.cpu().to(torch.uint8).contiguous()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-        return Path(path)
+        contents = PyramidContents(self.levels, self.scales, self.grid, self.source_grid, self.meta, self.body)
+        return write_pyramid(path, contents, overwrite=overwrite, inside=inside)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FeaturePyramid:
-        """Read a file written by :meth:`save`; a truncated, corrupt or incomplete file is an :class:`InputError`
-        naming it."""
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise InputError(f"no such feature pyramid file: {path}")
+        """Read a file written by :meth:`save`. A truncated, corrupt or incomplete file, a NaN or infinite value, or
+        an original grid too large for this machine's memory is an :class:`InputError` naming the file."""
+        contents = read_pyramid(path, device)
+        if contents.source_grid is not None:
+            check_original_grid_fits(contents.source_grid, 1, f"feature pyramid {path}: a map of its original grid",
+                                     fix="the file's original grid is damaged, or the CT is too large for this "
+                                         "machine — embed it again, or on a larger machine")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("vox2vec") != "FeaturePyramid":
-                    raise InputError(f"{path} is not a vox2vec FeaturePyramid file (saved by FeaturePyramid.save)")
-                keys = list(handle.keys())  # noqa: SIM118 - safe_open has no __contains__
-                names = sorted((k for k in keys if k.startswith("level_")), key=lambda k: int(k.split("_")[1]))
-                scales = [int(name.split("_")[1]) for name in names]
-                levels = [handle.get_tensor(name) for name in names]
-                stored = None
-                if metadata.get("layout") == "inside-mask":
-                    cells = [handle.get_tensor(f"cells_{s}").bool() for s in scales]
-                    levels = [_scatter_cells(level, kept) for level, kept in zip(levels, cells)]
-                    stored = cells[0]
-                body = handle.get_tensor("body").bool() if "body" in keys else None
-        except InputError:
-            raise
-        except Exception as error:  # safetensors raises its own error type for corrupt files
-            raise InputError(f"could not read feature pyramid {path}: {error}; the file is truncated or corrupt — "
-                             "embed the CT again") from None
-        if not levels:
-            raise InputError(f"feature pyramid {path} holds no levels; embed the CT again")
-        try:
-            grid = Grid.from_dict(json.loads(metadata["grid"]))
-            source = json.loads(metadata["source_grid"])
-            source_grid = Grid.from_dict(source) if source else None
-            meta = json.loads(metadata["meta"])
-            if not isinstance(meta, dict):
-                raise TypeError(f"meta must be a JSON object, got {type(meta).__name__}")
-            pyramid = cls(levels, grid, source_grid, meta, body, scales)
-            if stored is not None:
-                pyramid.stored = _nearest_up(stored, 2 ** scales[0], grid.shape)
-            return pyramid
-        except KeyError as error:
-            problem = f"the metadata entry {error} is missing"
-        except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError
-            problem = f"{type(error).__name__}: {error}"
-        raise InputError(f"feature pyramid {path} has broken metadata ({problem}); embed the CT again")
-
-    # -- pictures ------------------------------------------------------------------------------------------
-    def pca(self, k: int = 3, *, samples: int = 20_000, seed: int = 0, grid: str = "original",
-            output: str = "image"):
-        """The first ``k`` principal components of the voxel embeddings (fitted on ``samples`` random body voxels) as a
-        k-component ``SimpleITK.Image`` on the original grid — write it as NIfTI for 3D Slicer / ITK-SNAP — or k
-        :class:`~vox2vec.volume.Volume` s (``output="volume"``); see :func:`vox2vec.viz.pca.pyramid_pca`."""
-        from vox2vec.viz.pca import pyramid_pca
-
-        return pyramid_pca(self, k, samples=samples, seed=seed, grid=grid, output=output)
+            pyramid = cls(contents.levels, contents.grid, contents.source_grid, contents.meta, contents.body,
+                          contents.scales)
+        except InputError as error:
+            raise InputError(f"feature pyramid {path} is inconsistent ({error}); embed the CT again") from None
+        if contents.stored is not None:
+            pyramid.stored = _nearest_up(contents.stored, 2 ** contents.scales[0], contents.grid.shape)
+        return pyramid
 
 
 def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
@@ -349,16 +314,19 @@ def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points
     if inside.all():
         return array
     bad = array[~inside][0]
-    hint = ""
-    source = pyramid.source_grid
-    if source is not None and np.all((array >= 0) & (array < np.asarray(source.shape))):
-        hint = (" — they look like voxel indices of the image; points are world coordinates (LPS mm): convert with "
-                "grid.index_to_world(indices)")
+    hint = "" if pyramid.source_grid is None else voxel_index_hint(pyramid.source_grid, array)
     low = pyramid.grid.index_to_world(np.zeros((1, 3)))[0]
     high = pyramid.grid.index_to_world(np.asarray(pyramid.shape)[None] - 1)[0]
     box = ", ".join(f"{min(a, b):.0f}…{max(a, b):.0f}" for a, b in zip(low, high))
     raise InputError(f"{int((~inside).sum())} of {len(array)} {what} fall outside the embedded region (world "
                      f"x, y, z in mm: {box}), e.g. {tuple(round(v, 1) for v in bad)}{hint}")
+
+
+def check_original_grid_fits(source_grid: Grid, maps: int, what: str, fix: str) -> None:
+    """Refuse, before allocating, a query that holds ``maps`` float32 maps of the original grid at once when they
+    do not fit in this machine's memory (an original grid is only a header entry: a damaged file can say 20000³)."""
+    check_fits(4 * maps * math.prod(source_grid.shape), f"{what} ({' × '.join(map(str, source_grid.shape))} voxels)",
+               fix)
 
 
 def _nearest_up(values: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.Tensor:
@@ -367,18 +335,3 @@ def _nearest_up(values: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.
         for axis in range(3):
             values = values.repeat_interleave(cell, dim=axis)
     return values[: shape[0], : shape[1], : shape[2]]
-
-
-def _cells_touching(mask: torch.Tensor, cell: int, shape: Sequence[int]) -> torch.Tensor:
-    """Which cells of a level (``cell`` voxels a side, ``shape`` cells) contain at least one voxel of ``mask``."""
-    if cell == 1:
-        return mask
-    pooled = torch.nn.functional.max_pool3d(mask[None, None].float(), cell, cell, ceil_mode=True)[0, 0] > 0
-    return pooled[: shape[0], : shape[1], : shape[2]]
-
-
-def _scatter_cells(values: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """A dense (C, *cells.shape) level from the (C, K) values of its kept cells; the others are zero."""
-    level = torch.zeros((values.shape[0], *cells.shape), dtype=values.dtype, device=values.device)
-    level[:, cells.to(values.device)] = values
-    return level

@@ -67,6 +67,10 @@ class Grid:
         points = np.asarray(points, dtype=np.float64)
         return points @ inverse[:3, :3].T + inverse[:3, 3]
 
+    def nearest_index(self, points: np.ndarray) -> np.ndarray:
+        """(K, 3) world points → (K, 3) int64 indices of the nearest voxel centres (possibly outside the grid)."""
+        return np.floor(self.world_to_index(points) + 0.5).astype(np.int64)
+
     def orientation_code(self) -> str:
         """Three letters naming where each axis points, e.g. ``"LPS"`` (identity direction) or ``"RAS"``."""
         letters = []
@@ -87,6 +91,18 @@ class Grid:
     @classmethod
     def from_dict(cls, data: dict) -> Grid:
         return cls(tuple(data["shape"]), tuple(data["spacing"]), tuple(data["origin"]), tuple(data["direction"]))
+
+
+def voxel_index_hint(grid: Grid, points: np.ndarray) -> str:
+    """For world points that all look like voxel indices of ``grid`` (each value within 0…shape), a hint saying
+    so and how to convert them; "" otherwise. Appended to "outside" errors of every query that takes points."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if not np.all((points >= 0) & (points < np.asarray(grid.shape))):
+        return ""
+    first = tuple(round(v, 1) for v in points[0].tolist())
+    world = tuple(round(v, 1) for v in grid.index_to_world(points[:1])[0].tolist())
+    return (f" — they look like voxel indices of the image: points are world coordinates (LPS mm); as an index, "
+            f"{first} is the voxel at {world} mm (convert with grid.index_to_world(indices))")
 
 
 def check_direction(matrix: np.ndarray, name: str = "direction", tolerance: float = 1e-3) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from vox2vec._atomic import atomic_path, write_failed
+from vox2vec.errors import OutputError
 
 __all__ = ["write_image", "write_json"]
 
@@ -54,13 +55,13 @@ def _check_image(path: Path, written) -> None:
         with _native_stderr_captured():
             back = sitk.ReadImage(str(path))
     except RuntimeError:
-        raise ValueError("the file does not read back as an image") from None
+        raise OutputError("the file does not read back as an image") from None
     if back.GetSize() != written.GetSize() or back.GetPixelID() != written.GetPixelID():
-        raise ValueError("the image read back has another size or pixel type")
+        raise OutputError("the image read back has another size or pixel type")
     if not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(written)):
-        raise ValueError("the voxels read back differ from those written")
+        raise OutputError("the voxels read back differ from those written")
     if not np.allclose(back.GetSpacing(), written.GetSpacing(), rtol=1e-5):
-        raise ValueError("the spacing read back differs from the one written")
+        raise OutputError("the spacing read back differs from the one written")
 
 
 def write_image(image, path: str | os.PathLike, *, compress: bool = True) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vox2vec.errors import InputError
-from vox2vec.geometry import Grid
+from vox2vec.geometry import Grid, voxel_index_hint
 
 PLANES = ("axial", "coronal", "sagittal")
 #: the world (LPS) axis normal to each plane
@@ -54,15 +54,12 @@ def point_to_index(grid: Grid, point: np.ndarray | tuple[float, float, float], w
     if point.shape != (3,) or not np.all(np.isfinite(point)):
         raise InputError(f"{what} must be three finite numbers x, y, z in world millimetres (LPS), got "
                          f"{point.tolist()}")
-    index = np.floor(grid.world_to_index(point[None])[0] + 0.5).astype(np.int64)
+    index = grid.nearest_index(point[None])[0]
     if np.all((index >= 0) & (index < np.asarray(grid.shape))):
         return tuple(int(i) for i in index)  # type: ignore[return-value]
     corners = grid.index_to_world(np.array(list(itertools.product(*[(0, n - 1) for n in grid.shape]))))
     box = ", ".join(f"{'xyz'[w]} {corners[:, w].min():.1f}…{corners[:, w].max():.1f}" for w in range(3))
-    hint = ""
-    if np.all((point >= 0) & (point < np.asarray(grid.shape))):
-        hint = (f"; {tuple(point.tolist())} would be a voxel inside it if these were indices — give world "
-                f"millimetres, e.g. {tuple(np.round(grid.index_to_world(point[None])[0], 1).tolist())} for that voxel")
+    hint = voxel_index_hint(grid, point)
     raise InputError(f"{what} {tuple(point.tolist())} (world LPS mm) lies outside the CT: it would be voxel index "
                      f"{tuple(index.tolist())} (x, y, z) of a {grid.shape} grid, whose world box is {box} mm{hint}")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vox2vec._atomic import atomic_path
+from vox2vec.errors import ArgumentError
 
 
 def write_png(pixels: np.ndarray, path: str | os.PathLike, software: str) -> Path:
@@ -18,7 +19,7 @@ def write_png(pixels: np.ndarray, path: str | os.PathLike, software: str) -> Pat
     from PIL import Image, PngImagePlugin
 
     if not software.startswith("vox2vec"):
-        raise ValueError(f"the Software chunk must start with 'vox2vec', got {software!r}")
+        raise ArgumentError(f"the Software chunk must start with 'vox2vec', got {software!r}")
     text = PngImagePlugin.PngInfo()
     text.add_text("Software", software)
     path = Path(path)
