@@ -84,6 +84,25 @@ def check_range_pair(problems: list[str], name: str, value: Any, low: float | No
         problems.append(f"{name} must be [low, high] with low {'<' if strict else '≤'} high{limits}, got {list(value)}")
 
 
+def check_patch_size(problems: list[str], name: str, value: Any) -> bool:
+    """Append a problem unless ``value`` is three whole numbers between 1 and 1024 (a training patch, in voxels);
+    returns whether it is one."""
+    ok = _numbers(value, 3, integer=True) and all(1 <= p <= 1024 for p in value)
+    if not ok:
+        problems.append(f"{name} must be three whole numbers between 1 and 1024, got {value!r}")
+    return ok
+
+
+def batch_statistics_problem(patches: int, patch_size: tuple[int, int, int], num_scales: int) -> str | None:
+    """BatchNorm needs two values per channel at the coarsest level of a training batch: ``patches`` patches of
+    ``patch_size`` leave Π ceil(p / 2^(num_scales − 1)) cells each there. The reason when that is fewer than two."""
+    coarsest = 2 ** (num_scales - 1)
+    if patches * math.prod(-(-p // coarsest) for p in patch_size) >= 2:
+        return None
+    return (f"{patches} patch(es) of {list(patch_size)} leave one value per channel at the coarsest level, where "
+            "BatchNorm cannot train")
+
+
 @dataclass(frozen=True)
 class ArchitectureConfig:
     """Hyper-parameters of :class:`~vox2vec.modeling.FPN3d`."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
@@ -29,7 +29,6 @@ class ModelSpec:
     sha256: str | None = None
     size: int | None = None
     bundled_path: str | None = None  # a directory inside the package (vox2vec format)
-    extra: dict = field(default_factory=dict)
 
 
 def _describe_bundled(config: ModelConfig, directory: Path) -> str:

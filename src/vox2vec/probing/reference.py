@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vox2vec.augment import blur_along
 from vox2vec.config import PreprocessingConfig
 from vox2vec.features import FeaturePyramid
 from vox2vec.preprocessing import Preprocessor
@@ -21,30 +22,17 @@ SMOOTHING_MM = (0.0, 2.0, 4.0, 8.0, 16.0)
 TEXTURE_MM = (4.0, 8.0)
 HU_BIN_EDGES = (-900.0, -300.0, -30.0, 100.0, 300.0)  # → air | lung | fat | soft tissue | enhanced | bone
 BIN_SMOOTHING_MM = 4.0
-NUM_FEATURES = len(SMOOTHING_MM) + len(TEXTURE_MM) + len(HU_BIN_EDGES) + 1
 FINGERPRINT = "intensity-reference-v1"
 
 
-def _gaussian_1d(sigma_voxels: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma_voxels))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma_voxels) ** 2)
-    return kernel / kernel.sum()
-
-
 def smooth(volume: torch.Tensor, sigma_mm: float, spacing: tuple[float, float, float]) -> torch.Tensor:
-    """Separable Gaussian of an (X, Y, Z) volume, σ in millimetres per axis, edges replicated."""
+    """Separable Gaussian of an (X, Y, Z) volume, σ in millimetres (so in voxels per axis), edges replicated —
+    the pre-training blur (:func:`vox2vec.augment.blur_along`, truncated at 4σ as scipy), one axis at a time."""
     if sigma_mm <= 0:
         return volume
     x = volume[None, None]
     for axis, step in enumerate(spacing):
-        kernel = _gaussian_1d(sigma_mm / step).to(volume)
-        radius = len(kernel) // 2
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = len(kernel)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[4 - 2 * axis : 6 - 2 * axis] = [radius, radius]
-        x = torch.nn.functional.conv3d(torch.nn.functional.pad(x, pad, mode="replicate"), kernel.view(shape))
+        x = blur_along(x, torch.tensor([sigma_mm / step]), (axis,))
     return x[0, 0]
 
 
