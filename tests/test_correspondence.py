@@ -143,3 +143,31 @@ def test_cli_match_writes_a_marked_csv_with_the_label_found(tmp_path):
     (tmp_path / "theirs.csv").write_text("a,b\n1,2\n")
     assert main(args[:-6] + [str(tmp_path / "theirs.csv")] + args[-5:]) == 2  # not ours: refused
     assert (tmp_path / "theirs.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_a_point_on_the_last_slice_of_a_3mm_ct_is_accepted_by_every_query():
+    """Issue 19: the model grid (2 mm slices from the first body slice) stops 1 mm short of the centre of the last
+    3 mm slice; every point inside the scan's own voxels is embedded (the edge voxel), one beyond them is refused."""
+    image = crop(read_image(ct_path("lctsc_chest")), (190, 190, 120), (96, 96, 10))
+    assert image.GetSpacing()[2] == 3.0
+    pyramid = vox2vec.embed_volume(image, model=tiny_model(2, 4), progress=False)
+    last = np.array(image.TransformIndexToPhysicalPoint((48, 48, 9)))
+    beyond_model_grid = pyramid.grid.world_to_index(last[None])[0]
+    assert beyond_model_grid[2] >= pyramid.shape[2] - 0.5  # the old nearest-voxel rule said "outside"
+    expected_index = [[round(beyond_model_grid[0]), round(beyond_model_grid[1]), pyramid.shape[2] - 1]]
+    expected = pyramid.at_grid_indices(expected_index)
+    torch.testing.assert_close(pyramid.at_world(last[None]), expected)
+    assert pyramid.contains(last[None]).all()
+    similarity = pyramid.similarity(last, grid="model")
+    assert similarity.array[tuple(expected_index[0])] == pytest.approx(1.0, abs=1e-4)  # the point's own voxel
+    found = match(last[None], pyramid, pyramid)
+    assert found.scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    from vox2vec.cohort.regions import point_features
+
+    table = point_features(pyramid, last[None])
+    np.testing.assert_allclose(np.array(table.rows[0][5:], dtype=float), expected[0].numpy(), rtol=1e-6)
+    outside_the_scan = last + np.array([0.0, 0.0, 1.6])  # just past the last slice's upper face
+    for query in (lambda p: pyramid.at_world(p), lambda p: match(p, pyramid, pyramid),
+                  lambda p: pyramid.similarity(p[0], grid="model"), lambda p: point_features(pyramid, p)):
+        with pytest.raises(InputError, match="outside the embedded region"):
+            query(outside_the_scan[None])
