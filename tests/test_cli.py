@@ -71,7 +71,7 @@ def test_predict_writes_the_heads_prediction_on_the_input_grid(ct_file, model_di
 
 
 def test_saved_pyramids_refuse_another_explicit_model(ct_file, model_dir, tmp_path, capsys):
-    """`features` and `match` read saved pyramids as they are: an explicit --model naming another backbone is
+    """`features`, `match` and `show` read saved pyramids as they are: an explicit --model naming another backbone is
     refused, not silently ignored."""
     pyramid = tmp_path / "ct.safetensors"
     assert main(["embed", "-i", str(ct_file), "-o", str(pyramid), "--model", str(model_dir), "--no-progress"]) == 0
@@ -92,6 +92,10 @@ def test_saved_pyramids_refuse_another_explicit_model(ct_file, model_dir, tmp_pa
     assert "was embedded with" in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
     assert main(matching) == 0
     assert f"{centre[0]:.4f},{centre[1]:.4f},{centre[2]:.4f},1," in (tmp_path / "m.csv").read_text()  # found itself
+    capsys.readouterr()
+    picture = tmp_path / "v.png"
+    assert main(["show", str(ct_file), "--pyramid", str(pyramid), "--model", str(other), "-o", str(picture)]) == 2
+    assert "was embedded with" in capsys.readouterr().err and not picture.exists()
 
 
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, positive_int, runtime_call, runtime_of
+from vox2vec.cli._common import (
+    add_overwrite,
+    add_runtime_options,
+    command_model,
+    model_paths,
+    positive_int,
+    pyramid_of,
+    runtime_call,
+    runtime_of,
+)
 
 __all__ = ["add_arguments", "run", "world_point"]
 
@@ -48,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     from vox2vec.viz import show
 
-    runtime_call(show, runtime_of(args), args.input, args.output, model=args.model, pyramid=args.pyramid,
+    runtime, pyramid = runtime_of(args), args.pyramid
+    if pyramid is not None and args.model is not None:  # never silently another model than --model names
+        pyramid = pyramid_of(pyramid, args.model, command_model(args.model, []), runtime)
+    runtime_call(show, runtime, args.input, args.output, model=args.model, pyramid=pyramid,
                  head=args.head, point=args.point, overwrite=args.overwrite, width=args.width, legacy=("progress",))
     print(f"wrote {args.output}")
     return 0
