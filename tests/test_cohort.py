@@ -18,7 +18,7 @@ import vox2vec
 from conftest import crop, ct_path, label_path, read_image, tiny_model, write_series
 from vox2vec import FeaturePyramid, InputError
 from vox2vec.cli import main
-from vox2vec.cohort import Shard, discover, embed_many, read_manifest
+from vox2vec.cohort import Shard, discover, embed_many, iter_embed_many, read_manifest
 from vox2vec.errors import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,9 @@ def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(cohort, tmp_path
     os.utime(cohort / "p1" / "ct.nii.gz", ns=(1, 1))  # the input changed (size + mtime fingerprint)
     with open(out / first[1].output, "r+b") as handle:  # an output cut short (e.g. a copy that stopped)
         handle.truncate(first[1].bytes - 1000)
-    third = list(embed_many(inputs, out, model=str(model_dir), workers=0, progress=False))
+    with pytest.raises(OutputError, match="changed since"):  # no longer the bytes we wrote: replaced only when told
+        embed_many(inputs, out, model=str(model_dir), workers=0, progress=False)
+    third = list(embed_many(inputs, out, model=str(model_dir), workers=0, progress=False, overwrite=True))
     assert [r.status for r in third] == ["done", "done"]
 
     other_model = tmp_path / "other"
@@ -162,7 +164,7 @@ def test_interrupted_run_resumed_twice(cohort, tmp_path, model_dir):
     out = tmp_path / "out"
     inputs = [str(cohort / "p1" / "ct.nii.gz"), str(cohort / "p2" / "ct.nrrd"), str(cohort / "dicom")]
     for attempt in range(2):
-        run = embed_many(inputs, out, model=str(model_dir), workers=0, progress=False)
+        run = iter_embed_many(inputs, out, model=str(model_dir), workers=0, progress=False)
         for result in run:
             assert result.status in ("done", "skipped")
             if result.status == "done":
@@ -194,7 +196,7 @@ def test_output_checks_happen_before_any_work(cohort, tmp_path, model_dir):
     for bad, message in ((dict(workers=-1), "workers"), (dict(dtype="int8"), "storage dtype"),
                          (dict(keep="lungs"), "keep must be"), (dict(levels=[0, 9]), "levels"),
                          (dict(precision="fp64"), "precision")):
-        with pytest.raises(InputError, match=message):
+        with pytest.raises(ValueError, match=message):
             embed_many([cohort / "p1" / "ct.nii.gz"], tmp_path / "fresh", model=str(model_dir), **bad)
     assert not (tmp_path / "fresh").exists()
     assert main(["embed", "-i", str(cohort / "p1" / "ct.nii.gz"), str(cohort / "p2" / "ct.nrrd"),
@@ -285,3 +287,72 @@ def test_a_list_naming_a_missing_path_records_it_as_failed(cohort, tmp_path, mod
     entries = read_manifest(out / "manifest.jsonl")
     missing = entries[str(cohort / "gone.nii.gz")]
     assert missing["status"] == "failed" and "no such file" in missing["reason"] and "cases.txt" in missing["reason"]
+
+
+def test_a_symlinked_alias_of_an_input_is_one_case_recording_the_alias(cohort, tmp_path, model_dir):
+    real = cohort / "p1" / "ct.nii.gz"
+    alias = tmp_path / "alias.nii.gz"
+    alias.symlink_to(real)
+    linked_folder = tmp_path / "linked_p1"
+    linked_folder.symlink_to(cohort / "p1", target_is_directory=True)
+    cases = discover([real, alias, linked_folder])
+    assert len(cases) == 1 and cases[0].key == str(real)
+    assert set(cases[0].aliases) == {str(alias), str(linked_folder / "ct.nii.gz")}
+    [result] = embed_many([real, alias], tmp_path / "out", model=str(model_dir), workers=0, progress=False)
+    assert result.status == "done" and result.aliases == [str(alias)]
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 1
+    [entry] = read_manifest(tmp_path / "out" / "manifest.jsonl").values()
+    assert entry["aliases"] == [str(alias)]
+
+
+@pytest.mark.parametrize("data_file", ["/usr/lib/x86_64-linux-gnu/libc.so.6", "../../outside.raw", "/etc/passwd"])
+def test_a_header_whose_data_file_lies_outside_its_folder_is_refused(cohort, tmp_path, model_dir, data_file):
+    folder = tmp_path / "scans" / "case"
+    folder.mkdir(parents=True)
+    (tmp_path / "outside.raw").write_bytes(bytes(64 * 64 * 16 * 2))
+    header = folder / "ct.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 64 64 16\nElementSpacing = 1 1 2\n"
+                      f"ElementType = MET_SHORT\nElementDataFile = {data_file}\n")
+    [case] = discover([header])
+    assert "outside its own folder" in case.problem and data_file in case.problem
+    [result] = embed_many([folder], tmp_path / "out", model=str(model_dir), workers=0, progress=False)
+    assert result.status == "failed" and "outside its own folder" in result.reason
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_header_with_its_data_beside_it_is_embedded(tmp_path, model_dir):
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    sitk.WriteImage(_abdomen(), str(folder / "ct.mhd"))  # writes ct.mhd + ct.raw (or .zraw) beside it
+    [case] = discover([folder / "ct.mhd"])
+    assert case.problem is None
+    [result] = embed_many([folder / "ct.mhd"], tmp_path / "out", model=str(model_dir), workers=0, progress=False)
+    assert result.status == "done"
+
+
+def test_a_pyramid_damaged_in_place_is_noticed_on_resume(cohort, tmp_path, model_dir):
+    out = tmp_path / "out"
+    ct = cohort / "p1" / "ct.nii.gz"
+    [first] = embed_many([ct], out, model=str(model_dir), workers=0, progress=False)
+    path = out / first.output
+    stat = path.stat()
+    with open(path, "r+b") as handle:  # flip bytes inside the tensors: same size ...
+        handle.seek(stat.st_size - 64)
+        handle.write(b"\xff" * 32)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the same modification time
+    with pytest.raises(OutputError, match="changed since"):
+        embed_many([ct], out, model=str(model_dir), workers=0, progress=False)
+    [again] = embed_many([ct], out, model=str(model_dir), workers=0, progress=False, overwrite=True)
+    assert again.status == "done"  # not "skipped: up to date"
+    direct = vox2vec.embed_volume(ct, model=vox2vec.load_pretrained(str(model_dir)), progress=False)
+    for saved, fresh in zip(FeaturePyramid.load(path).levels, direct.levels):
+        torch.testing.assert_close(saved, fresh)
+
+
+def test_a_csv_list_without_a_path_column_is_refused_not_read_as_paths(cohort, tmp_path):
+    listing = tmp_path / "cases.csv"
+    listing.write_text(f"ct,age\n{cohort / 'p1' / 'ct.nii.gz'},61\n")
+    with pytest.raises(InputError, match="needs a header with a 'path' column"):
+        discover([listing])
+    listing.write_text(f"{cohort / 'p1' / 'ct.nii.gz'}\n{cohort / 'p2' / 'ct.nrrd'}\n")  # header-less: paths
+    assert len(discover([listing])) == 2

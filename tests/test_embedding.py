@@ -95,10 +95,36 @@ def test_pyramid_shapes_for_the_real_cts(name):
     assert pyramid.meta["fingerprint"] == model.fingerprint()
 
 
+def _one_pass(backbone, image, window):
+    """The independent oracle: zero-pad the image to ``window`` and run the backbone once on the whole of it."""
+    padded = torch.zeros(window)
+    padded[: image.shape[0], : image.shape[1], : image.shape[2]] = image
+    with torch.inference_mode():
+        return [level[0] for level in backbone.eval()(padded[None, None])]
+
+
 def test_volume_smaller_than_a_window_is_padded_not_rejected(abdomen_crop):
+    """One window covering the whole padded grid: the pyramid is one forward pass of the backbone, cropped."""
+    model = tiny_model()
     small = abdomen_crop[:50, :40, :10]
-    pyramid = embed_volume(small, model=tiny_model(), progress=False)
-    assert pyramid.shape[2] < 32 and pyramid.levels[0].shape[1:] == pyramid.shape
+    pyramid = embed_volume(small, model=model, progress=False, precision="fp32", dtype=torch.float32)
+    image = model.preprocessor(small).image
+    assert pyramid.shape == tuple(image.shape) and pyramid.shape[2] < 32
+    reference = _one_pass(model.backbone, image, model.config.inference.window)
+    for i, (level, expected) in enumerate(zip(pyramid.levels, reference)):
+        cells = tuple(math.ceil(n / 2**i) for n in pyramid.shape)
+        torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]])
+
+
+def test_a_window_over_the_whole_real_crop_is_one_forward_pass(abdomen_crop):
+    model = tiny_model(base_channels=2, num_scales=4)
+    image = model.preprocessor(abdomen_crop).image
+    window = tuple(8 * math.ceil(n / 8) for n in image.shape)  # the whole grid, padded to the coarsest cell
+    levels = embed_image(image, model.backbone, window=window, overlap=0.0, precision="fp32", dtype=torch.float32,
+                         progress=False)
+    for i, (level, expected) in enumerate(zip(levels, _one_pass(model.backbone, image, window))):
+        cells = tuple(math.ceil(n / 2**i) for n in image.shape)
+        torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]])
 
 
 def test_same_features_at_same_world_points_in_any_storage_orientation(abdomen_crop):

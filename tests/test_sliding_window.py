@@ -53,7 +53,14 @@ def test_paper_window_layout():
 
 
 def test_small_volume_is_padded():
+    """A volume smaller than one window: zero-padded at the far end to the window, one forward pass, cropped back."""
+    torch.manual_seed(0)
     model = tiny_model(base_channels=2, num_scales=3)
     head = FPNLinearHead(2, 3, 2).eval()
-    out = sliding_window_head(torch.rand(5, 6, 3), model.backbone, head, window=(8, 8, 4))
-    assert out.shape == (2, 5, 6, 3)
+    image = torch.rand(5, 6, 3)
+    out = sliding_window_head(image, model.backbone, head, window=(8, 8, 4))
+    padded = torch.zeros(8, 8, 4)
+    padded[:5, :6, :3] = image
+    with torch.inference_mode():
+        reference = head(model.backbone.eval()(padded[None, None]))[0, :, :5, :6, :3]
+    torch.testing.assert_close(out, reference)

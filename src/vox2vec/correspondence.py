@@ -19,6 +19,11 @@ import torch
 
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid, check_world_points
+from vox2vec.hub import resolve_model
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid
+from vox2vec.inference.runtime import Runtime, resolve_runtime
+
+__all__ = ["Matches", "match"]
 
 _CELL_CHUNK = 16384  # coarse cells scored at once (bounds memory: chunk × coarse dim floats)
 _QUERY_CHUNK = 32  # queries refined at once
@@ -33,14 +38,6 @@ class Matches:
     matched: np.ndarray  # (N, top_k, 3)
     scores: np.ndarray  # (N, top_k)
     voxels: np.ndarray  # (N, top_k, 3)
-
-
-def _as_pyramid(data: Any, model: Any, progress: bool) -> FeaturePyramid:
-    if isinstance(data, FeaturePyramid):
-        return data
-    from vox2vec.inference import embed_volume
-
-    return embed_volume(data, model=model, progress=progress)
 
 
 def _cell_features(pyramid: FeaturePyramid, level: int, cells: torch.Tensor) -> torch.Tensor:
@@ -121,15 +118,17 @@ def match(
     target: Any,
     *,
     top_k: int = 1,
-    model: Any = "fpn-ct",
+    model: Any = None,
     coarse_level: int | None = None,
     candidates: int = 8,
-    progress: bool = False,
+    runtime: Runtime | None = None,
+    progress: bool | None = None,
 ) -> Matches:
     """For each world point (LPS mm) of ``source``, the ``top_k`` best-matching world points of ``target``.
 
-    ``source`` / ``target``: CTs (anything :func:`vox2vec.embed_volume` reads, embedded with ``model``) or
-    :class:`FeaturePyramid` s of the same backbone. The search is coarse to fine (see the module docstring):
+    ``source`` / ``target``: CTs (anything :func:`vox2vec.embed_volume` reads, embedded with ``model``, default
+    ``"fpn-ct"``, on ``runtime``), saved pyramids or :class:`FeaturePyramid` s of the same backbone (see
+    :func:`vox2vec.as_pyramid`). The search is coarse to fine (see the module docstring):
     ``coarse_level`` (default: level 3, or the coarsest if there are fewer) is scored everywhere; the best
     ``candidates`` cells per point are refined to voxels. Memory stays bounded: at most ``_CELL_CHUNK`` coarse cells
     at a time, never the full-dimensional embedding of every voxel. A point outside the source's embedded region is
@@ -139,12 +138,11 @@ def match(
         raise InputError(f"top_k must be a positive whole number, got {top_k!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < top_k:
         raise InputError(f"candidates must be a whole number ≥ top_k ({top_k}), got {candidates!r}")
+    runtime = resolve_runtime(runtime, progress=progress).checked()
     if not (isinstance(source, FeaturePyramid) and isinstance(target, FeaturePyramid)):
-        from vox2vec.hub import resolve_model
-
-        model = resolve_model(model)  # loaded once for both CTs
-    source = _as_pyramid(source, model, progress)
-    target = _as_pyramid(target, model, progress)
+        model = resolve_model(DEFAULT_MODEL if model is None else model)  # loaded once for both CTs
+    source = as_pyramid(source, model, runtime=runtime)
+    target = as_pyramid(target, model, runtime=runtime)
     for pyramid in (source, target):
         pyramid.check_complete("matching")
     _check_same_backbone(source, target)

@@ -12,24 +12,29 @@ from typing import Any
 
 import numpy as np
 
+from vox2vec.probing.sparse import IGNORE_LABEL as IGNORE  # the one home of the "unlabelled" value
+
 DEMO = Path(__file__).resolve().parent / "assets" / "demo"
-IGNORE = 255
 PREDICTION, PICTURE = "prediction.nii.gz", "demo.png"
 
+__all__ = ["demo"]
 
-def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini", progress: bool = True,
-         overwrite: bool = False) -> dict:
+
+def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini", runtime: Any = None,
+         progress: bool | None = None, overwrite: bool = False) -> dict:
     """Run the demo; returns the Dice report as a dict and writes ``prediction.nii.gz`` and ``demo.png``.
 
-    Other files in ``output_dir`` are left alone; files of those two names that vox2vec did not write are replaced
-    only with ``overwrite=True``.
+    ``model`` defaults to the bundled ``fpn-ct-mini`` (offline); ``runtime`` (:class:`~vox2vec.Runtime`) says where
+    the backbone and the head run. Other files in ``output_dir`` are left alone; files of those two names that
+    vox2vec did not write are replaced only with ``overwrite=True``.
     """
     from vox2vec.hub import load_pretrained_cached
-    from vox2vec.inference import embed_volume
+    from vox2vec.inference import embed_volume, resolve_runtime
     from vox2vec.outputs import check_output_dir
     from vox2vec.probing import dice_scores, train_head
     from vox2vec.volume import load_volume
 
+    runtime = resolve_runtime(runtime, progress=progress).checked()
     output_dir = check_output_dir(output_dir, files=(PREDICTION, PICTURE), overwrite=overwrite, what="demo folder")
     net = load_pretrained_cached(model) if isinstance(model, str) else model
     ct = load_volume(DEMO / "ct.nii.gz")
@@ -39,10 +44,10 @@ def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini",
     training_labels = labels.array.copy()
     training_labels[:, :, split:] = IGNORE  # the upper half is held out
     print(f"model {net.name}: {net.embedding_dim}-d features; CT {ct.shape} voxels at {ct.spacing} mm")
-    pyramid = embed_volume(ct, model=net, progress=progress)
+    pyramid = embed_volume(ct, model=net, runtime=runtime)
     head = train_head([(pyramid, labels.with_array(training_labels).to_sitk())], model=net, classes=classes,
-                      ignore_label=IGNORE, progress=progress)
-    prediction = load_volume(head.predict(pyramid))
+                      ignore_label=IGNORE, progress=runtime.progress)
+    prediction = load_volume(head.predict(pyramid, runtime=runtime))
     output_dir.mkdir(parents=True, exist_ok=True)
     prediction.save(output_dir / PREDICTION, kind="label-map", overwrite=overwrite)
     names = {n: list(i) for n, i in zip(head.classes.names, head.classes.ids)}

@@ -10,6 +10,7 @@ two cases that would still share a name are an error before any work.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import hashlib
 import os
@@ -22,6 +23,9 @@ from vox2vec.errors import InputError
 from vox2vec.volume import IMAGE_SUFFIXES, DicomSeries, _looks_like_dicom, dicom_series_ids, image_stem
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")  # a file of paths, one per line, or a CSV with a `path` column
+__all__ = ["LIST_SUFFIXES", "CaseInput", "case_name", "detached_data_problem", "discover", "looks_like_label_map",
+           "read_list_file"]
+
 _LABEL_WORDS = re.compile(r"(^|[_\-.])(label|labels|seg|segmentation|mask)s?([_\-.]|$)", re.IGNORECASE)
 _GENERIC_STEMS = {"ct", "image", "img", "volume", "scan", "data"}
 
@@ -34,6 +38,22 @@ class CaseInput:
     source: Path | DicomSeries
     name: str
     problem: str | None = None
+    aliases: tuple[str, ...] = ()  # other names (symlinks, hard paths) of the same file given in this run
+
+    @property
+    def identity(self) -> str:
+        """What the case really is: the resolved real path (symlinks followed) and series UID — two names of one
+        file are one case."""
+        if isinstance(self.source, DicomSeries):
+            return f"{os.path.realpath(self.source.folder)}#series={self.source.series_id}"
+        return os.path.realpath(self.source)
+
+    def sources(self) -> list[Path]:
+        """The paths this case reads from (for the "never write over an input" checks): the file or folder, and a
+        detached header's data file."""
+        if isinstance(self.source, DicomSeries):
+            return [self.source.folder]
+        return [self.source, *_detached_data_file(self.source)]
 
     @property
     def key(self) -> str:
@@ -56,20 +76,45 @@ class CaseInput:
         return [Path(f) for uid in series for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
 
 
-def _detached_data_file(header: Path) -> list[Path]:
-    """The data file a ``.mhd`` (``ElementDataFile = …``) or ``.nhdr`` (``data file: …``) header names."""
+def _named_data_file(header: Path) -> str | None:
+    """The data file a ``.mhd`` (``ElementDataFile = …``) or ``.nhdr`` (``data file: …``) header names, as written
+    (None for other files, an unreadable header, or data inside the header: ``LOCAL``)."""
     if header.suffix.lower() not in (".mhd", ".nhdr"):
-        return []
+        return None
     try:
         lines = header.read_text(encoding="latin-1", errors="replace").splitlines()[:200]
     except OSError:
-        return []
+        return None
     for line in lines:
         key, separator, value = line.partition("=" if header.suffix.lower() == ".mhd" else ":")
         if separator and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
-            found = header.parent / value.strip()
-            return [found] if found.is_file() else []
-    return []
+            value = value.strip()
+            return None if value.upper() == "LOCAL" else value
+    return None
+
+
+def _detached_data_file(header: Path) -> list[Path]:
+    """The data file a detached header names, when it exists."""
+    named = _named_data_file(header)
+    found = header.parent / named if named else None
+    return [found] if found is not None and found.is_file() else []
+
+
+def detached_data_problem(header: Path) -> str | None:
+    """Why a ``.mhd`` / ``.nhdr`` header must not be read: its data file lies outside the header's own folder (an
+    absolute path, ``../``, a symlink out) — a header can then make any file on disk (a system library) pass for a
+    CT. None when the header is fine (or is not a detached header)."""
+    named = _named_data_file(header)
+    if named is None:
+        return None
+    if named.upper().startswith("LIST") or "%" in named:
+        return f"the header's data file {named!r} is a file list or pattern; convert the scan to one file (.nii.gz)"
+    folder = os.path.realpath(header.parent)
+    target = os.path.realpath(header.parent / named)
+    if os.path.isabs(named) or os.path.commonpath([folder, target]) != folder:
+        return (f"the header names the data file {named!r}, outside its own folder {header.parent}; a header's data "
+                "file must sit beside it (copy the data next to the header, or convert the scan to .nii.gz)")
+    return None
 
 
 def looks_like_label_map(path: Path) -> bool:
@@ -93,7 +138,7 @@ def case_name(path: Path, series: str | None = None) -> str:
 
 
 def _file_case(path: Path) -> CaseInput:
-    return CaseInput(path, case_name(path))
+    return CaseInput(path, case_name(path), problem=detached_data_problem(path))
 
 
 def _dicom_cases(folder: Path) -> list[CaseInput]:
@@ -130,13 +175,23 @@ def read_list_file(path: Path) -> list[Path]:
         raise InputError(f"could not read the list file {path} ({error}); expected one path per line or a CSV "
                          "with a 'path' column") from None
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if lines and "path" in [c.strip().lower() for c in lines[0].split(",")]:
+    if lines and path.suffix.lower() == ".csv" and not _names_a_path(lines[0], path) \
+            and "path" not in [c.strip().strip('"').lower() for c in lines[0].split(",")]:
+        raise InputError(f"the CSV list file {path} needs a header with a 'path' column (found: {lines[0][:200]}); "
+                         "or write one path per line in a .txt file")
+    if lines and "path" in [c.strip().strip('"').lower() for c in lines[0].split(",")]:
         rows = list(csv.DictReader(lines))
         columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
         if "path" not in columns:
             raise InputError(f"the CSV list file {path} needs a 'path' column (found: {', '.join(columns)})")
         lines = [row[columns["path"]].strip() for row in rows if (row[columns["path"]] or "").strip()]
     return [Path(line) if os.path.isabs(line) else path.parent / line for line in lines]
+
+
+def _names_a_path(line: str, list_file: Path) -> bool:
+    """Whether the first line of a list file is itself a path that exists (a header-less list of paths)."""
+    candidate = Path(line)
+    return (candidate if candidate.is_absolute() else list_file.parent / candidate).exists()
 
 
 def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
@@ -146,7 +201,7 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
     records it as failed and goes on; an input that matches nothing at all is an error before any work.
     """
     inputs = [str(item) for item in inputs]
-    found: dict[str, CaseInput] = {}
+    found: dict[str, CaseInput] = {}  # by identity: the real path, so a symlinked alias is one case
     names: dict[str, str] = {}
     for text in inputs:
         if any(c in text for c in "*?[") and not Path(text).exists():
@@ -158,7 +213,11 @@ def discover(inputs: Iterable[str | os.PathLike]) -> list[CaseInput]:
             matches = [text]
         for match in matches:
             for case in _expand(Path(os.path.abspath(match)), "", set()):
-                found.setdefault(case.key, case)  # the first occurrence wins
+                first = found.setdefault(case.identity, case)  # the first occurrence wins; others are its aliases
+                if first is not case:
+                    if case.key != first.key and case.key not in first.aliases:
+                        found[case.identity] = dataclasses.replace(first, aliases=(*first.aliases, case.key))
+                    continue
                 if names.setdefault(case.name, case.key) != case.key:
                     raise InputError(f"two cases would share the output name {case.name}: {names[case.name]} and "
                                      f"{case.key}; rename one of them")

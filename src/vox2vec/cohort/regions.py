@@ -25,6 +25,8 @@ import torch
 from vox2vec.errors import InputError, MissingExtraError
 from vox2vec.features import FeaturePyramid, check_world_points
 from vox2vec.geometry import check_same_grid
+from vox2vec.inference.ct_to_pyramid import as_pyramid as _as_pyramid
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.resample import resample
 from vox2vec.volume import Volume, load_volume
 
@@ -77,14 +79,21 @@ def labels_on_model_grid(labels: Any, pyramid: FeaturePyramid,
     return volume, resample(array, volume.grid, pyramid.grid, mode="nearest", fill=0).long()
 
 
+def rows_of_labels(labels: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """For each label value, its row in ``ids`` (-1 when not listed) — a sorted search over the listed ids, so
+    memory follows the number of voxels and ids, never the largest label value (a label 2 000 000 000 is fine)."""
+    wanted = torch.as_tensor([int(v) for v in ids], dtype=torch.long)
+    if not len(wanted):
+        return torch.full_like(labels, -1, dtype=torch.long)
+    order = torch.argsort(wanted, stable=True)
+    ordered = wanted[order]
+    position = torch.searchsorted(ordered, labels.long()).clamp(max=len(ordered) - 1)
+    return torch.where(ordered[position] == labels, order[position], -1)
+
+
 def label_means(pyramid: FeaturePyramid, labels: torch.Tensor, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(L,) model-grid voxel counts and (L, dim) mean embeddings of the voxels labelled ``ids`` (NaN when absent)."""
-    lookup = torch.full((int(labels.max()) + 1 if labels.numel() else 1,), -1, dtype=torch.long)
-    for row, label in enumerate(ids):
-        if 0 <= label < len(lookup):
-            lookup[label] = row
-    flat = labels.reshape(-1).clamp(min=0)
-    rows_of_voxels = lookup[flat]
+    rows_of_voxels = rows_of_labels(labels.reshape(-1), ids)
     voxels = (rows_of_voxels >= 0).nonzero().squeeze(1)
     rows_of_voxels = rows_of_voxels[voxels]
     counts = torch.bincount(rows_of_voxels, minlength=len(ids)).double()
@@ -138,31 +147,31 @@ def point_table(pyramid: FeaturePyramid, names: Sequence[str], points: np.ndarra
 
 
 def as_pyramid(ct: Any, model: Any, progress: bool = False) -> FeaturePyramid:
-    """A pyramid as given, read from a saved ``.safetensors`` pyramid, or embedded from a CT with ``model``."""
-    if isinstance(ct, FeaturePyramid):
-        return ct
-    if isinstance(ct, (str, os.PathLike)) and str(ct).lower().endswith(".safetensors"):
-        return FeaturePyramid.load(ct)
-    from vox2vec.inference import embed_volume
-
-    return embed_volume(ct, model=model, progress=progress)
+    """Deprecated: use :func:`vox2vec.as_pyramid` (``runtime=Runtime(progress=…)``)."""
+    return _as_pyramid(ct, model, runtime=Runtime(progress=progress))
 
 
-def region_features(ct: Any, mask: Any, *, model: Any = "fpn-ct", case: str = "", resample_mask: bool = False,
-                    labels: Sequence[int] | None = None, progress: bool = False) -> FeatureTable:
-    """Mean embedding, voxel count and volume of every label of ``mask`` in ``ct`` (a CT, a saved pyramid file or a
-    :class:`~vox2vec.features.FeaturePyramid`); see the module docstring for the columns."""
-    return region_table(as_pyramid(ct, model, progress), mask, case=case, resample_mask=resample_mask, labels=labels)
+def region_features(ct: Any, mask: Any, *, model: Any = None, case: str = "", resample_mask: bool = False,
+                    labels: Sequence[int] | None = None, runtime: Runtime | None = None,
+                    progress: bool | None = None) -> FeatureTable:
+    """Mean embedding, voxel count and volume of every label of ``mask`` in ``ct`` (a CT — embedded with ``model``,
+    default ``"fpn-ct"``, on ``runtime`` —, a saved pyramid file or a :class:`~vox2vec.features.FeaturePyramid`;
+    see :func:`vox2vec.as_pyramid`); see the module docstring for the columns."""
+    runtime = resolve_runtime(runtime, progress=progress)
+    return region_table(_as_pyramid(ct, model, runtime=runtime), mask, case=case, resample_mask=resample_mask,
+                        labels=labels)
 
 
-def point_features(ct: Any, points: Any, *, names: Sequence[str] | None = None, model: Any = "fpn-ct",
-                   case: str = "", progress: bool = False) -> FeatureTable:
-    """The embedding at each world point (LPS mm) of ``ct`` (a CT, a saved pyramid file or a pyramid)."""
+def point_features(ct: Any, points: Any, *, names: Sequence[str] | None = None, model: Any = None,
+                   case: str = "", runtime: Runtime | None = None, progress: bool | None = None) -> FeatureTable:
+    """The embedding at each world point (LPS mm) of ``ct`` (a CT, a saved pyramid file or a pyramid, as
+    :func:`vox2vec.as_pyramid` takes them, with ``model`` and ``runtime``)."""
+    runtime = resolve_runtime(runtime, progress=progress)
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     names = list(names) if names is not None else [f"point_{i + 1}" for i in range(len(points))]
     if len(names) != len(points):
         raise InputError(f"{len(names)} names for {len(points)} points")
-    return point_table(as_pyramid(ct, model, progress), names, points, case=case)
+    return point_table(_as_pyramid(ct, model, runtime=runtime), names, points, case=case)
 
 
 @dataclass

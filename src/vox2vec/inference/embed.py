@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vox2vec.inference.memory import check_embedding_fits, embedding_memory
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
@@ -85,6 +86,7 @@ def embed_image(
     channels = [int(c) for c in backbone.channels]
     num_levels = len(channels)
     shape = tuple(int(n) for n in image.shape)
+    check_embedding_fits(embedding_memory(shape, channels, window, overlap, dtype), shape, device)
     plans, padded_shape = plan_windows(shape, window, overlap, num_levels)
     padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     padded[: shape[0], : shape[1], : shape[2]] = image.to(device)

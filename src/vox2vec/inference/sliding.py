@@ -38,9 +38,13 @@ def sliding_window_head(
 ) -> torch.Tensor:
     """Apply ``head(backbone(window))`` over a preprocessed (X, Y, Z) image → (K, X, Y, Z) head outputs (fp32, CPU).
 
-    ``runtime`` as everywhere (:class:`~vox2vec.Runtime`; the paper's protocol is ``precision="fp32"``). Neither
-    ``backbone`` nor an ``nn.Module`` head is modified: they run as eval-mode copies on the runtime's device.
+    ``runtime`` as everywhere (:class:`~vox2vec.Runtime`), except that with neither ``runtime`` nor ``precision``
+    given the forward passes run in fp32 — this function is the paper's evaluation protocol, the reference others
+    are compared with. Neither ``backbone`` nor an ``nn.Module`` head is modified: they run as eval-mode copies on
+    the runtime's device.
     """
+    if runtime is None and precision is None:
+        precision = "fp32"  # the protocol's reference precision (see the docstring)
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
     device = runtime.torch_device
     batch_size = runtime.windows_per_pass

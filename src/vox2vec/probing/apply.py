@@ -13,6 +13,8 @@ from vox2vec.features import FeaturePyramid
 from vox2vec.inference.placement import inference_copy
 from vox2vec.modeling import FPNLinearHead, FPNNonLinearHead
 
+__all__ = ["apply_head", "voxel_forward"]
+
 _TILE = (128, 128, 64)  # level-0 voxels per tile; a multiple of every cell size up to 2^6
 
 
@@ -21,10 +23,12 @@ def apply_head(head: nn.Module, pyramid: FeaturePyramid, *, device: torch.device
     """Logits (K, X, Y, Z) of ``head`` on the model grid, computed tile by tile on the pyramid levels.
 
     Both heads are per-voxel functions of the embedding (1×1×1 kernels, nearest upsampling), so tiles aligned to the
-    coarsest cell give exactly the result of applying the head to the whole pyramid at once.
+    coarsest cell give exactly the result of applying the head to the whole pyramid at once. The head runs on
+    ``device`` (default: the pyramid's); the logits are gathered where the pyramid lives, so a GPU holds one tile.
     """
     pyramid.check_complete("a head")
     device = torch.device(device) if device is not None else pyramid.device
+    store = pyramid.device
     coarsest = 2 ** (pyramid.num_levels - 1)
     tile = tuple(max(coarsest, t - t % coarsest) for t in tile)
     head = inference_copy(head, device)  # the caller's head stays where and as it is
@@ -40,8 +44,8 @@ def apply_head(head: nn.Module, pyramid: FeaturePyramid, *, device: torch.device
                 levels.append(level[(slice(None), *index)][None].to(device=device, dtype=torch.float32))
             logits = head(levels)[0]
             if output is None:
-                output = torch.empty((logits.shape[0], *pyramid.shape), dtype=torch.float32, device=device)
-            output[(slice(None), *(slice(s, e) for s, e in zip(start, stop)))] = logits
+                output = torch.empty((logits.shape[0], *pyramid.shape), dtype=torch.float32, device=store)
+            output[(slice(None), *(slice(s, e) for s, e in zip(start, stop)))] = logits.to(store)
     if output is None:
         raise InputError(f"the pyramid has no voxels (shape {pyramid.shape}); nothing to apply the head to")
     return output

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec.config import check_int, check_number, known_settings
+from vox2vec.config import batch_statistics_problem, check_int, check_number, check_patch_size, known_settings
 from vox2vec.configured_model import Vox2VecModel
-from vox2vec.errors import InputError
+from vox2vec.errors import ArgumentError, InputError
 from vox2vec.hub import resolve_model
-from vox2vec.inference.precision import TRAINING_PRECISIONS, autocast, pick_device, training_precision
+from vox2vec.inference.precision import TRAINING_PRECISIONS, autocast, training_precision
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.probing.losses import head_loss
@@ -49,9 +50,7 @@ class FinetuneConfig:
     def problems(self) -> list[str]:
         """Every mistyped or out-of-range field, as one line each (empty when the schedule can run)."""
         found: list[str] = []
-        if not (isinstance(self.patch_size, (tuple, list)) and len(self.patch_size) == 3
-                and all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 1024 for p in self.patch_size)):
-            found.append(f"patch_size must be three whole numbers between 1 and 1024, got {self.patch_size!r}")
+        check_patch_size(found, "patch_size", self.patch_size)
         check_int(found, "batch_size", self.batch_size, 1, 4096)
         check_number(found, "class_centred_probability", self.class_centred_probability, 0.0, 1.0)
         check_int(found, "total_steps", self.total_steps, 1)
@@ -148,21 +147,25 @@ def finetune(
     model: Any = "fpn-ct",
     classes: Mapping[int, str] | Iterable[int] | None = None,
     config: FinetuneConfig | None = None,
+    runtime: Runtime | None = None,
     device: torch.device | str | None = None,
     resume: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> tuple[Vox2VecModel, Head]:
     """Fine-tune backbone + non-linear head; checkpoints in ``output_dir/checkpoints`` and resumes from them.
 
     Writes the result as ``output_dir/backbone`` (read by :func:`vox2vec.load_pretrained`) and ``output_dir/head``
     (read by :func:`vox2vec.load_head`). ``overrides`` replace single :class:`FinetuneConfig` fields.
+    ``runtime``: the device, the training precision (or ``config.precision``; fp16 is refused) and progress.
+    ``runtime.batch_size`` does not apply: fine-tuning runs no sliding-window pass, and its training batch is
+    ``FinetuneConfig.batch_size`` (patches per step).
     """
-
+    runtime = resolve_runtime(runtime, device=device, progress=progress)
     config = _checked_config(config, overrides)
     output_dir = Path(output_dir)
-    device = pick_device(device)
-    mode = training_precision(config.precision, device)
+    device = runtime.torch_device
+    mode = training_precision(_training_precision(runtime, config), device)
     pairs = list(data)
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")
@@ -174,7 +177,7 @@ def finetune(
     if checkpoint is not None:
         run.restore(checkpoint)
     history: list[dict[str, float]] = []
-    with tqdm(total=config.total_steps, initial=run.step, desc="fine-tuning", disable=not progress) as bar:
+    with tqdm(total=config.total_steps, initial=run.step, desc="fine-tuning", disable=not runtime.progress) as bar:
         while run.step < config.total_steps:
             history.append(run.train_step(cases, config, mode, device))
             bar.update()
@@ -185,14 +188,22 @@ def finetune(
     return _save_result(run, base, class_map, config, history, output_dir)
 
 
+def _training_precision(runtime: Runtime, config: FinetuneConfig) -> str:
+    """The one precision of the run: ``runtime.precision`` or ``config.precision`` (refused when both are set and
+    differ)."""
+    if runtime.precision == "auto":
+        return config.precision
+    if config.precision not in ("auto", runtime.precision):
+        raise ArgumentError(f"precision {runtime.precision!r} in runtime= and {config.precision!r} in the finetune "
+                            "config; give it once")
+    return runtime.precision
+
+
 def _check_batch_statistics(config: FinetuneConfig, num_scales: int) -> None:
-    """BatchNorm needs two values per channel at the coarsest level of a batch."""
-    coarsest = 2 ** (num_scales - 1)
-    if config.batch_size * int(np.prod([-(-p // coarsest) for p in config.patch_size])) < 2:
-        raise InputError(
-            f"batch_size {config.batch_size} with patches {config.patch_size} leaves one value per channel at the "
-            "coarsest level, where BatchNorm cannot train; use a larger batch or patch"
-        )
+    """BatchNorm needs two values per channel at the coarsest level of a batch (:func:`batch_statistics_problem`)."""
+    problem = batch_statistics_problem(config.batch_size, config.patch_size, num_scales)
+    if problem:
+        raise InputError(f"batch_size {config.batch_size}: {problem}; use a larger batch or patch")
 
 
 @dataclass

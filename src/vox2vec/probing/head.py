@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 from vox2vec._atomic import atomic_directory
+from vox2vec.config import MAX_SCALES
+from vox2vec.configured_model import check_same_backbone
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
+from vox2vec.inference.ct_to_pyramid import as_pyramid, is_saved_pyramid
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.modeling import FPNLinearHead, FPNNonLinearHead
 from vox2vec.probing.apply import apply_head
 from vox2vec.probing.classes import ClassMap
@@ -59,31 +63,26 @@ class Head:
                 f"backbone={self.backbone.get('name')!r})")
 
     # -- inference -------------------------------------------------------------------------------------------
-    def _pyramid(self, data: Any, model: nn.Module | None, progress: bool) -> FeaturePyramid:
-        if isinstance(data, FeaturePyramid):
-            pyramid = data
-        else:
-            from vox2vec.inference import embed_volume
-
-            backbone = model or self.model or self.backbone.get("name")
-            if backbone is None:
-                raise InputError("this head does not know its backbone: pass model= to predict")
-            pyramid = embed_volume(data, model=backbone, progress=progress)
-        found = pyramid.meta.get("fingerprint")
-        if found != self.backbone.get("fingerprint"):
-            raise InputError(
-                f"this head was trained on backbone {self.backbone.get('name')!r} (fingerprint "
-                f"{self.backbone.get('fingerprint')}) but the features come from {pyramid.meta.get('model')!r} "
-                f"(fingerprint {found}); embed with the head's backbone"
-            )
+    def _pyramid(self, data: Any, model: nn.Module | None, runtime: Runtime) -> FeaturePyramid:
+        """``data`` as a pyramid (:func:`vox2vec.as_pyramid`; a CT is embedded with this head's backbone), checked
+        to come from that backbone."""
+        backbone = model or self.model or self.backbone.get("name")
+        if backbone is None and not isinstance(data, FeaturePyramid) and not is_saved_pyramid(data):
+            raise InputError("this head does not know its backbone: pass model= to predict")
+        pyramid = as_pyramid(data, backbone, runtime=runtime)
+        check_same_backbone([("this head was trained on features", self.backbone), ("the features", pyramid.meta)],
+                            "embed with the head's backbone")
         return pyramid
 
     def logits(
-        self, data: Any, *, model: nn.Module | None = None, progress: bool = True
+        self, data: Any, *, model: nn.Module | None = None, runtime: Runtime | None = None,
+        progress: bool | None = None,
     ) -> tuple[torch.Tensor, FeaturePyramid]:
-        """Head outputs on the model grid, computed level by level, and the pyramid they came from."""
-        pyramid = self._pyramid(data, model, progress)
-        return apply_head(self.module, pyramid), pyramid
+        """Head outputs on the model grid, computed level by level on ``runtime``'s device, and the pyramid they
+        came from (``data``: a CT, a saved pyramid or a pyramid)."""
+        runtime = resolve_runtime(runtime, progress=progress).checked()
+        pyramid = self._pyramid(data, model, runtime)
+        return apply_head(self.module, pyramid, device=runtime.torch_device), pyramid
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=0)
@@ -98,16 +97,17 @@ class Head:
             labels = labels * pyramid.body.to(labels.device)
         return labels
 
-    def predict(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
-                grid: str = "original", output: str = "image"):
+    def predict(self, data: Any, *, model: nn.Module | None = None, runtime: Runtime | None = None,
+                progress: bool | None = None, grid: str = "original", output: str = "image"):
         """Label map (original label ids) as a ``SimpleITK.Image`` on the input's original grid and geometry.
 
-        ``output="volume"`` returns a :class:`Volume` (array + grid, no SimpleITK needed) instead;
+        ``data``: a CT (embedded with the head's backbone, or ``model``, on ``runtime``), a saved pyramid or a
+        pyramid. ``output="volume"`` returns a :class:`Volume` (array + grid, no SimpleITK needed) instead;
         ``grid="model"`` returns a :class:`Volume` on the model grid. Outside the body → 0.
         """
         if output not in ("image", "volume"):
             raise InputError(f"output must be 'image' or 'volume', got {output!r}")
-        logits, pyramid = self.logits(data, model=model, progress=progress)
+        logits, pyramid = self.logits(data, model=model, runtime=runtime, progress=progress)
         labels = self._labels_on_model_grid(logits, pyramid)
         ids = torch.as_tensor(self.classes.output_ids())[labels.cpu()]
         if grid == "model":
@@ -119,13 +119,13 @@ class Head:
         volume = Volume(original.numpy(), pyramid.source_grid)
         return volume if output == "volume" else volume.to_sitk()
 
-    def predict_proba(self, data: Any, *, model: nn.Module | None = None, progress: bool = True,
-                      grid: str = "original") -> np.ndarray:
+    def predict_proba(self, data: Any, *, model: nn.Module | None = None, runtime: Runtime | None = None,
+                      progress: bool | None = None, grid: str = "original") -> np.ndarray:
         """Class probabilities (C, X, Y, Z) as float32: softmax over background + K classes, or K sigmoids.
 
         On the original grid (linear interpolation; outside the embedded region background is 1) or the model grid.
         """
-        logits, pyramid = self.logits(data, model=model, progress=progress)
+        logits, pyramid = self.logits(data, model=model, runtime=runtime, progress=progress)
         probabilities = self._probabilities(logits)
         if pyramid.body is not None:
             probabilities = probabilities * pyramid.body.to(probabilities.device)
@@ -186,7 +186,7 @@ def _head_config_problems(config: Any) -> list[str]:
     if not isinstance(arch, dict):
         problems.append("backbone.config.architecture is missing")
     else:
-        for key, high in (("base_channels", 1024), ("num_scales", 10)):
+        for key, high in (("base_channels", 1024), ("num_scales", MAX_SCALES)):
             value = arch.get(key)
             if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high):
                 problems.append(f"backbone.config.architecture.{key} must be a whole number in 1..{high}, "

@@ -8,6 +8,7 @@ tile, so the full-dimensional (1008 × N) array is never built. No matplotlib ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,10 +95,7 @@ def projection_head(pyramid: FeaturePyramid, basis: PCABasis) -> FPNLinearHead:
         raise InputError(f"pyramid levels with {channels} channels are not an FPN pyramid (base·2^i channels)")
     components = torch.as_tensor(basis.components, dtype=torch.float32)
     head = FPNLinearHead(channels[0], len(channels), len(components))
-    with torch.no_grad():
-        for layer, part in zip(head.layers, torch.split(components, channels, dim=1)):
-            layer.weight.copy_(part[:, :, None, None, None])
-        head.layers[0].bias.copy_(-(torch.as_tensor(basis.components) @ torch.as_tensor(basis.mean)).float())
+    head.set_matrix(components, -(torch.as_tensor(basis.components) @ torch.as_tensor(basis.mean)).float())
     return head.eval()
 
 
@@ -109,18 +107,22 @@ def project(pyramid: FeaturePyramid, basis: PCABasis) -> torch.Tensor:
     return coordinates
 
 
-def pyramid_pca(pyramid: FeaturePyramid, k: int = 3, *, samples: int = SAMPLES, seed: int = 0,
-                grid: str = "original", output: str = "image"):
+def pyramid_pca(pyramid: Any, k: int = 3, *, samples: int = SAMPLES, seed: int = 0,
+                grid: str = "original", output: str = "image", model: Any = None, runtime: Any = None):
     """The first ``k`` principal components of the voxel embeddings, as a k-component image.
 
     Fitted on ``samples`` random body voxels (``seed``), applied to every voxel; 0 outside the body. On the original
     grid (linear interpolation) as a ``SimpleITK.Image`` with k float32 components per voxel and the CT's geometry
     (``SimpleITK.WriteImage(image, "pca.nii.gz")`` opens in 3D Slicer and ITK-SNAP); ``output="volume"`` returns k
     :class:`~vox2vec.volume.Volume` s instead (no SimpleITK needed); ``grid="model"`` gives them on the model grid.
+    ``pyramid``: anything :func:`vox2vec.as_pyramid` takes (a CT is embedded with ``model`` on ``runtime``).
     """
     if grid not in ("original", "model") or output not in ("image", "volume"):
         raise ArgumentError(f"grid must be 'original' or 'model' and output 'image' or 'volume', got {grid!r}, "
                             f"{output!r}")
+    from vox2vec.inference.ct_to_pyramid import as_pyramid
+
+    pyramid = as_pyramid(pyramid, model, runtime=runtime)
     if grid == "original" and pyramid.source_grid is None:
         raise InputError("this pyramid does not know its original grid; use grid='model'")
     coordinates = project(pyramid, fit_pca(pyramid, k, samples=samples, seed=seed))

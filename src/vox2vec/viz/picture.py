@@ -15,6 +15,7 @@ import torch
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.geometry import Grid, describe_grid_difference
+from vox2vec.inference.runtime import Runtime
 from vox2vec.resample import resample
 from vox2vec.viz import planes
 from vox2vec.viz.pca import SAMPLES, fit_pca, project
@@ -102,7 +103,7 @@ def _cut(values: torch.Tensor, pyramid: FeaturePyramid, slab: Grid, plane: str, 
 
 def build_picture(ct: Volume, pyramid: FeaturePyramid, *, point: np.ndarray | None = None, head=None,
                   similarity: bool = False, window: tuple[float, float] = WINDOW, samples: int = SAMPLES,
-                  seed: int = 0, progress: bool = True) -> Picture:
+                  seed: int = 0, runtime: Runtime | None = None, progress: bool | None = None) -> Picture:
     """The rows of a picture: CT, PCA-RGB, then the head's prediction (``head``) and/or the cosine similarity to the
     embedding at ``point`` (``similarity=True``). ``point``: world LPS mm (default: the body's centre)."""
     check_pyramid_grid(pyramid, ct.grid)
@@ -139,7 +140,7 @@ def build_picture(ct: Volume, pyramid: FeaturePyramid, *, point: np.ndarray | No
     picture.rows.append(Row("rgb", "features\nPCA 1–3 → RGB", tuple(rgb)))
 
     if head is not None:
-        labels = head.predict(pyramid, grid="model", output="volume", progress=progress)
+        labels = head.predict(pyramid, grid="model", output="volume", runtime=runtime, progress=progress)
         table = {int(label_id): k for k, label_id in enumerate(head.classes.output_ids())}
         lookup = np.zeros(max(table) + 1, dtype=np.int64)
         lookup[list(table)] = list(table.values())

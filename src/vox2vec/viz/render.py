@@ -13,17 +13,31 @@ from pathlib import Path
 
 import numpy as np
 
-from vox2vec.errors import MissingExtraError
+from vox2vec.config import check_int
+from vox2vec.errors import ArgumentError, MissingExtraError
 from vox2vec.viz import planes
 from vox2vec.viz.picture import Picture, Row
 from vox2vec.viz.png import write_png
 
+__all__ = ["DPI", "SOFTWARE", "WIDTH", "WIDTH_RANGE", "check_width", "layout", "render", "require_matplotlib"]
+
 SOFTWARE = "vox2vec show"
 DPI = 100
 WIDTH = 1000  # pixels for the three panels of a row together
+WIDTH_RANGE = (200, 8000)  # allowed widths: below, panels are unreadable; above, matplotlib's canvas grows past GBs
+MAX_HEIGHT = 32000  # pixels; a taller layout (a very long, narrow scan at a large width) is refused
 LEFT, TOP, GAP, SIDE, BOTTOM = 40, 24, 6, 170, 6  # margins (px): row titles, column titles, between panels, legend
 MARK = "#39ff14"
 LABEL_ALPHA, HEAT_ALPHA = 0.45, 0.6
+
+
+def check_width(width: object) -> int:
+    """``width`` as a whole number of pixels in :data:`WIDTH_RANGE`, or an error naming the range (before any work)."""
+    problems: list[str] = []
+    check_int(problems, "width", width, *WIDTH_RANGE)
+    if problems:
+        raise ArgumentError(f"{problems[0]} (pixels for the three panels of a row together)")
+    return int(width)  # type: ignore[call-overload]
 
 
 def require_matplotlib() -> None:
@@ -149,7 +163,10 @@ def render(picture: Picture, path: str | os.PathLike, width: int = WIDTH) -> Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    size = layout(picture, width)
+    size = layout(picture, check_width(width))
+    if size.height > MAX_HEIGHT:
+        raise ArgumentError(f"the picture would be {size.height} pixels tall (at most {MAX_HEIGHT}); pass a smaller "
+                            f"width than {width}")
     figure = Figure(figsize=(size.width / DPI, size.height / DPI), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     centre = picture.grid.index_to_world(np.asarray(picture.index, dtype=np.float64)[None])[0]

@@ -9,25 +9,32 @@ from typing import Any
 import numpy as np
 
 from vox2vec.errors import InputError
-from vox2vec.features import FeaturePyramid
+from vox2vec.inference.ct_to_pyramid import as_pyramid
+from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.viz.picture import build_picture
 from vox2vec.viz.planes import point_to_index
-from vox2vec.viz.render import WIDTH, render, require_matplotlib
+from vox2vec.viz.render import WIDTH, check_width, render, require_matplotlib
+
+__all__ = ["show"]
 
 
 def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any = None, head: Any = None,
-         point: Any = None, overwrite: bool = False, progress: bool = True, width: int = WIDTH) -> Path:
+         point: Any = None, overwrite: bool = False, runtime: Runtime | None = None, progress: bool | None = None,
+         width: int = WIDTH) -> Path:
     """Write a PNG of three orthogonal planes (axial, coronal, sagittal; radiological convention, true aspect) through
     ``point`` (world LPS mm; default: the body's centre), in rows: the CT, a PCA-RGB of the features, and the
     prediction of ``head`` (a :class:`~vox2vec.probing.Head` or its folder) and/or, with ``point``, the cosine
     similarity of every voxel's embedding to the point's.
 
     ``pyramid`` (a :class:`FeaturePyramid` or its ``.safetensors``) must come from this CT; without it the CT is
-    embedded with ``model`` (default: the head's backbone, else ``"fpn-ct"``). The output is checked before any
-    compute and replaces a file vox2vec did not write only with ``overwrite=True``. Needs ``vox2vec[viz]``.
+    embedded with ``model`` (default: the head's backbone, else ``"fpn-ct"``) on ``runtime``. ``width``: pixels of
+    a row's three panels, within ``WIDTH_RANGE``. The output is checked before any compute and replaces a file
+    vox2vec did not write only with ``overwrite=True``. Needs ``vox2vec[viz]``.
     """
     from vox2vec.outputs import check_output_file
 
+    width = check_width(width)
+    runtime = resolve_runtime(runtime, progress=progress).checked()
     require_matplotlib()
     sources = [x for x in (ct, pyramid, head, model) if isinstance(x, (str, os.PathLike)) and os.path.exists(x)]
     check_output_file(output, "picture", inputs=sources, overwrite=overwrite)
@@ -44,13 +51,8 @@ def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any 
         from vox2vec.probing import load_head
 
         head = load_head(head)
-    if isinstance(pyramid, (str, os.PathLike)):
-        pyramid = FeaturePyramid.load(pyramid)
-    if pyramid is None:
-        from vox2vec.inference import embed_volume
-
-        backbone = model or (head.model or head.backbone.get("name") if head is not None else None) or "fpn-ct"
-        pyramid = embed_volume(volume, model=backbone, progress=progress)
+    backbone = model or (head.model or head.backbone.get("name") if head is not None else None)
+    pyramid = as_pyramid(volume if pyramid is None else pyramid, backbone, runtime=runtime)
     picture = build_picture(volume, pyramid, point=point, head=head, similarity=point is not None,
-                            progress=progress)
+                            runtime=runtime)
     return render(picture, output, width=width)
