@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from vox2vec.configured_model import Vox2VecModel
+from vox2vec.configured_model import Vox2VecModel, check_backbone_memory
 from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
 from vox2vec.hub.cache import converted_dir, verify_download
 from vox2vec.hub.registry import ModelSpec, get_spec, is_registered, known_names
@@ -97,6 +97,7 @@ def load_vox2vec_directory(directory: str | Path) -> Vox2VecModel:
         if not required.is_file():
             raise InputError(f"{directory} is not a vox2vec model directory: {required.name} is missing")
     config = ModelConfig.load(config_path)  # validated; errors name the file
+    check_backbone_memory(config)  # from the config alone, before the weights are read or the network built
     try:
         state = load_file(str(weights_path))
     except Exception as error:

@@ -63,6 +63,19 @@ def _labels(labels: Any, name: str, axis_order: str | None) -> tuple[np.ndarray,
     return volume.array, volume.grid
 
 
+def _check_classes(classes: Any) -> None:
+    """``classes`` maps each class name to its label id(s); anything else is refused before a map is read."""
+    example = "e.g. {'liver': 5, 'vertebrae': [32, 33]}"
+    if not isinstance(classes, Mapping):
+        raise InputError(f"classes must map class names to label ids, {example}; got a {type(classes).__name__} "
+                         f"({classes!r:.60})")
+    for name, ids in classes.items():
+        values = [ids] if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool) else ids
+        if not isinstance(values, (list, tuple, set, range)) or not values or any(
+                isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+            raise InputError(f"classes[{name!r}] must be a label id or a list of label ids ({example}), got {ids!r}")
+
+
 def dice_scores(
     prediction: Any,
     truth: Any,
@@ -80,6 +93,7 @@ def dice_scores(
 
     ``classes`` maps a class name to the label id(s) that make it up in **both** maps.
     """
+    _check_classes(classes)
     pred, pred_grid = _labels(prediction, "prediction", axis_order)
     true, true_grid = _labels(truth, "truth", axis_order)
     if pred_grid is not None and true_grid is not None:
