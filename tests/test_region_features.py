@@ -36,9 +36,16 @@ def pyramid(scan) -> vox2vec.FeaturePyramid:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    lines = path.read_text().splitlines()
-    assert lines[0] == "# vox2vec:table"
-    rows = list(csv.reader(lines[1:]))
+    """Header and rows as any CSV reader sees them (the stdlib's; pandas too when it is installed)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    try:
+        import pandas
+    except ImportError:
+        pandas = None
+    if pandas is not None:
+        frame = pandas.read_csv(path)  # no options: a plain CSV starts with its header
+        assert list(frame.columns) == rows[0] and len(frame) == len(rows) - 1
     return rows[0], rows[1:]
 
 
@@ -138,5 +145,28 @@ def test_features_command_checks_everything_before_work(scan, tmp_path, capsys):
     assert main(["features", "-i", str(ct), "-o", str(out)]) == 2  # neither --mask nor --points
     out.write_text("age,sex\n61,F\n")  # someone else's table
     assert main(["features", "-i", str(ct), "--mask", str(labels), "-o", str(out)]) == 2
-    assert "not written by vox2vec" in capsys.readouterr().err
+    assert "already exists" in capsys.readouterr().err
     assert out.read_text() == "age,sex\n61,F\n"
+
+
+def test_a_table_is_plain_csv_replaced_freely_until_someone_edits_it(scan, tmp_path, capsys):
+    """Issue 18/19: line 1 is the header (pandas.read_csv needs no options); a rerun replaces our own unchanged
+    table, but a table edited by hand after vox2vec wrote it is the user's: refused without --overwrite."""
+    ct, labels = scan
+    model = tmp_path / "model"
+    tiny_model(2, 4).save_pretrained(model)
+    out = tmp_path / "regions.csv"
+    args = ["features", "-i", str(ct), "--mask", str(labels), "-o", str(out), "--model", str(model), "--labels",
+            "5", "--no-progress"]
+    assert main(args) == 0
+    header, rows = _read_csv(out)
+    assert out.read_text().splitlines()[0] == ",".join(header)
+    assert header[:5] == ["case", "label", "voxels", "volume_ml", "model_voxels"] and header[5] == "l0_c0"
+    assert len(header) == 5 + tiny_model(2, 4).config.architecture.base_channels * (2**4 - 1) and len(rows) == 1
+    assert main(args) == 0  # ours and unchanged: replaced without --overwrite
+    edited = out.read_text() + "# checked by hand: liver OK\n"
+    out.write_text(edited)
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == edited
+    assert main([*args, "--overwrite"]) == 0
+    assert out.read_text() != edited and _read_csv(out)[0] == header

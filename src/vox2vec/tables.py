@@ -1,4 +1,12 @@
-"""CSV tables in and out: world points to read, results to write (atomically, marked as ours)."""
+"""CSV tables in and out: world points to read, results to write.
+
+A table we write is a plain CSV whose first line is its header (``pandas.read_csv(path)``, R's ``read.csv``, polars
+and spreadsheets read it as is), or Parquet. It is written to a temporary name and renamed, and recorded as ours
+with the digest of its bytes (:func:`vox2vec.outputs.record_written`, done by :func:`vox2vec._atomic.atomic_path`):
+a later run replaces it only while it is byte-for-byte what vox2vec wrote. A table someone edited (a hand-annotated
+column, a re-save from a spreadsheet) or any other file at that path is replaced only with ``overwrite=True``
+(``--overwrite``), checked by :func:`vox2vec.outputs.check_output_file` before any work.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ import numpy as np
 
 from vox2vec._atomic import atomic_path
 from vox2vec.errors import InputError, MissingExtraError
-from vox2vec.outputs import TABLE_MARKER
+
+__all__ = ["read_csv", "read_points", "write_table"]
 
 
 def read_csv(path: Path, what: str, expected: str) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -49,13 +58,13 @@ def read_points(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """A CSV whose first line is :data:`~vox2vec.outputs.TABLE_MARKER` (read it with ``comment="#"``); floats to
-    4 decimals, NaN as an empty cell — or, for a ``.parquet`` path, Parquet (full precision; needs pyarrow) with
-    ``vox2vec`` in its schema metadata. Written to a temporary name, then renamed."""
+    """A plain CSV (first line: the header ``columns``; floats to 4 decimals, NaN as an empty cell) — or, for a
+    ``.parquet`` path, Parquet (full precision; needs pyarrow) with ``vox2vec`` in its schema metadata. Written to a
+    temporary name, then renamed and recorded as ours (see the module docstring). Check the path first with
+    :func:`vox2vec.outputs.check_output_file` (kind "table")."""
     if Path(path).suffix.lower() == ".parquet":
         return _write_parquet(Path(path), columns, rows)
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        handle.write(TABLE_MARKER + "\n")
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
