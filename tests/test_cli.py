@@ -145,7 +145,8 @@ def test_info_reports_what_is_on_disk(capsys):
 @pytest.mark.slow
 def test_info_does_not_load_the_trainer():
     """`vox2vec info` and `--help` build only their own options: the pre-training stack is never imported."""
-    code = ("import sys; from vox2vec.cli import main; main(['info']); "
+    code = ("import contextlib, io, sys; from vox2vec.cli import main; main(['info'])\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
             "print(sorted(m for m in sys.modules if m.startswith(('vox2vec.pretrain', 'vox2vec.probing.evaluate'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

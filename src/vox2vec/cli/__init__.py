@@ -55,7 +55,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command — or, with ``command``, one whose other commands are names and help only."""
+    """The parser of every command — or, given ``command``, one whose other commands are names and help only."""
     parser = Parser(prog="vox2vec", description="Voxel-level self-supervised features for CT.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,9 +67,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_in(argv: Sequence[str]) -> str | None:
-    """The command named in ``argv``: its first word that is not an option (the only global option is a flag)."""
-    return next((word for word in argv if not word.startswith("-")), None)
+def _command_in(argv: Sequence[str]) -> str:
+    """The command named in ``argv``: its first word that is not an option (the only global option is a flag);
+    ``""`` when there is none (``vox2vec --help`` lists the commands and builds none of their options)."""
+    return next((word for word in argv if not word.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
