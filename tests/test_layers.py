@@ -2,7 +2,8 @@
 through others, and the pairs declared forbidden stay apart.
 
 The layer table below is the single source: ``docs/ARCHITECTURE.md`` shows it, generated from here
-(``python tests/test_layers.py --markdown`` prints it; :func:`test_the_doc_shows_this_table` fails when they differ).
+(``python tests/test_layers.py`` prints it, ``--write-doc`` writes it there; :func:`test_the_doc_shows_this_table`
+fails when they differ).
 Imports are read with ``ast`` (module level and inside functions alike), so a lazy import counts as much as one at
 the top. A module matches a layer by its path: ``name.py`` exactly, ``folder/`` for a whole package (new modules of a
 package fall in place), and ``*`` patterns.
@@ -23,10 +24,11 @@ END = "<!-- end of layer table -->"
 # (id, layer, modules, job, may import: layer ids or module paths). Order = the order in the doc.
 LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
     ("1", "foundations",
-     ["errors.py", "config.py", "geometry.py", "_atomic.py", "writers.py", "_signals.py", "_memory.py",
-      "outputs.py", "training_checkpoints.py", "tables.py"],
+     ["errors.py", "config.py", "geometry.py", "_atomic.py", "writers.py", "_registry.py", "outputs.py",
+      "_signals.py", "_launch.py", "_memory.py", "_run_record.py", "training_checkpoints.py", "tables.py"],
      "error classes; the model config and settings checks; `Grid` and world geometry; atomic, verified writes; "
-     "stopping cleanly on SIGTERM/SIGINT; memory available vs needed; output-location checks and \"ours\" records; "
+     "the registry of what we wrote (\"ours\" = unchanged since); output-location checks; stopping cleanly on "
+     "SIGTERM/SIGINT; the launcher's ranks; memory available vs needed; run records compared on rerun/resume; "
      "training checkpoints (keep k, skip a damaged one); CSV/Parquet tables in and out",
      ["1"]),
     ("2", "pure nn", ["modeling/"],
@@ -166,7 +168,7 @@ def allowed(layer: str) -> tuple[set[str], list[str]]:
 def test_every_module_is_in_the_layer_table():
     missing = [module_path(name) for name in import_graph() if layer_of(module_path(name)) is None]
     assert not missing, f"modules in no layer: {missing} — add it to the layer table in tests/test_layers.py " \
-                        "(LAYERS), then regenerate docs/ARCHITECTURE.md with python tests/test_layers.py --markdown"
+                        "(LAYERS), then regenerate docs/ARCHITECTURE.md with python tests/test_layers.py --write-doc"
 
 
 def test_imports_follow_the_layer_table():
