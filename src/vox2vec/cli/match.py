@@ -72,7 +72,7 @@ def _label_at(labels: Any, point: Any) -> int | str:
 
     if not np.isfinite(point).all():
         return ""
-    index = np.floor(labels.grid.world_to_index(np.asarray(point)[None])[0] + 0.5).astype(int)
+    index = labels.grid.nearest_index(np.asarray(point)[None])[0]
     if np.any(index < 0) or np.any(index >= np.asarray(labels.shape)):
         return ""
     return int(labels.array[tuple(index)])

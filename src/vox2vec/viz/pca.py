@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vox2vec.config import check_int
 from vox2vec.errors import ArgumentError, InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.modeling import FPNLinearHead
@@ -38,10 +39,15 @@ class PCABasis:
     high: np.ndarray
 
 
-def _check_k(k: object, dim: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= dim:
-        raise ArgumentError(f"k must be a whole number of components in 1..{dim} (the embedding's length), got {k!r}")
-    return int(k)
+def _check_arguments(k: object, samples: object, dim: int) -> tuple[int, int]:
+    """``k`` in 1..dim and ``samples`` ≥ 2 as whole numbers (NumPy integers too), by the shared settings checks."""
+    k, samples = (int(v) if isinstance(v, np.integer) else v for v in (k, samples))
+    problems: list[str] = []
+    check_int(problems, "k", k, 1, dim)  # components, at most the embedding's length
+    check_int(problems, "samples", samples, 2)
+    if problems:
+        raise ArgumentError("; ".join(problems))
+    return k, samples  # type: ignore[return-value]
 
 
 def sample_body_voxels(pyramid: FeaturePyramid, samples: int = SAMPLES, seed: int = 0) -> np.ndarray:
@@ -71,9 +77,7 @@ def fit_pca(pyramid: FeaturePyramid, k: int = 3, *, samples: int = SAMPLES, seed
 
     Each component's sign is fixed so that its largest loading is positive (an eigenvector's sign is arbitrary).
     """
-    k = _check_k(k, pyramid.dim)
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
-        raise ArgumentError(f"samples must be a whole number ≥ 2, got {samples!r}")
+    k, samples = _check_arguments(k, samples, pyramid.dim)
     features = pyramid.at_grid_indices(sample_body_voxels(pyramid, int(samples), seed)).double().cpu()
     mean = features.mean(0)
     centred = features - mean
