@@ -273,7 +273,7 @@ def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
     # a truncated newest checkpoint: the previous one is used
     newest = checkpoints / "step_00000008.pt"
     newest.write_bytes(newest.read_bytes()[:500])
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="damaged"):
         out = export(tmp_path / "killed", tmp_path / "exported", name="tiny-pretrained", data_description="2 crops")
     model = vox2vec.load_pretrained(out)
     assert model.config.source["steps"] == 6 and (out / "README.md").read_text().count("Not a medical device") == 1

@@ -19,8 +19,9 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vox2vec._registry import file_digest, file_mode, record_pending, record_written
 from vox2vec.errors import OutputError, Vox2VecError
-from vox2vec.outputs import file_digest, file_mode, record_written, safetensors_header
+from vox2vec.outputs import safetensors_header
 
 __all__ = ["atomic_path", "atomic_directory", "verify_file", "write_failed"]
 
@@ -137,6 +138,7 @@ def atomic_path(path: str | os.PathLike, verify: Callable[[Path], None] | None =
             yield tmp_path
             digest = _check_and_flush(tmp_path, final, verify)
             os.chmod(tmp_path, file_mode())
+            record_pending(final, digest, tmp_path.stat().st_size)
             os.replace(tmp_path, final)
         except Exception as error:
             converted = _as_write_error(error, final, tmp_path)
@@ -223,6 +225,7 @@ def _move_into(source: Path, target: Path, digests: dict[Path, str]) -> None:
             raise OutputError(f"cannot write {destination}: a folder of that name is in the way")
         os.chmod(child, file_mode())
         try:
+            record_pending(destination, digests[child], child.stat().st_size)
             os.replace(child, destination)
         except OSError as error:
             raise write_failed(destination, error) from None

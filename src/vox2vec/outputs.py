@@ -30,8 +30,6 @@ checked without reading its data:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import struct
@@ -40,7 +38,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vox2vec._registry import (  # re-exported: outputs is where users and writers look for them
+    REGISTRY,
+    changed_since_written,
+    file_digest,
+    file_mode,
+    is_ours,
+    record_pending,
+    record_written,
+)
 from vox2vec.errors import OutputError
+
+__all__ = ["EXTENSIONS", "IMAGE_EXTENSIONS", "OVERWRITE_HINT", "REGISTRY", "changed_since_written", "check_output_dir",
+           "check_output_file", "file_digest", "file_mode", "is_ours", "marker", "record_pending", "record_written",
+           "safetensors_header", "written_by_vox2vec"]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 EXTENSIONS = {
@@ -53,8 +64,6 @@ EXTENSIONS = {
 DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
                 "picture": "picture"}
 TABLE_MARKER = "# vox2vec:table"  # the first line of every CSV we write (pandas: read_csv(path, comment="#"))
-REGISTRY = ".vox2vec-outputs.json"  # in each folder we write into: the digest of every file we wrote there
-_REGISTRY_KEY = "vox2vec-outputs"
 OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
 
 
@@ -66,113 +75,6 @@ def marker(kind: str) -> str:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-def file_mode() -> int:
-    """The permissions of a new file under the current umask (``mkstemp`` creates 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-# -- "ours": written by vox2vec and unchanged since -----------------------------------------------------------------
-def file_digest(path: str | os.PathLike, size: int | None = None) -> str:
-    """The sha256 of a file's bytes (hex); of its first ``size`` bytes when given."""
-    with open(path, "rb") as handle:
-        if size is None:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-        digest = hashlib.sha256()
-        while size > 0 and (block := handle.read(min(size, 1 << 22))):
-            digest.update(block)
-            size -= len(block)
-        return digest.hexdigest()
-
-
-def _registry(folder: Path) -> dict[str, Any] | None:
-    """The records of ``folder`` ({} when it has none), or None when a file of that name is not our registry."""
-    try:
-        content = json.loads((folder / REGISTRY).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        return None
-    records = content.get(_REGISTRY_KEY) if isinstance(content, dict) else None
-    return records if isinstance(records, dict) else None
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """Serialise registry updates of one folder across processes (cohort ranks); best effort where flock is absent."""
-    try:
-        import fcntl
-
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def record_written(path: str | os.PathLike, digest: str | None = None, *, appendable: bool = False) -> None:
-    """Record that vox2vec has just written ``path`` (its sha256 and size) in the folder's :data:`REGISTRY`, so that
-    a later run may replace it while it stays unchanged (:func:`is_ours`).
-
-    ``appendable``: a log we append to (a manifest, a training log) — it stays ours while the bytes recorded here
-    are unchanged, whatever was appended after them (a run killed between two records keeps its log). Best effort:
-    a registry that cannot be written (a full disk; a foreign file of that name, never replaced) leaves ``path``
-    unrecorded, i.e. not ours — a later run then asks for ``overwrite``.
-    """
-    path = Path(path)
-    folder = path.parent
-    if path.name == REGISTRY or not path.is_file():
-        return
-    entry = {"sha256": digest or file_digest(path), "size": path.stat().st_size}
-    if appendable:
-        entry["appendable"] = True
-    with _folder_lock(folder):
-        records = _registry(folder)
-        if records is not None:
-            records[path.name] = entry
-            _write_registry(folder, records)
-
-
-def _write_registry(folder: Path, records: dict[str, Any]) -> None:
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({_REGISTRY_KEY: records}, handle, indent=1, sort_keys=True)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, folder / REGISTRY)
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def is_ours(path: str | os.PathLike) -> bool:
-    """Whether vox2vec wrote ``path`` and its bytes are unchanged since (its record in the folder's registry; for an
-    appendable log, the bytes recorded last are unchanged)."""
-    path = Path(path)
-    if not path.is_file() or path.name == REGISTRY:
-        return False
-    record = (_registry(path.parent) or {}).get(path.name)
-    if not isinstance(record, dict) or not isinstance(record.get("size"), int):
-        return False
-    try:
-        size = path.stat().st_size
-        if record.get("appendable"):
-            return size >= record["size"] and record.get("sha256") == file_digest(path, record["size"])
-        return size == record["size"] and record.get("sha256") == file_digest(path)
-    except OSError:
-        return False
 
 
 # -- recognising our own files -----------------------------------------------------------------------------------

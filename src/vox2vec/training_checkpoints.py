@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vox2vec._atomic import atomic_path
+from vox2vec.outputs import changed_since_written, is_ours
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -23,7 +24,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
         torch.save(state, tmp)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
-            old.unlink(missing_ok=True)
+            if is_ours(old):  # never delete a file we did not write (or that was changed since)
+                old.unlink(missing_ok=True)
     return path
 
 
@@ -35,11 +37,16 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint; a truncated or corrupt one is reported and skipped."""
+    """The newest readable checkpoint; a truncated, corrupt or changed one (its bytes differ from those vox2vec
+    recorded writing) is reported and skipped."""
     for path in reversed(list_checkpoints(directory)):
+        if changed_since_written(path):
+            warnings.warn(f"checkpoint {path.name} is damaged (its bytes changed since it was written); using the "
+                          "previous one", stacklevel=2)
+            continue
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated zip, partial write from another tool …
-            warnings.warn(f"checkpoint {path.name} is unreadable ({type(error).__name__}); using the previous one",
-                          stacklevel=2)
+            warnings.warn(f"checkpoint {path.name} is unreadable, damaged ({type(error).__name__}); using the previous "
+                          "one", stacklevel=2)
     return None

@@ -13,7 +13,8 @@ from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig,
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.errors import InputError
 from vox2vec.hub.pretrained import backbone_entries
-from vox2vec.pretrain.trainer import BEST_PROBE_NAME
+from vox2vec.outputs import changed_since_written
+from vox2vec.pretrain.run_folder import BEST_PROBE_NAME
 from vox2vec.training_checkpoints import load_latest_checkpoint
 
 CARD = """---
@@ -63,6 +64,8 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
         if not path.is_file():
             raise InputError(f"{run_dir} has no {BEST_PROBE_NAME}: the run had no online probe (set train.probe_every,"
                              " probe_ct and probe_labels) or it never reached probe_every steps; use --select last")
+        if changed_since_written(path):
+            raise InputError(f"{path} changed since the run wrote it (damaged); use --select last")
         return torch.load(path, map_location="cpu", weights_only=True)
     checkpoint = load_latest_checkpoint(Path(run_dir) / "checkpoints")
     if checkpoint is None:
@@ -71,11 +74,13 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
 
 
 def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
-           license: str = "MIT", data_description: str = "unspecified", dtype: torch.dtype | None = None,
+           license: str = "unknown", data_description: str = "unspecified", dtype: torch.dtype | None = None,
            select: str = "last", transfer: str | None = None, overwrite: bool = False) -> Path:
     """A checkpoint of ``run_dir`` (see :func:`select_checkpoint`) → a directory :func:`vox2vec.load_pretrained`
-    reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card. Files in the
-    folder that vox2vec did not write are left alone, or refused if they carry our names (unless ``overwrite``)."""
+    reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card. ``license``:
+    what the weights may be used under — "unknown" unless you say (the data's terms decide, not vox2vec's). Files
+    in the folder that vox2vec did not write are left alone, or refused if they carry our names (unless
+    ``overwrite``)."""
     from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
     from vox2vec.outputs import check_output_dir
 

@@ -20,11 +20,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vox2vec._atomic import atomic_directory, atomic_path
+from vox2vec._atomic import atomic_directory
 from vox2vec.cohort.inputs import CaseInput, discover
 from vox2vec.config import PreprocessingConfig, known_settings
+from vox2vec.outputs import check_output_dir, is_ours
+from vox2vec.pretrain.sampling import read_manifest
+from vox2vec.writers import write_json
 
 _INT16 = np.iinfo(np.int16)
+MANIFEST = "manifest.json"
+CASE_FILES = ("image.npy", "body.npy", "grid.json")
 
 
 def case_id(case: CaseInput, taken: set[str]) -> str:
@@ -62,7 +67,7 @@ def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], pa
     body = body_mask(image, config.body_threshold_hu)
     if not body.any():
         return {"source": source, "skipped": "empty body mask (no voxel ≥ the body threshold connected inside)"}
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target) as tmp:  # each file verified, renamed and recorded as ours
         np.save(tmp / "image.npy", image)
         np.save(tmp / "body.npy", body)
         (tmp / "grid.json").write_text(json.dumps(grid.to_dict()))
@@ -78,16 +83,23 @@ def prepare(
     patch_size: Sequence[int] = (128, 128, 32),
     workers: int = 2,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare every CT in ``inputs`` into ``output_dir`` (resumable); returns and writes ``manifest.json``."""
+    """Prepare every CT in ``inputs`` into ``output_dir`` (resumable); returns and writes ``manifest.json``.
+
+    The folder is checked first: a ``manifest.json`` vox2vec did not write (or that was changed since) is refused
+    unless ``overwrite``; a case never goes into a folder holding files we did not write (it gets another name).
+    """
     from dataclasses import asdict
 
-    output_dir = Path(output_dir)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    output_dir = check_output_dir(output_dir, files=(MANIFEST,), inputs=inputs, overwrite=overwrite,
+                                  what="prepared-corpus folder")
     output_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = output_dir / "manifest.json"
-    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"cases": [], "skipped": []}
+    ours = is_ours(output_dir / MANIFEST)
+    previous = read_manifest(output_dir) if ours else {"cases": [], "skipped": []}
     done = {c["source"]: c for c in previous["cases"] if (output_dir / c["id"] / "image.npy").exists()}
-    taken = {c["id"] for c in done.values()}
+    taken = {c["id"] for c in done.values()} | _foreign_entries(output_dir, {c["id"] for c in done.values()})
     preprocessing = preprocessing or PreprocessingConfig()
     jobs = []
     for case in discover(inputs):
@@ -111,6 +123,16 @@ def prepare(
         tqdm.write(f"skipped {entry['source']}: {entry['skipped']}")
     manifest = {"preprocessing": asdict(preprocessing), "patch_size": list(patch_size),
                 "cases": sorted(cases, key=lambda c: c["id"]), "skipped": skipped}
-    with atomic_path(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2))
+    write_json(manifest, output_dir / MANIFEST)
     return manifest
+
+
+def _foreign_entries(folder: Path, done: set[str]) -> set[str]:
+    """Names in ``folder`` a new case must not take: files, and folders holding a case file we did not write."""
+    def foreign(entry: Path) -> bool:
+        if not entry.is_dir():
+            return True
+        return any((entry / name).exists() and not is_ours(entry / name) for name in CASE_FILES)
+
+    return {entry.name for entry in folder.iterdir() if entry.name not in done and not entry.name.startswith(".")
+            and foreign(entry)}

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +29,53 @@ class PreparedCase:
 
     @classmethod
     def open(cls, folder: Path) -> PreparedCase:
-        image = np.load(folder / "image.npy", mmap_mode="r")
-        return cls(folder.name, image, np.load(folder / "body.npy", mmap_mode="r"))
+        """Memory-map ``image.npy`` (int16) and ``body.npy`` (bool) of one shape; anything else (a pickled object
+        array, a damaged file, another dtype) is an :class:`InputError` naming the file — nothing is unpickled."""
+        arrays = {}
+        for name, dtype in (("image", np.int16), ("body", np.bool_)):
+            path = folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise InputError(f"prepared case {path} cannot be read as a plain array ({error}); prepare the "
+                                 "corpus again with `vox2vec pretrain prepare` into a new folder") from None
+            if arrays[name].dtype != dtype or arrays[name].ndim != 3:
+                raise InputError(f"prepared case {path} holds a {arrays[name].ndim}-D {arrays[name].dtype} array, not "
+                                 f"3-D {np.dtype(dtype)}; prepare the corpus again into a new folder")
+        if arrays["image"].shape != arrays["body"].shape:
+            raise InputError(f"prepared case {folder}: image.npy and body.npy have different shapes; prepare it again")
+        return cls(folder.name, arrays["image"], arrays["body"])
+
+
+def _case_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"] not in ("", ".", "..")
+            and "/" not in entry["id"] and isinstance(entry.get("source"), str)
+            and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 3
+            and all(isinstance(n, int) for n in entry["shape"]))
+
+
+def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """``manifest.json`` of a prepared corpus, checked: an object with ``cases`` (id, source, shape each) and
+    ``skipped``; anything else is an :class:`InputError` naming the file and the fix."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{prepared_dir} has no manifest.json: run `vox2vec pretrain prepare` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"could not read {path} as JSON ({error}); prepare the corpus again into a new folder") \
+            from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("cases"), list)
+            and isinstance(manifest.get("skipped", []), list) and all(map(_case_entry, manifest["cases"]))):
+        raise InputError(f"{path} is not a vox2vec corpus manifest (each case needs an id, a source and a shape); "
+                         "prepare the corpus with `vox2vec pretrain prepare` into a new folder")
+    return manifest
 
 
 def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int]) -> list[PreparedCase]:
     """All prepared cases large enough for ``patch_size``; fails before training when none is."""
     prepared_dir = Path(prepared_dir)
-    manifest_path = prepared_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{prepared_dir} has no manifest.json: run `vox2vec pretrain prepare` first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(prepared_dir)
     usable = [c for c in manifest["cases"] if all(n >= p for n, p in zip(c["shape"], patch_size))]
     if not usable:
         largest = max((tuple(c["shape"]) for c in manifest["cases"]), default=None)

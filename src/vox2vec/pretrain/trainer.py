@@ -10,33 +10,37 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import signal
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from vox2vec._launch import launch_environment
 from vox2vec._signals import StopFlag
 from vox2vec.augment import augment
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, local_device, training_precision
 from vox2vec.modeling import FPN3d
+from vox2vec.outputs import record_written
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
 from vox2vec.pretrain.objective import ContrastiveModel, info_nce
+from vox2vec.pretrain.run_folder import BEST_PROBE_NAME, check_resume, check_run_folder
 from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
-from vox2vec.training_checkpoints import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from vox2vec.training_checkpoints import save_checkpoint
+from vox2vec.writers import write_json
 
 
 def _distributed() -> tuple[int, int, torch.device]:
     """Initialise DDP when launched by torchrun; returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = local_device(local_rank)
+    environment = launch_environment()
+    world = environment.world
+    device = local_device(environment.local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -51,8 +55,13 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def train(config: PretrainConfig, *, progress: bool = True, device: torch.device | str | None = None) -> Path:
-    """Pre-train (or resume) per ``config``; returns the output directory. Launch with ``torchrun`` for DDP."""
+def train(config: PretrainConfig, *, progress: bool = True, device: torch.device | str | None = None,
+          overwrite: bool = False) -> Path:
+    """Pre-train (or resume) per ``config``; returns the output directory. Launch with ``torchrun`` for DDP.
+
+    Before any work: the output folder is checked (its ``config.json`` and logs must be this run's own, or
+    ``overwrite``), and a resumed run must have the config of its checkpoint (:func:`check_resume`).
+    """
     from tqdm.auto import tqdm
 
     rank, world, default_device = _distributed()
@@ -60,13 +69,14 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     t = config.train
     out = Path(t.output_dir)
     check_step_memory(config, device)  # a step that cannot fit fails now, not after the machine starts swapping
-    start = None if list_checkpoints(out / "checkpoints") else initial_backbone(config)  # fails before any work
+    check_run_folder(config, rank, overwrite=overwrite)
+    checkpoint = check_resume(config, out / "checkpoints")
+    start = None if checkpoint is not None else initial_backbone(config)  # fails before any work
     cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_json(config.to_dict(), out / "config.json")
     mode = training_precision(t.precision, device)
-    model, optimiser, step = _model_and_optimiser(config, device, out / "checkpoints", start)
+    model, optimiser, step = _model_and_optimiser(config, device, checkpoint, start)
     wrapped: nn.Module = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -133,11 +143,11 @@ def initial_backbone(config: PretrainConfig) -> dict[str, torch.Tensor] | None:
             for k, v in model.backbone.state_dict().items()}
 
 
-def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoints: Path,
+def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoint: dict[str, Any] | None,
                          start: dict[str, torch.Tensor] | None = None
                          ) -> tuple[ContrastiveModel, torch.optim.Optimizer, int]:
-    """Backbone + projection head and Adam, seeded (the backbone from ``start`` when given) — or as the newest
-    readable checkpoint left them; and the step."""
+    """Backbone + projection head and Adam, seeded (the backbone from ``start`` when given) — or as ``checkpoint``
+    (the newest readable one, already checked against the config) left them; and the step."""
     t, arch = config.train, config.architecture
     torch.manual_seed(t.seed)
     model = ContrastiveModel(FPN3d(arch.in_channels, arch.base_channels, arch.num_scales), t.projection_dim)
@@ -151,7 +161,6 @@ def _model_and_optimiser(config: PretrainConfig, device: torch.device, checkpoin
                                       {"params": model.proj_head.parameters()}], lr=t.lr)
     else:  # one group, as every checkpoint written before head_warmup_steps existed
         optimiser = torch.optim.Adam(model.parameters(), lr=t.lr)
-    checkpoint = load_latest_checkpoint(checkpoints)
     if checkpoint is None:
         return model, optimiser, 0
     model.load_state_dict(checkpoint["model"])
@@ -202,10 +211,12 @@ class _StepLog:
 
     def __enter__(self) -> _StepLog:
         self.handle = open(self.path, "a")  # noqa: SIM115 - closed in __exit__
+        record_written(self.path, appendable=True)  # ours while these bytes stay, whatever is appended after
         return self
 
     def __exit__(self, *exc) -> None:
         self.handle.close()
+        record_written(self.path, appendable=True)
 
     def wait_for(self, batches):
         """The next batch (``None`` at the end), timing the wait."""
@@ -284,9 +295,6 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-BEST_PROBE_NAME = "best_probe.pt"
-
-
 def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path) -> float:
     """Linear probe of the current backbone: fit on ``probe_ct``, Dice on ``probe_test_ct`` (default: the same CT).
 
@@ -313,6 +321,7 @@ def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, ou
                default=-math.inf)
     with open(out / "probe.jsonl", "a") as handle:
         handle.write(json.dumps({"step": step, "test_ct": str(test_ct), **report.to_dict()}) + "\n")
+    record_written(out / "probe.jsonl", appendable=True)
     if math.isfinite(report.mean) and report.mean > best:
         save_checkpoint(out, step, {"model": model.state_dict(), "step": step, "config": config.to_dict(),
                                     "probe": report.to_dict()}, keep=0, name=BEST_PROBE_NAME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_path
-from vox2vec.errors import InputError
+from vox2vec._run_record import changed_settings, describe_changes, vox2vec_version
+from vox2vec.errors import InputError, OutputError
 from vox2vec.hub import resolve_model
+from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.metrics import dice_scores
 from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
+from vox2vec.writers import write_json
 
 SETUPS = ("linear", "nonlinear", "finetune", "from-scratch")
+RUN_RECORD = "run.json"  # the record of what produced a results folder
 
 
 def _stem(path: Path) -> str:
@@ -70,71 +76,131 @@ def evaluate_dataset(
     classes: Mapping[int, str] | Iterable[int] | None = None,
     head_options: Mapping[str, Any] | None = None,
     finetune_options: Mapping[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
+    runtime: Runtime | None = None,
+    device: Any = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Cross-validate ``setups`` on a labelled dataset; per-class Dice (original grid) mean ± std across folds.
 
     Results per fold and setup go to ``output_dir/folds/<setup>_fold<k>.json`` (a rerun skips finished ones), pyramids
     are cached in ``output_dir/pyramids``; the summary is ``results.json`` and ``results.md`` (Table 1 layout).
+    ``run.json`` records the model (name, fingerprint), cases, classes, folds, seed and options: a rerun into the same
+    folder with any of them changed is refused, or with ``overwrite`` recomputes every fold. ``classes=None`` scores
+    the classes every fold can train (present in its training cases); the others are named in a warning.
+    ``runtime`` (or ``device``/``precision``/``batch_size``/``progress``) says where the model runs.
     """
+    runtime = resolve_runtime(runtime, device=device, precision=precision, batch_size=batch_size, progress=progress)
     unknown = set(setups) - set(SETUPS)
     if unknown:
         raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir, files=(RUN_RECORD, "results.json", "results.md"), inputs=[root],
+                                  overwrite=overwrite, what="results folder")
     cases = find_cases(root)
-    class_map = _dataset_classes(cases, classes)
-    net = resolve_model(model)
-    pyramids = _PyramidCache(output_dir / "pyramids", net)
     splits = kfold(len(cases), folds, seed)
+    class_map = _dataset_classes(cases, classes, splits)
+    net = resolve_model(model)
+    record = _run_record(net, cases, class_map, folds, seed, head_options, finetune_options)
+    fresh = _previous_results_differ(output_dir, record, overwrite)
+    write_json(record, output_dir / RUN_RECORD)
+    pyramids = _PyramidCache(output_dir / "pyramids", net, runtime)
     for setup in setups:
-        for fold, test_index in enumerate(tqdm(splits, desc=setup, disable=not progress)):
+        for fold, test_index in enumerate(tqdm(splits, desc=setup, disable=not runtime.progress)):
             result_path = output_dir / "folds" / f"{setup}_fold{fold}.json"
-            if result_path.exists():  # finished by an earlier run
+            if not fresh and is_ours(result_path):  # finished by an earlier run of the same record
                 continue
             train = [cases[i] for i in range(len(cases)) if i not in set(test_index)]
             test = [cases[i] for i in test_index]
             head = _fit(setup, train, net, class_map, pyramids, output_dir / "runs" / f"{setup}_fold{fold}",
-                        head_options, finetune_options)
-            per_case = _score(head, test, class_map, pyramids if setup in ("linear", "nonlinear") else None)
-            with atomic_path(result_path) as tmp:
-                tmp.write_text(json.dumps({"setup": setup, "fold": fold, "test": [c for c, _, _ in test],
-                                           "cases": per_case}, indent=2))
-    summary = summarise(output_dir, setups, folds, list(class_map.names))
-    with atomic_path(output_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+                        head_options, finetune_options, runtime)
+            per_case = _score(head, test, class_map, pyramids if setup in ("linear", "nonlinear") else None, runtime)
+            write_json({"setup": setup, "fold": fold, "test": [c for c, _, _ in test], "cases": per_case},
+                       result_path)
+    summary = {**summarise(output_dir, setups, folds, list(class_map.names)), "run": record}
+    write_json(summary, output_dir / "results.json")
     with atomic_path(output_dir / "results.md") as tmp:
         tmp.write_text(markdown_table(summary), encoding="utf-8")
     return summary
 
 
-def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any) -> ClassMap:
-    """The classes to score: as given, or every id present in the dataset's label maps."""
-    present: set[int] = set()
-    for _, _, label_path in cases:
-        present |= label_ids(check_integer_labels(load_volume(label_path).array))
-    return ClassMap.build(classes, present)
+def _run_record(net: Any, cases: list[tuple[str, Path, Path]], class_map: ClassMap, folds: int, seed: int,
+                head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`)."""
+    return json.loads(json.dumps({
+        "vox2vec": vox2vec_version(), "model": net.config.name, "model_fingerprint": net.fingerprint(),
+        "cases": {case: [str(image), str(labels)] for case, image, labels in cases},
+        "classes": {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)},
+        "folds": folds, "seed": seed, "head_options": dict(head_options or {}),
+        "finetune_options": dict(finetune_options or {}),
+    }, default=str))
+
+
+def _previous_results_differ(output_dir: Path, record: dict[str, Any], overwrite: bool) -> bool:
+    """True when earlier results in ``output_dir`` must not be reused (no record of theirs, or another one); another
+    run's results without ``overwrite`` are refused, naming what differs."""
+    path = output_dir / RUN_RECORD
+    if not is_ours(path):
+        return True
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    changes = changed_settings(previous, record, ignore=("vox2vec",))
+    if changes and not overwrite:
+        raise OutputError(f"{output_dir} holds the results of another run ({describe_changes(changes, 4)}); give "
+                          "another output folder, or pass --overwrite (Python: overwrite=True) to recompute them there")
+    return bool(changes)
+
+
+def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any, splits: list[np.ndarray]) -> ClassMap:
+    """The classes to score, checked before any compute: every class must be in the training cases of every fold.
+    Given ``classes`` that one fold cannot train are refused; with None, every such id is left out (a warning)."""
+    present = [label_ids(check_integer_labels(load_volume(labels).array)) for _, _, labels in cases]
+    trainable = set.intersection(*[set().union(*(present[i] for i in range(len(cases)) if i not in set(test)))
+                                   for test in splits])
+    class_map = ClassMap.build(classes, set().union(*present) if classes is not None else trainable)
+    for name, ids in zip(class_map.names, class_map.ids):
+        for fold, test in enumerate(splits):
+            training = set().union(*(present[i] for i in range(len(cases)) if i not in set(test)))
+            if not training & set(ids):
+                holders = [cases[i][0] for i in range(len(cases)) if present[i] & set(ids)]
+                raise InputError(f"class {name!r} (ids {list(ids)}) is labelled only in {', '.join(holders)}, all in "
+                                 f"the test set of fold {fold}, so that fold cannot train it; leave it out of "
+                                 "classes, use fewer folds, or label it in more cases")
+    if classes is None:
+        left_out = sorted(set().union(*present) - trainable - {0})
+        if left_out:
+            warnings.warn(f"label ids {left_out[:20]}{' …' if len(left_out) > 20 else ''} are not in the training "
+                          "cases of every fold and are not scored; pass classes= to choose", stacklevel=3)
+    return class_map
 
 
 class _PyramidCache:
-    """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``)."""
+    """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``, reused only
+    when vox2vec wrote it, unchanged, with this model)."""
 
-    def __init__(self, folder: Path, net: Any) -> None:
-        self.folder, self.net = folder, net
+    def __init__(self, folder: Path, net: Any, runtime: Runtime) -> None:
+        self.folder, self.net, self.runtime = folder, net, runtime
 
     def __call__(self, case: str, image: Path):
         from vox2vec.features import FeaturePyramid
         from vox2vec.inference import embed_volume
 
         path = self.folder / f"{case}.safetensors"
-        if path.exists():
-            return FeaturePyramid.load(path)
-        pyramid = embed_volume(image, model=self.net, progress=False)
+        if is_ours(path):
+            pyramid = FeaturePyramid.load(path)
+            if pyramid.meta.get("fingerprint") == self.net.fingerprint():
+                return pyramid
+        pyramid = embed_volume(image, model=self.net, runtime=self.runtime.replace(progress=False))
         pyramid.save(path)
         return pyramid
 
 
 def _fit(setup: str, train: list[tuple[str, Path, Path]], net: Any, class_map: ClassMap, pyramids: _PyramidCache,
-         workdir: Path, head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None):
+         workdir: Path, head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None,
+         runtime: Runtime):
     """The head of one setup on one fold's training cases: on cached pyramids (linear, non-linear) or trained end to
     end from the model (finetune) or from random weights (from-scratch)."""
     from vox2vec.probing.finetune import finetune
@@ -143,24 +209,26 @@ def _fit(setup: str, train: list[tuple[str, Path, Path]], net: Any, class_map: C
     requested = {i: name for name, ids in zip(class_map.names, class_map.ids) for i in ids}
     if setup in ("linear", "nonlinear"):
         pairs = [(pyramids(case, image), labels) for case, image, labels in train]
-        return train_head(pairs, model=net, kind=setup, classes=requested, progress=False, **dict(head_options or {}))
+        return train_head(pairs, model=net, kind=setup, classes=requested, runtime=runtime.replace(progress=False),
+                          **dict(head_options or {}))
     start = net if setup == "finetune" else _random_like(net)
     options = dict(finetune_options or {})
     if setup == "from-scratch":
         options["frozen_steps"] = 0
     _, head = finetune([(image, labels) for _, image, labels in train], workdir, model=start, classes=requested,
-                       progress=False, **options)
+                       runtime=runtime.replace(progress=False), **options)
     return head
 
 
 def _score(head: Any, test: list[tuple[str, Path, Path]], class_map: ClassMap,
-           pyramids: _PyramidCache | None) -> dict[str, Any]:
+           pyramids: _PyramidCache | None, runtime: Runtime) -> dict[str, Any]:
     """Per test case, Dice of every class on the case's original grid (from its cached pyramid when given)."""
     class_ids = {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)}
     per_case = {}
     for case, image, label_path in test:
         source = pyramids(case, image) if pyramids is not None else image
-        per_case[case] = dice_scores(head.predict(source, progress=False), label_path, class_ids).to_dict()
+        prediction = head.predict(source, runtime=runtime.replace(progress=False))
+        per_case[case] = dice_scores(prediction, label_path, class_ids).to_dict()
     return per_case
 
 
@@ -216,4 +284,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             s = stats[name]
             cells.append("absent" if math.isnan(s["mean"]) else f"{s['mean']:.2f} ± {s['std']:.2f}")
         lines.append(f"| {setup} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nDice on each case's original grid, mean ± std over {summary['folds']} folds.\n"
+    run = summary.get("run") or {}
+    model = f" Model: {run['model']} (fingerprint {run['model_fingerprint']}), seed {run['seed']}." if run else ""
+    return "\n".join(lines) + (f"\n\nDice on each case's original grid, mean ± std over {summary['folds']} folds."
+                               f"{model}\n")
