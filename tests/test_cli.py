@@ -83,19 +83,19 @@ def test_saved_pyramids_refuse_another_explicit_model(ct_file, model_dir, tmp_pa
     capsys.readouterr()
     assert main([*args, "--model", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "was embedded with" in err and "--model" in err and not (tmp_path / "t.csv").exists()
+    assert "different backbones" in err and "--model" in err and not (tmp_path / "t.csv").exists()
     assert main([*args, "--model", str(model_dir)]) == 0  # the pyramid's own model: fine
     assert main([*args, "--overwrite"]) == 0  # no --model: the pyramid's
     matching = ["match", "-s", str(pyramid), "-t", str(pyramid), "--points", str(points), "-o", str(tmp_path / "m.csv")]
     capsys.readouterr()
     assert main([*matching, "--model", str(other)]) == 2
-    assert "was embedded with" in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
+    assert "different backbones" in capsys.readouterr().err and not (tmp_path / "m.csv").exists()
     assert main(matching) == 0
     assert f"{centre[0]:.4f},{centre[1]:.4f},{centre[2]:.4f},1," in (tmp_path / "m.csv").read_text()  # found itself
     capsys.readouterr()
     picture = tmp_path / "v.png"
     assert main(["show", str(ct_file), "--pyramid", str(pyramid), "--model", str(other), "-o", str(picture)]) == 2
-    assert "was embedded with" in capsys.readouterr().err and not picture.exists()
+    assert "different backbones" in capsys.readouterr().err and not picture.exists()
 
 
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):

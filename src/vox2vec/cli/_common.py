@@ -155,12 +155,13 @@ def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:
 def pyramid_of(source: Any, model_arg: str | None, model: Any, runtime: Any) -> Any:
     """``source`` as a pyramid: a saved one is read, a CT embedded with ``model`` on ``runtime``. A saved pyramid
     embedded with another model than an explicit ``--model`` is refused: the option never silently means nothing."""
+    from vox2vec.configured_model import check_same_backbone
     from vox2vec.inference.ct_to_pyramid import as_pyramid
 
     pyramid = as_pyramid(source, model, runtime=runtime)
-    if model_arg is not None and pyramid.meta.get("fingerprint") != model.fingerprint():
-        raise InputError(f"{source} was embedded with {pyramid.meta.get('model', 'another model')}, not --model "
-                         f"{model_arg}; leave --model out for saved pyramids, or embed the CT again")
+    if model_arg is not None:
+        check_same_backbone([(str(source), pyramid.meta), (f"--model {model_arg}", model.record())],
+                            "leave --model out for saved pyramids, or embed the CT again with this model")
     return pyramid
 
 

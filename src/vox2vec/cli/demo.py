@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vox2vec.cli._common import add_overwrite, add_runtime_options, runtime_call, runtime_of
+from vox2vec.cli._common import add_overwrite, add_runtime_options, runtime_of
 
 __all__ = ["add_arguments", "run"]
 
@@ -18,6 +18,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vox2vec.demo import demo
 
-    runtime_call(demo, runtime_of(args), args.output, model=args.model, overwrite=args.overwrite,
-                 legacy=("progress",))
+    demo(args.output, model=args.model, overwrite=args.overwrite, runtime=runtime_of(args))
     return 0

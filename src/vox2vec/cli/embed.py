@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, runtime_call, runtime_of, whole_number
+from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, runtime_of, whole_number
 from vox2vec.errors import InputError
 
 __all__ = ["add_arguments", "run"]
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
                          f".safetensors output, leave them out — or give an output folder")
     check_output_file(args.output, "pyramid", inputs=[*args.input, *model_paths(args.model)],
                       overwrite=args.overwrite)
-    pyramid = runtime_call(embed_volume, runtime_of(args), args.input[0], model=args.model,
-                           legacy=("device", "batch_size", "precision", "progress"))
+    pyramid = embed_volume(args.input[0], model=args.model, runtime=runtime_of(args))
     pyramid.save(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {pyramid}")
     return 0
@@ -86,11 +85,8 @@ def _embed_cohort(args: argparse.Namespace) -> int:
 
     if args.output.lower().endswith(".safetensors"):
         raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
-    result = runtime_call(embed_many, runtime_of(args), args.input, args.output, model=args.model, levels=args.levels,
-                          keep=args.keep, dtype=args.dtype, workers=args.workers, hash_inputs=args.hash,
-                          allow_non_ct=args.allow_non_ct, overwrite=args.overwrite,
-                          legacy=("device", "batch_size", "precision", "progress"))
-    for _ in result:  # embed_many's run embeds as it is iterated
-        pass
+    result = embed_many(args.input, args.output, model=args.model, runtime=runtime_of(args), levels=args.levels,
+                        keep=args.keep, dtype=args.dtype, workers=args.workers, hash_inputs=args.hash,
+                        allow_non_ct=args.allow_non_ct, overwrite=args.overwrite)  # returns the finished run
     print(result.summary())
     return 130 if result.interrupted else 1 if result.failed else 0

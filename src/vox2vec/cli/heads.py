@@ -82,10 +82,9 @@ def run_train_head(args: argparse.Namespace) -> int:
     inputs = [path for pair in args.input for path in pair] + model_paths(args.model)
     check_output_dir(args.output, files=(HEAD_WEIGHTS, HEAD_CONFIG), inputs=inputs, overwrite=args.overwrite,
                      what="head folder")
-    # train_head's own batch_size (before its runtime= landed) counts voxels per step: never the runtime's
-    head = runtime_call(train_head, runtime_of(args), [tuple(pair) for pair in args.input], model=args.model,
-                        kind=args.kind, classes=args.classes, multilabel=args.multilabel, steps=args.steps,
-                        ignore_label=args.ignore_label, legacy=("device", "progress"))
+    head = train_head([tuple(pair) for pair in args.input], model=args.model, runtime=runtime_of(args),
+                      kind=args.kind, classes=args.classes, multilabel=args.multilabel, steps=args.steps,
+                      ignore_label=args.ignore_label)
     head.save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}: {head}")
     return 0
@@ -108,7 +107,7 @@ def run_predict(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     head = load_head(args.head)
     model = args.model or head.backbone.get("name")
-    prediction = runtime_call(head.predict, runtime_of(args), args.input, model=model, legacy=("progress",))
+    prediction = head.predict(args.input, model=model, runtime=runtime_of(args))
     load_volume(prediction).save(args.output, kind="label-map", overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0

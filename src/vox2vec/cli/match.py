@@ -17,7 +17,6 @@ from vox2vec.cli._common import (
     model_paths,
     positive_int,
     pyramid_of,
-    runtime_call,
     runtime_of,
 )
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
     if labels is not None:
         check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
-    found = runtime_call(match, runtime, points, source, target, top_k=args.top_k, strict=False)
+    found = match(points, source, target, top_k=args.top_k, runtime=runtime)
     rows = []
     for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):
         for rank, (where, score) in enumerate(zip(matched, scores), 1):

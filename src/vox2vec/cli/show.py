@@ -12,7 +12,6 @@ from vox2vec.cli._common import (
     model_paths,
     positive_int,
     pyramid_of,
-    runtime_call,
     runtime_of,
 )
 
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     runtime, pyramid = runtime_of(args), args.pyramid
     if pyramid is not None and args.model is not None:  # never silently another model than --model names
         pyramid = pyramid_of(pyramid, args.model, command_model(args.model, []), runtime)
-    runtime_call(show, runtime, args.input, args.output, model=args.model, pyramid=pyramid,
-                 head=args.head, point=args.point, overwrite=args.overwrite, width=args.width, legacy=("progress",))
+    show(args.input, args.output, model=args.model, pyramid=pyramid, head=args.head, point=args.point,
+         overwrite=args.overwrite, width=args.width, runtime=runtime)
     print(f"wrote {args.output}")
     return 0
