@@ -148,7 +148,8 @@ def test_class_map_merges_drops_and_reports():
     np.testing.assert_array_equal(classes.encode(labels), [0, 1, 2, 2, 0, 0])
     everything = ClassMap.build(None, present=range(0, 118))
     assert everything.num_classes == 117
-    with pytest.raises(InputError, match="appear in no training label map"):
+    with pytest.raises(InputError, match=r"^requested classes \['tumour'\] \(ids \[200\]\) appear in no training "
+                                         r"label map; present ids are \[5\]$"):
         ClassMap.build({5: "liver", 200: "tumour"}, present=[0, 5])
 
 
@@ -164,21 +165,29 @@ def test_dice_reports_absent_classes_explicitly():
 def test_bad_training_input(trained, tmp_path):
     model, pyramid, head = trained
     ct, labels = chest_training_pair()
-    with pytest.raises(InputError, match="training set is empty"):
+    with pytest.raises(InputError, match=r"^the training set is empty: pass at least one \(CT, label map\) pair$"):
         train_head([], model=model)
     shifted = sitk.Image(labels)
     shifted.SetOrigin(tuple(o + 3 for o in labels.GetOrigin()))
-    with pytest.raises(InputError, match="not on its CT's grid: origin"):
+    with pytest.raises(InputError, match=r"^the label map is not on its CT's grid: origin \(-163\.0, 190\.59\d*, "
+                                         r"-337\.0\) vs \(-166\.0, 187\.59\d*, -340\.0\)\. Resample it onto its CT "
+                                         r"with nearest-neighbour interpolation first$"):
         train_head([(pyramid, shifted)], model=model, progress=False)
-    with pytest.raises(InputError, match="size"):
+    with pytest.raises(InputError, match=r"^the label map is not on its CT's grid: size \(512, 512, 10\) vs "
+                                         r"\(512, 512, 64\)\."):
         train_head([(pyramid, labels[:, :, :10])], model=model, progress=False)
     fractional = sitk.Cast(labels, sitk.sitkFloat32) * 0.5
-    with pytest.raises(InputError, match="non-integer"):
+    with pytest.raises(InputError, match=r"^the label map holds non-integer values \(dtype float32\); pass integer "
+                                         r"label ids"):
         train_head([(pyramid, fractional)], model=model, progress=False)
-    with pytest.raises(InputError, match="appear in no training label map"):
+    with pytest.raises(InputError, match=r"^requested classes \['tumour'\] \(ids \[250\]\) appear in no training "
+                                         r"label map; present ids are \[1, 2, 3, 5, "):
         train_head([(pyramid, labels)], model=model, classes={5: "liver", 250: "tumour"}, progress=False)
     other = coarse_model(seed=1)
-    with pytest.raises(InputError, match=f"{model.name}.*{other.name}|trained on backbone"):
+    with pytest.raises(InputError, match=rf"^these come from different backbones: this head was trained on features "
+                                         rf"from '{model.name}' \(fingerprint {model.fingerprint()}\); the features "
+                                         rf"from '{other.name}' \(fingerprint {other.fingerprint()}\); embed with "
+                                         r"the head's backbone$"):
         head.predict(ct, model=other, progress=False)
     assert vox2vec.Head is type(head)
 

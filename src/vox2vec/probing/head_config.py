@@ -83,8 +83,9 @@ class HeadTrainingConfig:
         levels = self.levels
         if levels is not None and (not isinstance(levels, tuple) or not levels or any(
                 isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in levels)):
+            shown = list(levels) if isinstance(levels, tuple) else levels
             found.append(f"levels must be a non-empty list of pyramid level indices ≥ 0 (0: the finest), got "
-                         f"{levels!r}; or None for every level")
+                         f"{shown!r}; or None for every level")
         if self.components_per_level is not None:
             check_int(found, "components_per_level (principal directions per level; None: every channel)",
                       self.components_per_level, 1)
