@@ -35,10 +35,10 @@ LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
      "the FPN backbone with the published state-dict names, the linear / non-linear heads (and their per-voxel "
      "forms), the projection head; no I/O",
      ["errors.py"]),
-    ("3", "images", ["volume.py", "resample.py", "body.py", "readers/", "images/", "_readers*.py", "dicom*.py",
-                     "nifti*.py", "volume_*.py", "_volume*.py"],
+    ("3", "images", ["volume.py", "resample.py", "body.py", "labelmaps.py", "readers/", "images/", "_readers*.py",
+                     "dicom*.py", "nifti*.py", "volume_*.py", "_volume*.py"],
      "read any CT (file, DICOM folder, SimpleITK, nibabel, array + spacing) into a `Volume`; resample between grids; "
-     "the body mask",
+     "the body mask; label maps checked and brought onto a model grid",
      ["1"]),
     ("4", "input contract", ["preprocessing.py", "augment.py"],
      "canonical orientation, body crop, model spacing, HU clip and scale — and the way back to the original grid; "
