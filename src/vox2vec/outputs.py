@@ -63,7 +63,6 @@ EXTENSIONS = {
 }
 DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
                 "picture": "picture"}
-TABLE_MARKER = "# vox2vec:table"  # the first line of every CSV we write (pandas: read_csv(path, comment="#"))
 OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
 
 
