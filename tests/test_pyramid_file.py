@@ -67,3 +67,8 @@ def test_an_absurd_original_grid_is_refused_at_load_with_the_numbers(pyramid, tm
     with pytest.raises(InputError, match=r"similarity map on the original grid.*19\.3 GiB.*grid='model'"):
         in_memory.similarity(point)  # three maps do not: refused before the cosine map is computed
     assert in_memory.similarity(point, grid="model").array.shape == pyramid.shape
+    from vox2vec.viz import pyramid_pca
+
+    with pytest.raises(InputError, match=r"3-component PCA image on the original grid.*38\.6 GiB.*grid='model'"):
+        pyramid_pca(in_memory, 3)
+    assert len(pyramid_pca(in_memory, 3, grid="model")) == 3

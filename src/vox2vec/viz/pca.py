@@ -15,7 +15,7 @@ import torch
 
 from vox2vec.config import check_int
 from vox2vec.errors import ArgumentError, InputError
-from vox2vec.features import FeaturePyramid
+from vox2vec.features import FeaturePyramid, check_original_grid_fits
 from vox2vec.modeling import FPNLinearHead
 from vox2vec.modeling.fpn import pyramid_channels
 from vox2vec.probing.apply import apply_head
@@ -129,6 +129,10 @@ def pyramid_pca(pyramid: Any, k: int = 3, *, samples: int = SAMPLES, seed: int =
     pyramid = as_pyramid(pyramid, model, runtime=runtime)
     if grid == "original" and pyramid.source_grid is None:
         raise InputError("this pyramid does not know its original grid; use grid='model'")
+    k, samples = _check_arguments(k, samples, pyramid.dim)
+    if grid == "original":  # k resampled maps, then their vector image
+        check_original_grid_fits(pyramid.source_grid, 2 * k, f"a {k}-component PCA image on the original grid",
+                                 fix="ask for grid='model', or fewer components")
     coordinates = project(pyramid, fit_pca(pyramid, k, samples=samples, seed=seed))
     target = pyramid.grid
     if grid == "original":
