@@ -11,9 +11,8 @@ import torch
 
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
-from vox2vec.geometry import check_same_grid
-from vox2vec.resample import resample
-from vox2vec.volume import Volume, load_volume
+from vox2vec.labelmaps import check_integer_labels, labels_on_grid
+from vox2vec.volume import Volume
 
 __all__ = ["MAX_CLASSES", "ClassMap", "check_integer_labels", "label_ids", "labels_on_model_grid"]
 
@@ -100,19 +99,6 @@ class ClassMap:
         return cls(tuple(data["names"]), tuple(tuple(int(i) for i in ids) for ids in data["ids"]))
 
 
-def check_integer_labels(array: np.ndarray, source: str = "label map") -> np.ndarray:
-    """Refuse non-integer labels (e.g. a probability map or an interpolated mask) instead of truncating them."""
-    array = np.asarray(array)
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-        return array.astype(np.int64, copy=False)
-    if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-        return array.astype(np.int64)
-    raise InputError(
-        f"the {source} holds non-integer values (dtype {array.dtype}); pass integer label ids — a resampled mask "
-        "must use nearest-neighbour interpolation"
-    )
-
-
 def label_ids(array: np.ndarray) -> set[int]:
     """The label ids present in an integer array (``np.bincount`` for ordinary ids: ~10× faster than ``np.unique``)."""
     array = np.asarray(array).reshape(-1)
@@ -127,30 +113,15 @@ def label_ids(array: np.ndarray) -> set[int]:
 def labels_on_model_grid(labels: Any, pyramid: FeaturePyramid, *, classes: ClassMap | None = None,
                          ignore_label: int | None = None, same_grid: bool = True,
                          what: str = "label map") -> tuple[Volume, torch.Tensor]:
-    """A label map read on its own grid, and its labels on the pyramid's model grid (nearest neighbour through world
-    coordinates; 0 outside the map) — the one home of "labels → the model grid" (train_head, region tables).
+    """A label map read on its own grid, and its labels on the pyramid's model grid
+    (:func:`vox2vec.labelmaps.labels_on_grid`): the label ids, or with ``classes`` the class indices 0..K, voxels
+    labelled ``ignore_label`` becoming -1 (never sampled)."""
 
-    Returns the label map as read (integer ids) and an int64 tensor on ``pyramid.grid``: the label ids, or with
-    ``classes`` the class indices 0..K, voxels labelled ``ignore_label`` becoming -1 (never sampled). With
-    ``same_grid`` (default) the map must lie on its CT's grid (:func:`~vox2vec.geometry.check_same_grid`).
-    Bare arrays are refused: they carry no geometry.
-    """
-    if isinstance(labels, (np.ndarray, torch.Tensor)):
-        raise InputError(f"pass {what}s as files or images (with geometry), not bare arrays; e.g. "
-                         "vox2vec.load_volume(array, spacing=..., axis_order=...) first")
-    volume = load_volume(labels, check_finite=False)
-    if same_grid:
-        if pyramid.source_grid is None:
-            raise InputError(f"this pyramid does not know its CT's grid, so the {what} cannot be checked against it; "
-                             "embed the CT again (a current pyramid records its grid)")
-        check_same_grid(volume.grid, pyramid.source_grid, f"the {what}")
-    array = check_integer_labels(volume.array, what)
-    volume = volume.with_array(array)
-    if classes is not None:
+    def encode(array: np.ndarray) -> np.ndarray:
         encoded = classes.encode(array)
         if ignore_label is not None:
             encoded[array == ignore_label] = -1
-        array = encoded
-    on_grid = resample(torch.from_numpy(np.ascontiguousarray(array)), volume.grid, pyramid.grid, mode="nearest",
-                       fill=0)
-    return volume, on_grid.long()
+        return encoded
+
+    return labels_on_grid(labels, pyramid.grid, pyramid.source_grid, encode=None if classes is None else encode,
+                          same_grid=same_grid, what=what)

@@ -1,0 +1,55 @@
+"""Label maps: integer ids checked, and brought onto another grid (a model grid) by nearest neighbour through world
+coordinates — the one home of "labels → the model grid" (``train_head``, region feature tables)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from vox2vec.errors import InputError
+from vox2vec.geometry import Grid, check_same_grid
+from vox2vec.resample import resample
+from vox2vec.volume import Volume, load_volume
+
+__all__ = ["check_integer_labels", "labels_on_grid"]
+
+
+def check_integer_labels(array: np.ndarray, source: str = "label map") -> np.ndarray:
+    """Refuse non-integer labels (e.g. a probability map or an interpolated mask) instead of truncating them;
+    integral floats are accepted. Returns int64 ids."""
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        return array.astype(np.int64, copy=False)
+    if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        return array.astype(np.int64)
+    raise InputError(
+        f"the {source} holds non-integer values (dtype {array.dtype}); pass integer label ids — a resampled mask "
+        "must use nearest-neighbour interpolation"
+    )
+
+
+def labels_on_grid(labels: Any, grid: Grid, source_grid: Grid | None, *,
+                   encode: Callable[[np.ndarray], np.ndarray] | None = None, same_grid: bool = True,
+                   what: str = "label map",
+                   no_source_fix: str = "embed the CT again (a current pyramid records its grid)",
+                   ) -> tuple[Volume, torch.Tensor]:
+    """A label map read on its own grid (integer ids), and its labels on ``grid`` as an int64 tensor (0 outside the
+    map). ``encode`` maps the ids first (e.g. to class indices). With ``same_grid`` (default) the map must lie on
+    ``source_grid``, its CT's grid (:func:`~vox2vec.geometry.check_same_grid`). Bare arrays carry no geometry and
+    are refused."""
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        raise InputError(f"pass {what}s as files or images (with geometry), not bare arrays; e.g. "
+                         "vox2vec.load_volume(array, spacing=..., axis_order=...) first")
+    volume = load_volume(labels, check_finite=False)
+    if same_grid:
+        if source_grid is None:
+            raise InputError(f"this pyramid does not know its CT's grid, so the {what} cannot be checked against it; "
+                             f"{no_source_fix}")
+        check_same_grid(volume.grid, source_grid, f"the {what}")
+    volume = volume.with_array(check_integer_labels(volume.array, what))
+    array = volume.array if encode is None else encode(volume.array)
+    on_grid = resample(torch.from_numpy(np.ascontiguousarray(array)), volume.grid, grid, mode="nearest", fill=0)
+    return volume, on_grid.long()
