@@ -80,8 +80,8 @@ def parameter_count(in_channels: int, base_channels: int, num_scales: int) -> in
         return sum(p.numel() for p in FPN3d(in_channels, base_channels, num_scales).parameters())
 
 
-def forward_bytes(base_channels: int, num_scales: int, window: tuple[int, int, int], batch: int = 1) -> int:
-    """A rough upper bound of the fp32 activations one forward pass over ``batch`` windows keeps alive: per level,
-    about six maps of its channels at its stride (the residual stack's working set, the skip and the output)."""
-    voxels = batch * window[0] * window[1] * window[2]
+def forward_bytes(base_channels: int, num_scales: int, window: tuple[int, int, int]) -> int:
+    """A rough upper bound of the fp32 activations one forward pass over one window keeps alive: per level, about
+    six maps of its channels at its stride (the residual stack's working set, the skip and the output)."""
+    voxels = window[0] * window[1] * window[2]
     return int(sum(6 * c * voxels / 8**i * 4 for i, c in enumerate(pyramid_channels(base_channels, num_scales))))

@@ -96,6 +96,8 @@ def train_head(
     ``augmented_copies`` (also embed that many :func:`intensity_augmented_copies` of every training CT; needs CTs,
     not pyramids), ``levels`` (the pyramid levels a linear head may use; the others' weights are zero) and
     ``components_per_level`` (a linear head's weights confined to each level's top-k principal directions).
+
+    (Long only by its backward-compatible keywords and this docstring: the body checks everything, then delegates.)
     """
     settings = _settings(config, kind=kind, multilabel=multilabel, voxels_per_class=voxels_per_class, steps=steps,
                          voxels_per_step=voxels_per_step, lr=lr, regularization=regularization, patience=patience,
