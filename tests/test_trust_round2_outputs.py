@@ -243,7 +243,7 @@ def test_a_checkpoint_damaged_in_place_is_detected(corpus, tmp_path):
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: same size, still loads
     newest.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="step_00000002.pt is damaged"):
+    with pytest.warns(UserWarning, match="step_00000002.pt is unreadable: damaged"):
         assert load_latest_checkpoint(out / "checkpoints")["step"] == 1
     (out / "checkpoints" / "step_00000001.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(InputError, match="every checkpoint .* is damaged"):
@@ -390,3 +390,19 @@ def test_eval_with_label_sets_that_differ(small_dataset, tmp_path):
         summary = evaluate_dataset(small_dataset, tmp_path / "b", model=tiny_model(), setups=["linear"], folds=3,
                                    head_options={"steps": 20}, progress=False)
     assert "99" not in summary["classes"] and "5" in summary["classes"]
+
+
+def test_finetune_resume_with_another_model_or_settings_is_refused(scan, tmp_path):
+    from vox2vec.errors import ConfigError
+    from vox2vec.probing.finetune import finetune
+
+    ct, labels = read_image(scan["ct"]), read_image(scan["labels"])
+    options = dict(classes={5: "liver"}, progress=False, patch_size=(32, 32, 16), batch_size=2, total_steps=2,
+                   frozen_steps=1, warmup_steps=1, checkpoint_every=1)
+    finetune([(ct, labels)], tmp_path / "run", model=tiny_model(seed=0), **options)
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").glob("*.pt")}
+    with pytest.raises(ConfigError, match=r"head_lr 0.0003 → 0.001"):
+        finetune([(ct, labels)], tmp_path / "run", model=tiny_model(seed=0), **{**options, "head_lr": 1e-3})
+    with pytest.raises(ConfigError, match="base_fingerprint"):  # old main: resumed another model's run silently
+        finetune([(ct, labels)], tmp_path / "run", model=tiny_model(seed=1), **options)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").glob("*.pt")} == saved

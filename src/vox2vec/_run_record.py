@@ -3,11 +3,12 @@ a resume so that results of one run are never returned for another, and a resume
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["changed_settings", "describe_changes"]
+__all__ = ["changed_settings", "describe_changes", "record_digest", "vox2vec_version"]
 
 
 def _flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,3 +37,19 @@ def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str
     """``train.lr 0.0003 → 0.001, train.temperature 0.1 → 0.2`` (the first ``limit``, then how many more)."""
     shown = ", ".join(f"{name} {json.dumps(a)} → {json.dumps(b)}" for name, a, b in changes[:limit])
     return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def vox2vec_version() -> str:
+    """The installed vox2vec version a record names ("source" when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vox2vec")
+    except PackageNotFoundError:
+        return "source"
+
+
+def record_digest(record: Mapping[str, Any], ignore: Iterable[str] = ("vox2vec",)) -> str:
+    """A short digest of a run record (without the ``ignore`` keys): names folders that belong to one run."""
+    kept = {k: v for k, v in record.items() if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

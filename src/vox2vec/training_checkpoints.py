@@ -41,8 +41,8 @@ def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
     recorded writing) is reported and skipped."""
     for path in reversed(list_checkpoints(directory)):
         if changed_since_written(path):
-            warnings.warn(f"checkpoint {path.name} is damaged (its bytes changed since it was written); using the "
-                          "previous one", stacklevel=2)
+            warnings.warn(f"checkpoint {path.name} is unreadable: damaged (its bytes changed since it was written); "
+                          "using the previous one", stacklevel=2)
             continue
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

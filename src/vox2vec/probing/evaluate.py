@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_path
-from vox2vec._run_record import changed_settings, describe_changes, vox2vec_version
+from vox2vec._run_record import changed_settings, describe_changes, record_digest, vox2vec_version
 from vox2vec.errors import InputError, OutputError
 from vox2vec.hub import resolve_model
 from vox2vec.inference.runtime import Runtime, resolve_runtime
@@ -113,8 +113,8 @@ def evaluate_dataset(
                 continue
             train = [cases[i] for i in range(len(cases)) if i not in set(test_index)]
             test = [cases[i] for i in test_index]
-            head = _fit(setup, train, net, class_map, pyramids, output_dir / "runs" / f"{setup}_fold{fold}",
-                        head_options, finetune_options, runtime)
+            workdir = output_dir / "runs" / record_digest(record) / f"{setup}_fold{fold}"  # one run's checkpoints
+            head = _fit(setup, train, net, class_map, pyramids, workdir, head_options, finetune_options, runtime)
             per_case = _score(head, test, class_map, pyramids if setup in ("linear", "nonlinear") else None, runtime)
             write_json({"setup": setup, "fold": fold, "test": [c for c, _, _ in test], "cases": per_case},
                        result_path)

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vox2vec._run_record import changed_settings, describe_changes
 from vox2vec.config import batch_statistics_problem, check_int, check_number, check_patch_size, known_settings
 from vox2vec.configured_model import Vox2VecModel
-from vox2vec.errors import ArgumentError, InputError
+from vox2vec.errors import ArgumentError, ConfigError, InputError
 from vox2vec.hub import resolve_model
 from vox2vec.inference.precision import TRAINING_PRECISIONS, autocast, training_precision
 from vox2vec.inference.runtime import Runtime, resolve_runtime
@@ -175,6 +176,7 @@ def finetune(
     run = _FinetuneRun.start(base, class_map.num_classes + (0 if config.multilabel else 1), config, device)
     checkpoint = load_latest_checkpoint(output_dir / "checkpoints") if resume else None
     if checkpoint is not None:
+        _check_resumable(checkpoint, config, base, output_dir)
         run.restore(checkpoint)
     history: list[dict[str, float]] = []
     with tqdm(total=config.total_steps, initial=run.step, desc="fine-tuning", disable=not runtime.progress) as bar:
@@ -183,9 +185,23 @@ def finetune(
             bar.update()
             bar.set_postfix(loss=round(history[-1]["loss"], 4))
             if run.step % config.checkpoint_every == 0 or run.step == config.total_steps:
-                save_checkpoint(output_dir / "checkpoints", run.step, run.state(config),
+                save_checkpoint(output_dir / "checkpoints", run.step,
+                                {**run.state(config), "base_fingerprint": base.fingerprint()},
                                 keep=config.keep_checkpoints)
     return _save_result(run, base, class_map, config, history, output_dir)
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: FinetuneConfig, base: Vox2VecModel, output_dir: Path) -> None:
+    """A resumed fine-tuning run has its checkpoint's start model and settings (run length and checkpointing aside);
+    otherwise a ``ConfigError`` names the changes, before any step."""
+    recorded = {"base_fingerprint": checkpoint.get("base_fingerprint", base.fingerprint()),
+                **(checkpoint.get("config") or {})}
+    wanted = {"base_fingerprint": base.fingerprint(), **dataclasses.asdict(config)}
+    changes = changed_settings(recorded, wanted, ignore=("total_steps", "checkpoint_every", "keep_checkpoints"))
+    if changes:
+        raise ConfigError(f"cannot resume the fine-tuning run in {output_dir} (step {checkpoint.get('step')}) with "
+                          f"another start model or settings: {describe_changes(changes)}; give another output_dir, "
+                          "or resume=False to start again")
 
 
 def _training_precision(runtime: Runtime, config: FinetuneConfig) -> str:
