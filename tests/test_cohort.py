@@ -314,9 +314,9 @@ def test_a_header_whose_data_file_lies_outside_its_folder_is_refused(cohort, tmp
     header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 64 64 16\nElementSpacing = 1 1 2\n"
                       f"ElementType = MET_SHORT\nElementDataFile = {data_file}\n")
     [case] = discover([header])
-    assert "outside its own folder" in case.problem and data_file in case.problem
+    assert "outside the header's folder" in case.problem and data_file in case.problem
     [result] = embed_many([folder], tmp_path / "out", model=str(model_dir), workers=0, progress=False)
-    assert result.status == "failed" and "outside its own folder" in result.reason
+    assert result.status == "failed" and "outside the header's folder" in result.reason
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
@@ -356,3 +356,21 @@ def test_a_csv_list_without_a_path_column_is_refused_not_read_as_paths(cohort, t
         discover([listing])
     listing.write_text(f"{cohort / 'p1' / 'ct.nii.gz'}\n{cohort / 'p2' / 'ct.nrrd'}\n")  # header-less: paths
     assert len(discover([listing])) == 2
+
+
+def test_a_label_value_of_two_billion_is_tabulated_like_any_other(tmp_path):
+    """Label ids are looked up by a sorted search, never through a table as long as the largest id (16 GB here)."""
+    from vox2vec.cohort.regions import region_table, rows_of_labels
+
+    image = crop(read_image(ct_path("ts_abdomen_dicom20")), (60, 150, 2), (96, 96, 12))
+    labels = crop(read_image(label_path("ts_abdomen_dicom20")), (60, 150, 2), (96, 96, 12))
+    pyramid = vox2vec.embed_volume(image, model=tiny_model(2, 4), progress=False)
+    small = sitk.Cast(labels, sitk.sitkInt64)
+    big = sitk.Cast(labels, sitk.sitkInt64)
+    big[big == 5] = 2_000_000_000  # the liver gets a huge id
+    by_small = {row[1]: row[2:] for row in region_table(pyramid, small).rows}
+    by_big = {row[1]: row[2:] for row in region_table(pyramid, big).rows}
+    assert 5 in by_small and by_big[2_000_000_000] == by_small.pop(5)
+    assert {k: v for k, v in by_big.items() if k != 2_000_000_000} == by_small
+    values = torch.tensor([0, 7, 2_000_000_000, -3, 5, 7])
+    assert rows_of_labels(values, [7, 2_000_000_000, 5]).tolist() == [-1, 0, 1, -1, 2, 0]

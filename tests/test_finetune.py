@@ -55,7 +55,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous(tmp_path):
     finetune(_pairs(), run, **options)
     newest = run / "checkpoints" / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="unreadable|damaged"):
         resumed, resumed_head = finetune(_pairs(), run, **options)
     # redone from the step-2 checkpoint, it ends exactly where an uninterrupted run does
     for key, value in straight.backbone.state_dict().items():

@@ -307,3 +307,23 @@ def test_pca_refuses_bad_arguments(chest):
     orphan = FeaturePyramid(pyramid.levels, pyramid.grid, None, pyramid.meta, pyramid.body)
     with pytest.raises(InputError, match="original grid"):
         pyramid_pca(orphan, 3)
+
+
+@pytest.mark.parametrize("width", [100_000, 10, 0, -5, 2.5, True])
+def test_a_width_outside_the_allowed_range_is_refused_before_any_work(abdomen, tmp_path, width, capsys):
+    from vox2vec.viz.render import WIDTH_RANGE
+
+    folder, _, _ = abdomen
+    out = tmp_path / "view.png"
+    with pytest.raises(ArgumentError, match=f"width must be a whole number between {WIDTH_RANGE[0]} and "
+                                            f"{WIDTH_RANGE[1]}"):
+        show(folder / "ct.nii.gz", out, pyramid=folder / "ct.safetensors", width=width)
+    assert not out.exists()
+    if isinstance(width, int) and not isinstance(width, bool):
+        try:  # the command line refuses it as a usage error (argparse) or as our one-line error
+            status = main(["show", str(folder / "ct.nii.gz"), "--pyramid", str(folder / "ct.safetensors"), "-o",
+                           str(out), "--width", str(width)])
+        except SystemExit as stop:
+            status = stop.code
+        assert status == 2
+        assert "width" in capsys.readouterr().err and not out.exists()

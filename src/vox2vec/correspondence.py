@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vox2vec.configured_model import check_same_backbone
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid, check_world_points
 from vox2vec.hub import resolve_model
@@ -167,8 +168,10 @@ def match(
 
 
 def _check_same_backbone(a: FeaturePyramid, b: FeaturePyramid) -> None:
-    fa, fb = a.meta.get("fingerprint"), b.meta.get("fingerprint")
-    if a.channels != b.channels or (fa and fb and fa != fb):
-        raise InputError(f"the pyramids come from different backbones: {a.meta.get('model')!r} (fingerprint {fa}, "
-                         f"channels {a.channels}) and {b.meta.get('model')!r} (fingerprint {fb}, channels "
-                         f"{b.channels}); embed both CTs with the same model")
+    """Both pyramids from one backbone (:func:`~vox2vec.configured_model.check_same_backbone`), and — for pyramids
+    without a fingerprint — with the same channels."""
+    fix = "embed both CTs with the same model"
+    check_same_backbone([("the source", a.meta), ("the target", b.meta)], fix)
+    if a.channels != b.channels:
+        raise InputError(f"these come from different backbones: the source has channels {a.channels}, the target "
+                         f"{b.channels}; {fix}")

@@ -182,7 +182,7 @@ def iter_embed_many(
     check_output_dir(output_dir, files=[f"{c.name}.safetensors" for c in mine] + [MANIFEST], inputs=sources,
                      overwrite=overwrite, what="cohort output folder")
     return CohortRun(mine, len(cases), output_dir, net, storage, shard, runtime,
-                     dict(workers=workers, hash_inputs=hash_inputs, allow_non_ct=allow_non_ct))
+                     dict(workers=workers, hash_inputs=hash_inputs, allow_non_ct=allow_non_ct), overwrite=overwrite)
 
 
 def _output_dir(output_dir: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> Path:
@@ -227,9 +227,10 @@ class CohortRun:
     :attr:`interrupted` and :meth:`summary` tell how it went."""
 
     def __init__(self, cases: list[CaseInput], total: int, output_dir: Path, net: Any, storage: Storage,
-                 shard: Shard, runtime: Runtime, loading: dict[str, Any]) -> None:
+                 shard: Shard, runtime: Runtime, loading: dict[str, Any], overwrite: bool = False) -> None:
         self.cases, self.total, self.output_dir, self.net = cases, total, output_dir, net
         self.storage, self.shard, self.runtime, self.loading = storage, shard, runtime, loading
+        self.overwrite = overwrite  # without it, check_output_dir has verified every existing output is ours
         self.results: list[CaseResult] = []
         self.interrupted = False
         self.finished = False
@@ -303,7 +304,7 @@ class CohortRun:
         meta = complete_pyramid_meta(self._output(case))
         if meta is None or meta.get("fingerprint") != self.model_fingerprint:
             return None
-        if not is_ours(self._output(case)):  # changed since we wrote it (same size and mtime or not): redo it
+        if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
             return None
             return None
         cohort = meta.get("cohort", {})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vox2vec.errors import InputError
+from vox2vec.readers.files import check_data_file_inside
 from vox2vec.volume import IMAGE_SUFFIXES, DicomSeries, _looks_like_dicom, dicom_series_ids, image_stem
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")  # a file of paths, one per line, or a CSV with a `path` column
@@ -101,19 +102,13 @@ def _detached_data_file(header: Path) -> list[Path]:
 
 
 def detached_data_problem(header: Path) -> str | None:
-    """Why a ``.mhd`` / ``.nhdr`` header must not be read: its data file lies outside the header's own folder (an
-    absolute path, ``../``, a symlink out) — a header can then make any file on disk (a system library) pass for a
-    CT. None when the header is fine (or is not a detached header)."""
-    named = _named_data_file(header)
-    if named is None:
-        return None
-    if named.upper().startswith("LIST") or "%" in named:
-        return f"the header's data file {named!r} is a file list or pattern; convert the scan to one file (.nii.gz)"
-    folder = os.path.realpath(header.parent)
-    target = os.path.realpath(header.parent / named)
-    if os.path.isabs(named) or os.path.commonpath([folder, target]) != folder:
-        return (f"the header names the data file {named!r}, outside its own folder {header.parent}; a header's data "
-                "file must sit beside it (copy the data next to the header, or convert the scan to .nii.gz)")
+    """Why a ``.mhd`` / ``.nhdr`` header must not be read (its data file lies outside the header's own folder — see
+    :func:`vox2vec.readers.files.check_data_file_inside`, the one home of the rule), as a failed case's reason;
+    None when the file is fine or is not a detached header."""
+    try:
+        check_data_file_inside(header)
+    except InputError as error:
+        return str(error)
     return None
 
 

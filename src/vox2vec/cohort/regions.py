@@ -24,11 +24,13 @@ import torch
 
 from vox2vec.errors import InputError, MissingExtraError
 from vox2vec.features import FeaturePyramid, check_world_points
-from vox2vec.geometry import check_same_grid
 from vox2vec.inference.ct_to_pyramid import as_pyramid as _as_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.resample import resample
-from vox2vec.volume import Volume, load_volume
+from vox2vec.labelmaps import labels_on_grid
+from vox2vec.volume import Volume
+
+__all__ = ["FeatureJob", "FeatureTable", "feature_columns", "label_means", "labels_on_model_grid", "point_features",
+           "point_table", "read_feature_list", "region_features", "region_table", "rows_of_labels"]
 
 _CHUNK = 1 << 21  # labelled voxels per step of the weighted sums (bounds the temporary (cells, C) arrays)
 
@@ -62,21 +64,11 @@ def feature_columns(pyramid: FeaturePyramid) -> list[str]:
 
 def labels_on_model_grid(labels: Any, pyramid: FeaturePyramid,
                          resample_mask: bool = False) -> tuple[Volume, torch.Tensor]:
-    """The label map (on its own grid) and its integer labels on the pyramid's model grid."""
-    volume = load_volume(labels, check_finite=False)
-    if not np.issubdtype(volume.array.dtype, np.integer):
-        rounded = np.rint(volume.array)
-        if not np.array_equal(rounded, volume.array):
-            raise InputError("the mask holds non-integer values; pass a label map (0 = background, 1, 2, … = "
-                             "regions)")
-        volume = volume.with_array(rounded.astype(np.int64))
-    if not resample_mask:
-        if pyramid.source_grid is None:
-            raise InputError("this pyramid does not know its CT's grid; pass resample_mask=True (--resample-mask) to "
-                             "map the mask through world coordinates")
-        check_same_grid(volume.grid, pyramid.source_grid, "the mask")
-    array = torch.from_numpy(np.ascontiguousarray(volume.array.astype(np.int64)))
-    return volume, resample(array, volume.grid, pyramid.grid, mode="nearest", fill=0).long()
+    """The label map (on its own grid) and its integer labels on the pyramid's model grid
+    (:func:`vox2vec.labelmaps.labels_on_grid`, the one home of the rule)."""
+    return labels_on_grid(labels, pyramid.grid, pyramid.source_grid, same_grid=not resample_mask, what="mask",
+                          no_source_fix="pass resample_mask=True (--resample-mask) to map the mask through world "
+                                        "coordinates")
 
 
 def rows_of_labels(labels: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
@@ -144,11 +136,6 @@ def point_table(pyramid: FeaturePyramid, names: Sequence[str], points: np.ndarra
     features = pyramid.at_world(points).numpy()
     rows = [[case, name, *map(float, point), *row.tolist()] for name, point, row in zip(names, points, features)]
     return FeatureTable(["case", "point", "x", "y", "z", *feature_columns(pyramid)], rows)
-
-
-def as_pyramid(ct: Any, model: Any, progress: bool = False) -> FeaturePyramid:
-    """Deprecated: use :func:`vox2vec.as_pyramid` (``runtime=Runtime(progress=…)``)."""
-    return _as_pyramid(ct, model, runtime=Runtime(progress=progress))
 
 
 def region_features(ct: Any, mask: Any, *, model: Any = None, case: str = "", resample_mask: bool = False,
