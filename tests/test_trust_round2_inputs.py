@@ -171,6 +171,19 @@ def test_dice_scores_with_a_list_of_names_is_one_clear_line():
         vox2vec.dice_scores(truth, truth, {"liver": "5"}, axis_order="xyz")
 
 
+@pytest.mark.parametrize(("classes", "message"), [
+    ({"liver": 5}, r"^classes must map label ids to names, e\.g\. \{5: 'liver', 32: 'vertebrae'\}; 'liver' is not a "
+                   r"label id \(that is dice_scores' direction, name → ids\)$"),
+    (["liver"], r"^classes must map label ids to names, e\.g\. \{5: 'liver', 32: 'vertebrae'\}; 'liver' is not a "
+                r"label id$"),
+    ({5.5: "liver"}, r"; 5\.5 is not a label id$"),  # once silently truncated to 5
+    ("liver", r"^classes must map label ids to names, e\.g\. \{5: 'liver'\}, or list label ids; got 'liver'$"),
+])
+def test_classes_in_another_form_are_refused_before_any_scan_is_read(classes, message):
+    with pytest.raises(InputError, match=message):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], classes=classes)
+
+
 def test_old_batch_size_meaning_is_refused_with_the_new_name():
     with pytest.raises(vox2vec.Vox2VecError, match=r"for 4096 voxels per Adam step pass voxels_per_step=4096"):
         vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], batch_size=4096)

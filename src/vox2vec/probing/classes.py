@@ -14,7 +14,7 @@ from vox2vec.features import FeaturePyramid
 from vox2vec.labelmaps import check_integer_labels, labels_on_grid
 from vox2vec.volume import Volume
 
-__all__ = ["MAX_CLASSES", "ClassMap", "check_integer_labels", "label_ids", "labels_on_model_grid"]
+__all__ = ["MAX_CLASSES", "ClassMap", "check_integer_labels", "label_ids", "labels_on_model_grid", "requested_ids"]
 
 #: The most classes one head may predict: its per-voxel outputs on a CT are classes × voxels floats, so a label map or
 #: ``head.json`` declaring 200 000 classes would allocate tens of gigabytes before anything is learned or predicted.
@@ -47,9 +47,12 @@ class ClassMap:
         if classes is None:
             mapping = {i: str(i) for i in present}
         elif isinstance(classes, Mapping):
-            mapping = {int(i): str(n) for i, n in classes.items()}
+            mapping = {_label_id(i, classes): str(n) for i, n in classes.items()}
+        elif isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+            raise InputError(f"classes must map label ids to names, e.g. {{5: 'liver'}}, or list label ids; got "
+                             f"{classes!r:.60}")
         else:
-            mapping = {int(i): str(i) for i in classes}
+            mapping = {_label_id(i, classes): str(i) for i in classes}
         if 0 in mapping:
             raise InputError("label id 0 is background and cannot be a class; leave it out of `classes`")
         if not mapping:
@@ -97,6 +100,29 @@ class ClassMap:
     @classmethod
     def from_dict(cls, data: dict) -> ClassMap:
         return cls(tuple(data["names"]), tuple(tuple(int(i) for i in ids) for ids in data["ids"]))
+
+
+def requested_ids(classes: Mapping[int, str] | Iterable[int] | None) -> set[int]:
+    """The label ids a ``classes`` argument names (empty for None), checked as :meth:`ClassMap.build` checks them —
+    so a wrong form fails before any scan is read."""
+    if classes is None:
+        return set()
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise InputError(f"classes must map label ids to names, e.g. {{5: 'liver'}}, or list label ids; got "
+                         f"{classes!r:.60}")
+    return {_label_id(i, classes) for i in classes}
+
+
+def _label_id(value: Any, classes: Any) -> int:
+    """A label id of ``classes``: a whole number, or its digits as a string (JSON keys, the command line)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    inverted = isinstance(classes, Mapping) and all(isinstance(v, (int, np.integer)) for v in classes.values())
+    hint = " (that is dice_scores' direction, name → ids)" if inverted else ""
+    raise InputError(f"classes must map label ids to names, e.g. {{5: 'liver', 32: 'vertebrae'}}; {value!r} is not a "
+                     f"label id{hint}")
 
 
 def label_ids(array: np.ndarray) -> set[int]:

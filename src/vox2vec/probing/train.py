@@ -27,7 +27,7 @@ from vox2vec.probing._linalg import (  # re-exported: the names users and benchm
     standardised_linear_forward,
 )
 from vox2vec.probing._sampling import LabelledPyramid, class_weights, sample_voxels
-from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids, labels_on_model_grid
+from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids, labels_on_model_grid, requested_ids
 from vox2vec.probing.head import Head
 from vox2vec.probing.head_config import REGULARIZATION_GRID, HeadTrainingConfig
 from vox2vec.probing.levers import check_levers, intensity_augmented_copies, training_pairs
@@ -133,16 +133,16 @@ def _settings(config: HeadTrainingConfig | None, **keywords: Any) -> HeadTrainin
 
 
 def _check_requested_classes(classes: Any, ignore_label: int | None) -> None:
-    """Before any scan is read: an ignore label cannot also be a class, and 0 (background) cannot be ignored."""
+    """Before any scan is read: ``classes`` has a valid form, an ignore label is not also a class, and 0
+    (background) is not ignored."""
+    requested_ids(classes)
     if ignore_label == 0:
         raise InputError("ignore_label=0 would discard every background voxel (0 is background), so the head could "
                          "never learn background; mark the unlabelled voxels with another value (sparse_labels "
                          f"writes {IGNORE_LABEL}) and pass that")
-    if ignore_label is None or classes is None:
-        return
-    ids = classes.keys() if isinstance(classes, Mapping) else classes
-    if ignore_label in {int(i) for i in ids}:
-        name = classes[ignore_label] if isinstance(classes, Mapping) else ignore_label
+    if ignore_label is not None and ignore_label in requested_ids(classes):  # (its form is checked either way)
+        names = {requested_ids([i]).pop(): n for i, n in classes.items()} if isinstance(classes, Mapping) else {}
+        name = names.get(ignore_label, str(ignore_label))
         raise InputError(f"label {ignore_label} is both the ignore label (unlabelled voxels, never sampled) and the "
                          f"requested class {name!r}; a value is either unlabelled or a class — drop it from classes "
                          "or pass another ignore_label")
@@ -223,9 +223,7 @@ def _class_map(classes: Any, label_volumes: list[Volume], ignore_label: int | No
     present: set[int] = set()
     for labels in label_volumes:
         present |= label_ids(check_integer_labels(labels.array))
-    named = set() if classes is None else {int(i) for i in (classes.keys() if isinstance(classes, Mapping)
-                                                             else classes)}
-    if IGNORE_LABEL in present and ignore_label != IGNORE_LABEL and IGNORE_LABEL not in named:
+    if IGNORE_LABEL in present and ignore_label != IGNORE_LABEL and IGNORE_LABEL not in requested_ids(classes):
         raise InputError(f"the label maps hold {IGNORE_LABEL}, the value sparse_labels writes for unlabelled voxels, "
                          f"but ignore_label is not {IGNORE_LABEL}; pass ignore_label={IGNORE_LABEL} (--ignore-label "
                          f"{IGNORE_LABEL}) if it marks unlabelled voxels, or name it in classes "
