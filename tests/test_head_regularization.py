@@ -243,3 +243,22 @@ def test_levers_that_do_not_fit_the_data_are_refused(pyramid_and_labels):
     with pytest.raises(InputError, match="only for the linear head"):
         vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], kind="nonlinear",
                            components_per_level=2)
+
+
+def test_a_head_training_config_is_the_same_fit_as_its_keywords(pyramid_and_labels):
+    from vox2vec.probing import HeadTrainingConfig
+
+    pyramid, labels = pyramid_and_labels
+    config = HeadTrainingConfig(steps=30, voxels_per_class=200, feature_dropout=0.25, seed=3)
+    by_config = vox2vec.train_head([(pyramid, labels)], classes=SHARED_ORGANS, config=config, progress=False)
+    by_keywords = vox2vec.train_head([(pyramid, labels)], classes=SHARED_ORGANS, steps=30, voxels_per_class=200,
+                                     feature_dropout=0.25, seed=3, progress=False)
+    assert _same(_state(by_config), _state(by_keywords)) and by_config.history == by_keywords.history
+    assert _same(_state(by_config), _state(vox2vec.train_head(  # a keyword repeating the config's value is fine
+        [(pyramid, labels)], classes=SHARED_ORGANS, config=config, steps=30, progress=False)))
+    with pytest.raises(vox2vec.Vox2VecError, match=r"^steps given both in config= and as a keyword argument, with "
+                                                   r"different values; give each setting once$"):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], config=config, steps=31)
+    with pytest.raises(InputError, match=r"^kind must be one of linear, nonlinear, got 'lin'; steps must be a whole "
+                                         r"number ≥ 1, got 0$"):
+        HeadTrainingConfig(kind="lin", steps=0)
