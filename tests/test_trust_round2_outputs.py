@@ -63,6 +63,7 @@ def train_head_cli(scan, out, *extra) -> int:
 
 
 # -- a full disk: the previous file survives byte for byte, one line, status 2 ---------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha"])
 def test_predict_on_a_full_disk_keeps_the_previous_label_map(scan, tmp_path, ext):
     assert train_head_cli(scan, tmp_path / "head") == 0
@@ -82,6 +83,7 @@ def test_predict_on_a_full_disk_keeps_the_previous_label_map(scan, tmp_path, ext
     assert no_temporary_files(out.parent)
 
 
+@pytest.mark.slow
 def test_embed_on_a_full_disk_keeps_the_previous_file(scan, tmp_path):
     out = tmp_path / "out" / "features.safetensors"
     out.parent.mkdir()
@@ -96,6 +98,7 @@ def test_embed_on_a_full_disk_keeps_the_previous_file(scan, tmp_path):
     assert out.read_bytes() == good and no_temporary_files(out.parent)
 
 
+@pytest.mark.slow
 def test_train_head_on_a_full_disk_keeps_the_previous_head(scan, tmp_path):
     head = tmp_path / "head"
     assert train_head_cli(scan, head) == 0
@@ -108,6 +111,7 @@ def test_train_head_on_a_full_disk_keeps_the_previous_head(scan, tmp_path):
     assert {p.name: p.read_bytes() for p in head.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_cohort_embed_on_a_full_disk_records_each_case_as_failed_with_a_manifest(scan, tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
@@ -406,3 +410,32 @@ def test_finetune_resume_with_another_model_or_settings_is_refused(scan, tmp_pat
     with pytest.raises(ConfigError, match="base_fingerprint"):  # old main: resumed another model's run silently
         finetune([(ct, labels)], tmp_path / "run", model=tiny_model(seed=1), **options)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints").glob("*.pt")} == saved
+
+
+@pytest.mark.parametrize("name", ["run.json", "image.npy", "pyramid.safetensors", "step.pt", "view.png"])
+def test_a_file_cut_short_is_never_renamed_into_place(tmp_path, name):
+    """What a writer that ignores a short write leaves behind: the first half of a valid file."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vox2vec._atomic import atomic_path
+
+    def write_whole(path):
+        writers = {".json": lambda: path.write_text(json.dumps({"folds": list(range(50))})),
+                   ".npy": lambda: np.save(path, np.arange(1000, dtype=np.int16)),
+                   ".safetensors": lambda: save_file({"level0": torch.zeros(1000)}, str(path)),
+                   ".pt": lambda: torch.save({"step": 3, "weights": torch.zeros(1000)}, path),
+                   ".png": lambda: Image.fromarray(np.arange(4096, dtype=np.uint8).reshape(64, 64)).save(path)}
+        writers[path.suffix]()
+
+    target = tmp_path / name
+    with atomic_path(target) as tmp:
+        write_whole(tmp)
+    good = target.read_bytes()
+    with pytest.raises(OutputError, match=f"could not write {target}.*{name} is unchanged"), \
+            atomic_path(target) as tmp:
+        write_whole(tmp)
+        tmp.write_bytes(tmp.read_bytes()[: len(good) // 2])
+    assert target.read_bytes() == good and is_ours(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([REGISTRY, name])
