@@ -60,9 +60,10 @@ EXTENSIONS = {
     "volume": IMAGE_EXTENSIONS,
     "table": (".csv", ".parquet"),
     "picture": (".png",),
+    "dicom-seg": (".dcm",),  # vox2vec.integrations.dicom_seg
 }
 DESCRIPTIONS = {"pyramid": "feature pyramid", "label-map": "label map", "volume": "volume", "table": "table",
-                "picture": "picture"}
+                "picture": "picture", "dicom-seg": "DICOM segmentation"}
 OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it, or choose another path"
 
 
@@ -148,6 +149,8 @@ def _has_kind(path: Path, kind: str) -> bool:
         return _image_note(path) == marker(kind)
     if suffix in (".csv", ".parquet"):
         return kind == "table"
+    if suffix == ".dcm":
+        return kind == "dicom-seg"
     if suffix == ".png":
         return kind == "picture" and (_png_software(path) or "").startswith("vox2vec")
     return False
