@@ -439,3 +439,16 @@ def test_a_file_cut_short_is_never_renamed_into_place(tmp_path, name):
         tmp.write_bytes(tmp.read_bytes()[: len(good) // 2])
     assert target.read_bytes() == good and is_ours(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([REGISTRY, name])
+
+
+def test_finetune_refuses_a_foreign_result_file_before_training(scan, tmp_path):
+    from vox2vec.probing.finetune import finetune
+
+    (tmp_path / "run" / "head").mkdir(parents=True)
+    (tmp_path / "run" / "head" / "head.json").write_text('{"my": "head"}')
+    with pytest.raises(OutputError, match="head.json.*not written by vox2vec"):  # old main: after all the training
+        finetune([(read_image(scan["ct"]), read_image(scan["labels"]))], tmp_path / "run", model=tiny_model(),
+                 classes={5: "liver"}, progress=False, patch_size=(32, 32, 16), batch_size=2, total_steps=2,
+                 frozen_steps=1, warmup_steps=1, checkpoint_every=1)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert (tmp_path / "run" / "head" / "head.json").read_text() == '{"my": "head"}'

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from vox2vec.probing.head import Head, build_head_module
 from vox2vec.probing.losses import head_loss
 from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 from vox2vec.volume import load_volume
+from vox2vec.writers import write_json
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ def finetune(
     pairs = list(data)
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")
+    _check_output_folders(output_dir, [p for pair in pairs if isinstance(pair, (tuple, list)) for p in pair] + [model])
     base = resolve_model(model)
     _check_batch_statistics(config, base.config.architecture.num_scales)
     cases, class_map = _prepare_cases(pairs, base, classes, config.patch_size)
@@ -286,5 +287,16 @@ def _save_result(run: _FinetuneRun, base: Vox2VecModel, class_map: ClassMap, con
     net.save_pretrained(output_dir / "backbone")
     result = Head(run.head.cpu().eval(), "nonlinear", class_map, net.record(), config.multilabel, net, history)
     result.save_pretrained(output_dir / "head")
-    (output_dir / "finetune.json").write_text(json.dumps({"config": dataclasses.asdict(config), "steps": run.step}))
+    write_json({"config": dataclasses.asdict(config), "steps": run.step}, output_dir / "finetune.json")
     return net, result
+
+
+def _check_output_folders(output_dir: Path, inputs: list[Any]) -> None:
+    """Before any compute: the files ``finetune`` writes (result, backbone, head) must be ours or absent."""
+    from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
+    from vox2vec.outputs import check_output_dir
+    from vox2vec.probing.head import HEAD_CONFIG, HEAD_WEIGHTS
+
+    check_output_dir(output_dir, files=("finetune.json",), inputs=inputs)
+    check_output_dir(output_dir / "backbone", files=(CONFIG_NAME, WEIGHTS_NAME), inputs=inputs)
+    check_output_dir(output_dir / "head", files=(HEAD_CONFIG, HEAD_WEIGHTS), inputs=inputs)
