@@ -221,3 +221,22 @@ def test_mhd_data_file_outside_its_folder_is_refused(tmp_path, abdomen_crop):
     link.symlink_to(tmp_path / "scans" / "ct.raw")
     with pytest.raises(InputError, match=r"which lies outside the header's folder"):  # a link out is outside too
         vox2vec.load_volume(_with_data_file(good, "linked.raw", elsewhere / "linked.mhd"))
+
+
+def test_mha_and_nhdr_headers_naming_outside_files_are_refused_too(tmp_path, abdomen_crop):
+    good = _write_mhd(abdomen_crop, tmp_path / "scans")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    mha = _with_data_file(good, "../scans/ct.raw", elsewhere / "ct.mha")  # a .mha may name a data file too
+    with pytest.raises(InputError, match=r"names its voxel file '\.\./scans/ct\.raw', which lies outside"):
+        vox2vec.load_volume(mha)
+    listed = _with_data_file(good, "LIST\nct.raw\n../scans/ct.raw", elsewhere / "listed.mhd")
+    with pytest.raises(InputError, match=r"names its voxel file '\.\./scans/ct\.raw', which lies outside"):
+        vox2vec.load_volume(listed)
+    nhdr = tmp_path / "scans" / "ct.nhdr"
+    sitk.WriteImage(abdomen_crop, str(nhdr))
+    np.testing.assert_array_equal(vox2vec.load_volume(nhdr).array, vox2vec.load_volume(good).array)
+    moved = elsewhere / "moved.nhdr"
+    moved.write_text(nhdr.read_text().replace("data file: ct.raw", "data file: ../scans/ct.raw"))
+    with pytest.raises(InputError, match=r"names its voxel file '\.\./scans/ct\.raw', which lies outside"):
+        vox2vec.load_volume(moved)

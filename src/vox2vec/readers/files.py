@@ -19,8 +19,10 @@ __all__ = ["IMAGE_SUFFIXES", "READABLE", "check_data_file_inside", "check_declar
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # single files we read (.gz first)
 READABLE = ", ".join(IMAGE_SUFFIXES) + " or a DICOM series directory"
-#: Header keys naming a detached voxel file: MetaImage (``.mhd``) and detached NRRD (``.nhdr``).
-_DATA_FILE_KEYS = {".mhd": ("elementdatafile",), ".nhdr": ("data file", "datafile")}
+#: Header keys naming a detached voxel file: MetaImage (``.mhd``, and ``.mha`` may name one too) and NRRD (``.nhdr``;
+#: a ``.nrrd`` may also carry a ``data file`` field).
+_DATA_FILE_KEYS = {".mhd": ("elementdatafile",), ".mha": ("elementdatafile",), ".nhdr": ("data file", "datafile"),
+                   ".nrrd": ("data file", "datafile")}
 
 
 def image_stem(name: str) -> str | None:
@@ -56,33 +58,44 @@ def _check_gzip_stream(path: Path) -> None:
         )
 
 
+def _data_file_names(path: Path) -> list[str]:
+    """The voxel file(s) a detached header names (empty when the voxels are inside it)."""
+    with open(path, "rb") as handle:  # the header is text at the start (a .mha / .nrrd continues with voxels)
+        head = handle.read(1 << 16)
+    if path.suffix.lower() in (".mha", ".nrrd"):
+        head = head.split(b"\n\n", 1)[0] if path.suffix.lower() == ".nrrd" else head
+    lines = head.decode("latin-1").splitlines()
+    separator = "=" if path.suffix.lower() in (".mhd", ".mha") else ":"
+    for index, line in enumerate(lines):
+        key, sep, value = line.partition(separator)
+        if not sep or key.strip().lower() not in _DATA_FILE_KEYS[path.suffix.lower()]:
+            continue
+        words = value.split()
+        if not words or words[0].upper() == "LOCAL":
+            return []
+        if words[0].upper() == "LIST":  # one file name per following line
+            return [name.strip() for name in lines[index + 1:] if name.strip()]
+        return [words[0]] if "%" in words[0] else [value.strip()]  # a printf pattern with its range, or one file
+    return []
+
+
 def check_data_file_inside(path: Path) -> None:
-    """A ``.mhd`` / ``.nhdr`` header names the file holding its voxels; refuse one outside the header's own folder
-    (an absolute path, ``../``, a link out): a header must not make us read — and embed as a CT — any file on disk."""
-    keys = _DATA_FILE_KEYS.get(path.suffix.lower())
-    if keys is None:
+    """A ``.mhd`` / ``.nhdr`` header names the file(s) holding its voxels; refuse one outside the header's own
+    folder (an absolute path, ``../``, a link out): a header must not make us read — and embed as a CT — any file on
+    disk."""
+    if path.suffix.lower() not in _DATA_FILE_KEYS:
         return
     try:
-        lines = path.read_bytes()[:65536].decode("latin-1").splitlines()
+        names = _data_file_names(path)
     except OSError as error:
         raise InputError(f"could not read {path} ({error})") from None
     folder = path.resolve().parent
-    for line in lines:
-        key, sep, value = line.partition("=") if path.suffix.lower() == ".mhd" else line.partition(":")
-        if not sep or key.strip().lower() not in keys:
-            continue
-        names = value.split()
-        if not names or names[0].upper() in ("LOCAL", "LIST"):
-            return  # voxels inside the header, or a list of files on the following lines (checked below)
-        if len(names) > 1 and "%" in names[0]:
-            names = names[:1]  # a printf pattern with its range: the folder of the pattern is what matters
-        for name in names[:1]:
-            target = (folder / name).resolve()
-            if target.parent != folder and folder not in target.parents:
-                raise InputError(f"{path} names its voxel file {name!r}, which lies outside the header's folder "
-                                 f"({folder}); keep the header and its data file together (a relative name in the "
-                                 "same folder)")
-        return
+    for name in names:
+        target = (folder / name).resolve()
+        if folder not in target.parents:
+            raise InputError(f"{path} names its voxel file {name!r}, which lies outside the header's folder "
+                             f"({folder}); keep the header and its data file together (a relative name in the "
+                             "same folder)")
 
 
 def check_declared_size(path: Path) -> None:
