@@ -248,19 +248,6 @@ def test_number_options_share_the_settings_checks(capsys, argv, option, expected
     assert option in line and expected in line, line
 
 
-def test_a_runtime_field_a_function_cannot_take_is_refused_not_dropped():
-    from vox2vec.cli._common import runtime_call
-    from vox2vec.errors import InputError
-
-    def old_style(x, *, progress=True):
-        return x, progress
-
-    assert runtime_call(old_style, vox2vec.Runtime(progress=False), 1, legacy=("progress",)) == (1, False)
-    with pytest.raises(InputError, match="--device is not supported"):
-        runtime_call(old_style, vox2vec.Runtime(device="cpu"), 1, legacy=("progress",))
-    assert runtime_call(lambda x, *, runtime: (x, runtime.batch_size), vox2vec.Runtime(batch_size=2), 7) == (7, 2)
-
-
 @pytest.mark.parametrize("extra", [["--mask", "m.nii.gz"], ["--case", "A"], ["--points", "p.csv"]])
 def test_features_refuses_options_a_list_would_silently_ignore(tmp_path, capsys, extra):
     assert main(["features", "--list", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "t.csv"), *extra]) == 2
@@ -274,12 +261,14 @@ def test_features_refuses_mask_options_with_points(tmp_path, capsys):
     assert "--labels" in capsys.readouterr().err
 
 
-def test_eval_and_export_take_overwrite():
+@pytest.mark.parametrize("stage", [["prepare"], ["train"], ["export", "-o", "m"]])
+def test_every_pretrain_stage_takes_overwrite(stage):
     from vox2vec.cli import build_parser
 
-    assert build_parser("eval").parse_args(["eval", "d", "-o", "r", "--overwrite"]).overwrite is True
-    export = build_parser("pretrain").parse_args(["pretrain", "export", "-o", "m", "--overwrite"])
-    assert export.overwrite is True and export.license is None  # the licence default is export()'s, not the CLI's
+    args = build_parser("pretrain").parse_args(["pretrain", *stage, "--overwrite"])
+    assert args.overwrite is True
+    if stage[0] == "export":
+        assert args.license is None  # the licence default is export()'s, not a second one in the CLI
 
 
 def test_a_rank_outside_the_world_is_named_as_such(files, capsys, monkeypatch):

@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from vox2vec.config import check_int
-from vox2vec.errors import InputError, Vox2VecError
-from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL
+from vox2vec.errors import Vox2VecError
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, is_saved_pyramid
 
 __all__ = [
-    "DEFAULT_MODEL", "OVERWRITE_HELP", "PYRAMID_MODEL_HELP", "Parser", "accepts", "add_command", "add_overwrite",
-    "add_runtime_options", "command_model", "device", "is_saved_pyramid", "model_paths", "positive_int", "pyramid_of",
-    "runtime_call", "runtime_of", "whole_number",
+    "DEFAULT_MODEL", "OVERWRITE_HELP", "PYRAMID_MODEL_HELP", "Parser", "add_command", "add_overwrite",
+    "add_runtime_options", "command_model", "device", "model_paths", "positive_int", "pyramid_of",
+    "runtime_of", "whole_number",
 ]
 
 OVERWRITE_HELP = "replace an existing output that vox2vec did not write"
@@ -107,39 +107,6 @@ def runtime_of(args: argparse.Namespace) -> Any:
 
     return Runtime(device=args.device, precision=args.precision, batch_size=args.batch_size,
                    progress=not args.no_progress)
-
-
-def runtime_call(function: Callable[..., Any], runtime: Any, /, *args: Any, legacy: Iterable[str] = (),
-                 strict: bool = True, **kwargs: Any) -> Any:
-    """Call a library entry point with the command's runtime: as ``runtime=`` where it takes one, else through the
-    older keywords in ``legacy`` (those it accepts today with the runtime's meaning).
-
-    A set runtime field the function cannot take is refused (``strict``) rather than silently dropped; progress
-    is only a display choice and is never refused.
-    """
-    from vox2vec.inference.runtime import RUNTIME_FIELDS, Runtime
-
-    if accepts(function, "runtime"):
-        return function(*args, runtime=runtime, **kwargs)
-    legacy, defaults = set(legacy), Runtime()
-    for field in RUNTIME_FIELDS:
-        value = getattr(runtime, field)
-        if field in legacy:
-            kwargs[field] = value
-        elif strict and field != "progress" and value != getattr(defaults, field):
-            raise InputError(f"--{field.replace('_', '-')} is not supported by this command yet; leave it out")
-    return function(*args, **kwargs)
-
-
-def accepts(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` has a parameter ``name`` (for options whose library parameter is still landing)."""
-    import inspect
-
-    return name in inspect.signature(function).parameters
-
-
-def is_saved_pyramid(source: Any) -> bool:
-    return str(source).lower().endswith(".safetensors")
 
 
 def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, runtime_of, whole_number
 from vox2vec.errors import InputError
+from vox2vec.inference.ct_to_pyramid import PYRAMID_SUFFIX
 
 __all__ = ["add_arguments", "run"]
 
@@ -75,7 +76,7 @@ def _is_cohort(inputs: list[str], output: str) -> bool:
     if path.is_file():
         return path.name.lower().endswith(LIST_SUFFIXES)
     if path.is_dir():
-        return not output.lower().endswith(".safetensors")
+        return not output.lower().endswith(PYRAMID_SUFFIX)
     return any(c in inputs[0] for c in "*?[")
 
 
@@ -83,7 +84,7 @@ def _embed_cohort(args: argparse.Namespace) -> int:
     """Exit status: 0 when every case is done or up to date, 1 when any failed, 130 when stopped by a signal."""
     from vox2vec.cohort import embed_many
 
-    if args.output.lower().endswith(".safetensors"):
+    if args.output.lower().endswith(PYRAMID_SUFFIX):
         raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
     result = embed_many(args.input, args.output, model=args.model, runtime=runtime_of(args), levels=args.levels,
                         keep=args.keep, dtype=args.dtype, workers=args.workers, hash_inputs=args.hash,

@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vox2vec.cli._common import (
-    accepts,
-    add_overwrite,
-    add_runtime_options,
-    model_paths,
-    positive_int,
-    runtime_call,
-    runtime_of,
-    whole_number,
-)
+from vox2vec.cli._common import add_overwrite, add_runtime_options, model_paths, positive_int, runtime_of, whole_number
 
 __all__ = ["add_eval", "add_predict", "add_train_head", "parse_classes", "run_eval", "run_predict",
            "run_train_head"]
@@ -126,7 +117,8 @@ def add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=positive_int,
                         help="total steps for finetune/from-scratch (default 45000)")
     add_runtime_options(parser)
-    add_overwrite(parser, "replace results files in the folder that vox2vec did not write")
+    add_overwrite(parser, "replace results files vox2vec did not write, or recompute every fold of a run with "
+                          "other settings")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -136,9 +128,8 @@ def run_eval(args: argparse.Namespace) -> int:
     check_output_dir(args.output, inputs=[args.dataset, *model_paths(args.model)], overwrite=args.overwrite,
                      what="results folder")
     finetune_options = {"total_steps": args.finetune_steps} if args.finetune_steps else {}
-    overwrite = {"overwrite": args.overwrite} if accepts(evaluate_dataset, "overwrite") else {}
-    runtime_call(evaluate_dataset, runtime_of(args), args.dataset, args.output, model=args.model, setups=args.setups,
-                 folds=args.folds, seed=args.seed, classes=args.classes, finetune_options=finetune_options,
-                 legacy=("progress",), **overwrite)
+    evaluate_dataset(args.dataset, args.output, model=args.model, runtime=runtime_of(args), setups=args.setups,
+                     folds=args.folds, seed=args.seed, classes=args.classes, finetune_options=finetune_options,
+                     overwrite=args.overwrite)
     print((Path(args.output) / "results.md").read_text(encoding="utf-8"))
     return 0

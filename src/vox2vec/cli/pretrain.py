@@ -1,11 +1,16 @@
-"""``vox2vec pretrain prepare | train | export``: contrastive pre-training from the command line."""
+"""``vox2vec pretrain prepare | train | export``: contrastive pre-training from the command line.
+
+Each stage checks its own output folder before any work (``prepare``'s ``manifest.json``, ``train``'s run folder,
+``export``'s model files), so ``--overwrite`` is passed through and nothing is checked twice here.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from vox2vec.cli._common import accepts, add_command, add_overwrite
+from vox2vec.cli._common import add_command, add_overwrite
 from vox2vec.errors import InputError
 
 __all__ = ["STAGES", "add_arguments", "run"]
@@ -16,15 +21,12 @@ STAGES = {"prepare": "canonicalise, crop, resample and store CTs (resumable, par
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vox2vec import pretrain
-
     stages = parser.add_subparsers(dest="pretrain_command", required=True)
     for stage, text in STAGES.items():
         stage_parser = add_command(stages, stage, help=text)
         stage_parser.add_argument("--config", help="TOML or JSON config (every field defaults to the paper's value)")
         stage_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-        if accepts(getattr(pretrain, stage), "overwrite"):  # --overwrite where the stage can honour it
-            add_overwrite(stage_parser)
+        add_overwrite(stage_parser)
     prepare = stages.choices["prepare"]
     prepare.add_argument("inputs", nargs="*", help="CT files, folders or globs (default: [data] inputs)")
     prepare.add_argument("-o", "--output", help="prepared folder (default: [data] prepared_dir)")
@@ -47,46 +49,38 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
 
 
-def _overwrite(args: argparse.Namespace) -> dict[str, bool]:
-    return {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
-
-
 def run(args: argparse.Namespace) -> int:
     from vox2vec import pretrain
-    from vox2vec.outputs import check_output_dir
 
     config = pretrain.load_config(args.config)
     if args.pretrain_command == "prepare":
         inputs = args.inputs or list(config.data.inputs)
         if not inputs:
             raise InputError("no inputs: pass CT files, folders or globs, or set [data] inputs in the config")
-        output = args.output or config.data.prepared_dir
-        check_output_dir(output, inputs=inputs, what="prepared folder", **_overwrite(args))
-        manifest = pretrain.prepare(inputs, output, preprocessing=config.preprocessing,
-                                    patch_size=config.sampling.patch_size, workers=config.data.workers,
-                                    progress=not args.no_progress, **_overwrite(args))
+        manifest = pretrain.prepare(inputs, args.output or config.data.prepared_dir,
+                                    preprocessing=config.preprocessing, patch_size=config.sampling.patch_size,
+                                    workers=config.data.workers, progress=not args.no_progress,
+                                    overwrite=args.overwrite)
         print(f"prepared {len(manifest['cases'])} CTs, skipped {len(manifest['skipped'])}")
     elif args.pretrain_command == "train":
-        check_output_dir(config.train.output_dir, what="run folder (train.output_dir)", **_overwrite(args))
-        out = pretrain.train(config, progress=not args.no_progress, **_overwrite(args))
+        out = pretrain.train(config, progress=not args.no_progress, overwrite=args.overwrite)
         print(f"checkpoints in {out / 'checkpoints'}")
     else:
         _export(args, config)
     return 0
 
 
-def _export(args: argparse.Namespace, config: object) -> None:
-    """``export`` checks its own output folder (inputs: the run folder) before reading any checkpoint."""
+def _export(args: argparse.Namespace, config: Any) -> None:
     import torch
 
     from vox2vec import pretrain
 
-    run_dir = args.run_dir or config.train.output_dir  # type: ignore[attr-defined]
+    run_dir = args.run_dir or config.train.output_dir
     dtype = torch.float16 if args.dtype == "fp16" else None
     transfer = Path(args.transfer).read_text(encoding="utf-8") if args.transfer else None
-    licence = {"license": args.license} if args.license is not None else {}
+    licence = {"license": args.license} if args.license is not None else {}  # else export's documented default
     out = pretrain.export(run_dir, args.output, name=args.name, data_description=args.data, dtype=dtype,
-                          select=args.select, transfer=transfer, **licence, **_overwrite(args))
+                          select=args.select, transfer=transfer, overwrite=args.overwrite, **licence)
     print(f"exported to {out}")
     if args.push_to_hub:
         print(pretrain.push_to_hub(out, args.push_to_hub))
