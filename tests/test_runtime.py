@@ -148,3 +148,34 @@ def test_head_predict_runs_on_the_runtime_and_gives_the_same_labels(small_ct, mo
     np.testing.assert_array_equal(default.array, on_cpu.array)
     with pytest.raises(DeviceError):
         head.predict(pyramid, runtime=Runtime(device="cuda:99"))
+
+
+def test_arguments_in_a_form_that_would_mean_something_else_are_refused_before_any_work(small_ct, model, tmp_path):
+    from vox2vec.viz.show import show as show_picture
+
+    quiet = Runtime(progress=False)
+    pyramid = embed_volume(small_ct, model, runtime=quiet)
+    labels = small_ct.with_array((small_ct.array > 0).astype(np.uint8))
+    head = vox2vec.train_head([(pyramid, labels)], model=model, progress=False, steps=5)
+    image = torch.rand(16, 16, 8)
+    cases = [
+        (lambda: vox2vec.region_features(pyramid, labels, labels=["liver"]), "labels must be whole-number"),
+        (lambda: vox2vec.point_features(small_ct, [[1, 2]], model=model), r"\(N, 3\) world coordinates"),
+        (lambda: vox2vec.point_features(small_ct, "abc", model=model), "must be numbers"),
+        (lambda: show_picture(small_ct, tmp_path / "p.png", pyramid=pyramid, point="abc"), "must be numbers"),
+        (lambda: head.predict(pyramid, grid="world"), "grid must be 'original'"),
+        (lambda: head.predict_proba(pyramid, grid="world"), "grid must be 'original'"),
+        (lambda: embed_volume(small_ct, model, runtime=quiet, window=(64, 64)), "window must be three"),
+        (lambda: embed_volume(small_ct, model, runtime=quiet, window="64"), "window must be three"),
+        (lambda: embed_volume(small_ct, model, runtime=quiet, overlap="0.5"), "overlap must be"),
+        (lambda: embed_image(image, model.backbone, window=(0, 8, 8)), "window x must be a whole number"),
+        (lambda: sliding_window_head(image, model.backbone, lambda p: p[0], window=(0, 8, 4)), "window x"),
+        (lambda: sliding_window_head(image[0], model.backbone, lambda p: p[0]), "3-D"),
+        (lambda: embed_many([tmp_path], tmp_path / "o", model=model, levels="0,1"), "whole-number backbone"),
+        (lambda: embed_many([tmp_path], tmp_path / "o", model=model, levels=[0.5]), "whole-number backbone"),
+        (lambda: embed_many([tmp_path], tmp_path / "o", model=model, hash_inputs="yes"), "True or False"),
+    ]
+    for call, message in cases:
+        with pytest.raises(vox2vec.Vox2VecError, match=message):
+            call()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p.png").exists()

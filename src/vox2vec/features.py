@@ -22,7 +22,7 @@ from vox2vec.errors import InputError
 from vox2vec.geometry import Grid, voxel_index_hint
 from vox2vec.pyramid_io import PyramidContents, read_pyramid, write_pyramid
 
-__all__ = ["FeaturePyramid", "check_original_grid_fits", "check_world_points"]
+__all__ = ["FeaturePyramid", "check_original_grid_fits", "check_world_points", "world_points_array"]
 
 _MAX_REGION_VALUES = 2**31  # refuse dense regions above ~4 GB in fp16
 #: float32 maps of the original grid that a similarity query holds at once (resampled map, Volume, SimpleITK copy)
@@ -296,9 +296,8 @@ class FeaturePyramid:
         return pyramid
 
 
-def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
-    """(N, 3) finite world points inside ``pyramid``'s embedded region, or an error that says which convention
-    (world millimetres vs voxel indices) the values look like."""
+def world_points_array(points: Any, what: str = "points") -> np.ndarray:
+    """(N, 3) finite float64 world points from a list or array, or an error — checked before any compute."""
     try:
         array = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):
@@ -310,6 +309,13 @@ def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points
                          f"{np.shape(points)}")
     if not np.isfinite(array).all():
         raise InputError(f"{what} contain NaN or infinite values")
+    return array
+
+
+def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points") -> np.ndarray:
+    """(N, 3) finite world points inside ``pyramid``'s embedded region, or an error that says which convention
+    (world millimetres vs voxel indices) the values look like."""
+    array = world_points_array(points, what)
     inside = pyramid.contains(array)
     if inside.all():
         return array

@@ -13,6 +13,7 @@ many of the label's voxels they hold, so the 1008-d embedding of every voxel is 
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vox2vec.errors import InputError, MissingExtraError
-from vox2vec.features import FeaturePyramid, check_world_points
+from vox2vec.errors import ArgumentError, InputError, MissingExtraError
+from vox2vec.features import FeaturePyramid, check_world_points, world_points_array
 from vox2vec.inference.ct_to_pyramid import as_pyramid as _as_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.labelmaps import labels_on_grid
@@ -109,6 +110,16 @@ def label_means(pyramid: FeaturePyramid, labels: torch.Tensor, ids: Sequence[int
     return counts.numpy().astype(np.int64), means.float().numpy()
 
 
+def _check_label_ids(labels: Sequence[int] | None) -> list[int] | None:
+    """``labels`` as whole-number ids (None: every id the mask holds)."""
+    if labels is None:
+        return None
+    try:
+        return [operator.index(v) for v in labels]
+    except TypeError:
+        raise ArgumentError(f"labels must be whole-number label ids, got {labels!r}") from None
+
+
 def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample_mask: bool = False,
                  labels: Sequence[int] | None = None) -> FeatureTable:
     """One row per label of ``mask`` (every non-zero id present, or ``labels``): case, label, voxels, volume_ml,
@@ -116,7 +127,7 @@ def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample
     volume, on_model_grid = labels_on_model_grid(mask, pyramid, resample_mask)
     values, counts_original = np.unique(volume.array, return_counts=True)  # one pass: ids and voxel counts
     original_counts = {int(v): int(n) for v, n in zip(values, counts_original)}
-    ids = [v for v in original_counts if v != 0] if labels is None else [int(v) for v in labels]
+    ids = [v for v in original_counts if v != 0] if labels is None else _check_label_ids(labels)
     if not ids:
         raise InputError("the mask has no labelled voxel (every value is 0); nothing to tabulate")
     voxel_ml = float(np.prod(volume.grid.spacing)) / 1000.0
@@ -145,6 +156,7 @@ def region_features(ct: Any, mask: Any, *, model: Any = None, case: str = "", re
     default ``"fpn-ct"``, on ``runtime`` —, a saved pyramid file or a :class:`~vox2vec.features.FeaturePyramid`;
     see :func:`vox2vec.as_pyramid`); see the module docstring for the columns."""
     runtime = resolve_runtime(runtime, progress=progress)
+    _check_label_ids(labels)  # before any embedding
     return region_table(_as_pyramid(ct, model, runtime=runtime), mask, case=case, resample_mask=resample_mask,
                         labels=labels)
 
@@ -154,7 +166,7 @@ def point_features(ct: Any, points: Any, *, names: Sequence[str] | None = None, 
     """The embedding at each world point (LPS mm) of ``ct`` (a CT, a saved pyramid file or a pyramid, as
     :func:`vox2vec.as_pyramid` takes them, with ``model`` and ``runtime``)."""
     runtime = resolve_runtime(runtime, progress=progress)
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    points = world_points_array(points)  # before any embedding
     names = list(names) if names is not None else [f"point_{i + 1}" for i in range(len(points))]
     if len(names) != len(points):
         raise InputError(f"{len(names)} names for {len(points)} points")

@@ -13,8 +13,9 @@ from vox2vec.configured_model import Vox2VecModel
 from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.embed import embed_image
-from vox2vec.inference.precision import Precision
+from vox2vec.inference.precision import Precision, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.inference.windows import check_window
 from vox2vec.preprocessing import PreprocessedVolume
 
 __all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "embed_prepared", "embed_volume"]
@@ -51,6 +52,9 @@ def embed_volume(
     """
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision,
                               progress=progress).checked()  # a wrong device fails before any work
+    storage_dtype(dtype)
+    if window is not None or overlap is not None:  # before the CT is read
+        check_window(window if window is not None else (1, 1, 1), 0.0 if overlap is None else overlap)
     net = resolve_model(model)
     prepared = net.preprocessor(ct, device=runtime.torch_device, spacing=spacing, axis_order=axis_order,
                                 origin=origin, direction=direction)

@@ -15,7 +15,15 @@ from vox2vec.inference.memory import check_embedding_fits, embedding_memory
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.windows import Assignment, aligned_starts, aligned_stride, level_owners, window_stride
+from vox2vec.inference.windows import (
+    Assignment,
+    aligned_starts,
+    aligned_stride,
+    check_image,
+    check_window,
+    level_owners,
+    window_stride,
+)
 
 __all__ = ["embed_image", "plan_windows"]
 
@@ -79,6 +87,8 @@ def embed_image(
     pyramid itself (≈ 21 values per voxel for the paper's model), never the 1008 channels at full resolution.
     """
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    check_image(image)
+    window, overlap = check_window(window, overlap)
     dtype = storage_dtype(dtype)
     device = runtime.torch_device
     mode = runtime.resolved_precision

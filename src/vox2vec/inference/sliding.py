@@ -18,7 +18,7 @@ from vox2vec.errors import InputError
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.windows import original_starts, overlap_voxels
+from vox2vec.inference.windows import check_image, check_window, original_starts, overlap_voxels
 
 __all__ = ["sliding_window_head"]
 
@@ -46,6 +46,8 @@ def sliding_window_head(
     if runtime is None and precision is None:
         precision = "fp32"  # the protocol's reference precision (see the docstring)
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    check_image(image)
+    window, overlap = check_window(window, overlap)
     device = runtime.torch_device
     batch_size = runtime.windows_per_pass
     mode = runtime.resolved_precision

@@ -18,9 +18,35 @@ would leave some level without an aligned window (e.g. 24 slices) is first round
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from vox2vec.config import check_int, check_number
 from vox2vec.errors import ArgumentError
+
+
+def check_window(window: Any, overlap: Any) -> tuple[tuple[int, int, int], float]:
+    """``window`` as three whole numbers of voxels (1…4096) and ``overlap`` as a number in [0, 1), or one error
+    naming every problem — checked before any work."""
+    problems: list[str] = []
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 3:
+        problems.append(f"window must be three whole numbers of voxels (x, y, z), got {window!r}")
+    else:
+        for axis, size in zip("xyz", window):
+            check_int(problems, f"window {axis}", size, 1, 4096)
+    check_number(problems, "overlap", overlap, 0.0, 1.0, high_open=True)
+    if problems:
+        raise ArgumentError("; ".join(problems))
+    return tuple(int(w) for w in window), float(overlap)  # type: ignore[return-value]
+
+
+def check_image(image: Any) -> None:
+    """A preprocessed image is one (X, Y, Z) tensor with at least one voxel."""
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) != 3 or min(shape) < 1:
+        raise ArgumentError(f"the image must be a 3-D (X, Y, Z) tensor with voxels, got shape {shape}; run the "
+                            "model's preprocessor first (model.preprocessor(ct).image)")
 
 
 def overlap_voxels(window: int, overlap: float) -> int:

@@ -40,6 +40,11 @@ def build_head_module(kind: str, base_channels: int, num_scales: int, outputs: i
     return KINDS[kind](base_channels, num_scales, outputs)
 
 
+def _check_grid(grid: Any) -> None:
+    if grid not in ("original", "model"):
+        raise InputError(f"grid must be 'original' (the CT's own grid) or 'model', got {grid!r}")
+
+
 class Head:
     """A linear or non-linear head on frozen vox2vec features.
 
@@ -107,6 +112,7 @@ class Head:
         """
         if output not in ("image", "volume"):
             raise InputError(f"output must be 'image' or 'volume', got {output!r}")
+        _check_grid(grid)
         logits, pyramid = self.logits(data, model=model, runtime=runtime, progress=progress)
         labels = self._labels_on_model_grid(logits, pyramid)
         ids = torch.as_tensor(self.classes.output_ids())[labels.cpu()]
@@ -125,6 +131,7 @@ class Head:
 
         On the original grid (linear interpolation; outside the embedded region background is 1) or the model grid.
         """
+        _check_grid(grid)
         logits, pyramid = self.logits(data, model=model, runtime=runtime, progress=progress)
         probabilities = self._probabilities(logits)
         if pyramid.body is not None:

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vox2vec.errors import InputError
+from vox2vec.features import world_points_array
 from vox2vec.inference.ct_to_pyramid import as_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.viz.picture import build_picture
@@ -39,9 +38,10 @@ def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any 
     sources = [x for x in (ct, pyramid, head, model) if isinstance(x, (str, os.PathLike)) and os.path.exists(x)]
     check_output_file(output, "picture", inputs=sources, overwrite=overwrite)
     if point is not None:
-        point = np.asarray(point, dtype=np.float64).reshape(-1)
-        if point.shape != (3,):
-            raise InputError(f"the point must be x, y, z in world millimetres (LPS), got {point.tolist()}")
+        point = world_points_array(point, "the point")
+        if len(point) != 1:
+            raise InputError(f"show takes one point, x, y, z in world millimetres (LPS), got {len(point)}")
+        point = point[0]
     from vox2vec.volume import load_volume
 
     volume = load_volume(ct)
