@@ -262,3 +262,19 @@ def test_a_head_training_config_is_the_same_fit_as_its_keywords(pyramid_and_labe
     with pytest.raises(InputError, match=r"^kind must be one of linear, nonlinear, got 'lin'; steps must be a whole "
                                          r"number ≥ 1, got 0$"):
         HeadTrainingConfig(kind="lin", steps=0)
+
+
+def test_train_head_takes_the_shared_runtime(pyramid_and_labels):
+    """runtime= and the old keywords are one thing (resolve_runtime): the same fit, and a field given both ways
+    differently is refused before any scan is read."""
+    pyramid, labels = pyramid_and_labels
+    common = {"classes": SHARED_ORGANS, "steps": 20, "voxels_per_class": 100}
+    by_runtime = vox2vec.train_head([(pyramid, labels)], runtime=vox2vec.Runtime(device="cpu", progress=False),
+                                    **common)
+    by_keywords = vox2vec.train_head([(pyramid, labels)], device="cpu", progress=False, **common)
+    assert _same(_state(by_runtime), _state(by_keywords))
+    with pytest.raises(vox2vec.Vox2VecError, match=r"^progress given both in runtime= and as a keyword argument"):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")],
+                           runtime=vox2vec.Runtime(progress=False), progress=True)
+    with pytest.raises(vox2vec.DeviceError, match=r"^device 'cuda:99' requested, but this machine has "):
+        vox2vec.train_head([("no-such-ct.nii.gz", "no-such-labels.nii.gz")], device="cuda:99")  # checked first
