@@ -1,6 +1,6 @@
 """vox2vec: self-supervised voxel-level representations of CT scans (Goncharov et al., MICCAI 2023)."""
 
-from vox2vec.cohort import embed_many
+from vox2vec.cohort import embed_many, iter_embed_many
 from vox2vec.cohort.regions import point_features, region_features
 from vox2vec.config import ModelConfig
 from vox2vec.configured_model import Vox2VecModel
@@ -36,7 +36,8 @@ __all__ = [
     "DiceReport", "FeaturePyramid", "Grid", "Head", "InputError", "MissingExtraError", "ModelConfig", "ModelSpec",
     "NotHounsfieldWarning", "OutputError", "PreprocessedVolume", "Preprocessor", "Runtime", "UnknownModelError",
     "UnsupportedTypeError", "UsageError", "Volume", "Vox2VecError",
-    "Vox2VecModel", "as_pyramid", "dice_scores", "embed_many", "embed_volume", "list_models", "load_head",
+    "Vox2VecModel", "as_pyramid", "dice_scores", "embed_many", "embed_volume", "iter_embed_many",
+    "list_models", "load_head",
     "load_pretrained", "load_volume", "match", "Matches", "point_features", "region_features", "register_model",
     "sliding_window_head", "sparse_labels", "train_head",
 ]
