@@ -1,10 +1,16 @@
-"""Stop long loops cleanly on SIGTERM / SIGINT: the first signal asks to stop after the current unit of work."""
+"""Stop long loops cleanly on SIGTERM / SIGINT: the first signal asks to stop after the current unit of work; worker
+processes leave both signals to their main process."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Iterator
 from typing import Any
+
+__all__ = ["STOP_SIGNALS", "StopFlag", "ignore_stop_signals", "stop_signals_blocked"]
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 class StopFlag:
@@ -33,3 +39,25 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(*_: Any) -> None:
+    """In a worker process (DataLoader worker, reader pool): leave SIGTERM/SIGINT to the main process, which finishes
+    or abandons the current unit and then stops its workers — so a Ctrl-C or a scheduler's signal to the whole
+    process group never kills a worker halfway. Unblocks them too (see :func:`stop_signals_blocked`); a signal that
+    arrived meanwhile is discarded. Usable as a ``worker_init_fn`` / pool initializer."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while worker processes are forked (no window in which a worker could die of one before
+    :func:`ignore_stop_signals` runs); the main process receives them right after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

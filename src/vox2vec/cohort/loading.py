@@ -37,13 +37,12 @@ class LoadedCase:
 def _worker_setup() -> None:
     """One torch thread; SIGINT/SIGTERM left to the main process (which finishes or abandons the current case and
     then shuts the pool down), so a Ctrl-C does not kill a reader halfway through its case."""
-    import signal
-
     import torch
 
+    from vox2vec._signals import ignore_stop_signals
+
     torch.set_num_threads(1)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
 
 
 def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool, allow_non_ct: bool) -> LoadedCase:

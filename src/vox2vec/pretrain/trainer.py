@@ -7,11 +7,9 @@ uninterrupted one would. SIGTERM / SIGINT finish the current step, write a check
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from torch import nn
 
 from vox2vec._launch import launch_environment
-from vox2vec._signals import StopFlag
+from vox2vec._signals import StopFlag, ignore_stop_signals, stop_signals_blocked
 from vox2vec.augment import augment
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, local_device, training_precision
@@ -89,7 +87,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     if t.probe_every and rank == 0 and step == 0:  # the baseline: the start model (or the random init) itself
         _online_probe(model, config, 0, out)
     with StopFlag() as stop, bar, log:
-        with _stop_signals_blocked():  # workers start with them blocked, then ignore them (_ignore_stop_signals)
+        with stop_signals_blocked():  # workers start with them blocked, then ignore them (ignore_stop_signals)
             batches = iter(loader)
         while True:
             batch = log.wait_for(batches)
@@ -174,7 +172,7 @@ def _pair_loader(dataset: PairDataset, config: PretrainConfig, step: int,
     t = config.train
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(step, t.steps), num_workers=t.num_workers,
-        collate_fn=collate_single, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+        collate_fn=collate_single, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
         persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
     )
 
@@ -241,32 +239,6 @@ class _StepLog:
     def end(self, step: int, checksum: float) -> None:
         self.handle.write(json.dumps({"event": "end", "step": step, "elapsed_s": time.perf_counter() - self.started,
                                       "parameter_checksum": checksum}) + "\n")
-
-
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-@contextlib.contextmanager
-def _stop_signals_blocked():
-    """Hold SIGTERM/SIGINT while DataLoader workers are forked; the main process receives them right after."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints and then stops them.
-
-    Schedulers (SLURM's scancel, ``timeout``, ``kill`` of a process group, Ctrl-C in a terminal) signal every
-    process of the job; a worker that died first would make the main process fail before it could write its
-    checkpoint. Workers are forked (the DataLoader's default on Linux) with the signals blocked, so there is no
-    window in which they would die, and ignore them from here on; a signal that arrived meanwhile is discarded.
-    """
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def augmentation_seed(seed: int, rank: int, step: int) -> int:
