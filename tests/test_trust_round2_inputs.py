@@ -240,3 +240,20 @@ def test_mha_and_nhdr_headers_naming_outside_files_are_refused_too(tmp_path, abd
     moved.write_text(nhdr.read_text().replace("data file: ct.raw", "data file: ../scans/ct.raw"))
     with pytest.raises(InputError, match=r"names its voxel file '\.\./scans/ct\.raw', which lies outside"):
         vox2vec.load_volume(moved)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--ignore-label", "0"], "ignore_label=0 would discard every background voxel (0 is background)"),
+    (["--ignore-label", "5", "--classes", "5=liver"], "label 5 is both the ignore label"),
+])
+def test_ignore_label_mistakes_on_the_command_line_are_one_line(tmp_path, capsys, abdomen_crop, option, message):
+    from vox2vec.cli import main
+
+    ct, labels = tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    sitk.WriteImage(sitk.Cast(abdomen_crop > 100, sitk.sitkUInt8) * 5, str(labels))
+    code = main(["train-head", "-i", str(ct), str(labels), "-o", str(tmp_path / "head"), "--model", "fpn-ct-mini",
+                 *option])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"vox2vec: error: {message}"), err
+    assert not (tmp_path / "head").exists()
