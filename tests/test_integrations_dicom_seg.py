@@ -22,7 +22,7 @@ from pydicom.uid import CTImageStorage, generate_uid  # noqa: E402
 import vox2vec  # noqa: E402
 from conftest import crop, ct_path, label_path, read_image, tiny_model, write_series  # noqa: E402
 from vox2vec.errors import InputError, MissingExtraError, OutputError  # noqa: E402
-from vox2vec.integrations.dicom_seg import LOCAL_SCHEME, write_dicom_seg  # noqa: E402
+from vox2vec.integrations.dicom_seg import LOCAL_SCHEME, check_dicom_seg_output, write_dicom_seg  # noqa: E402
 from vox2vec.modeling import FPNLinearHead  # noqa: E402
 from vox2vec.probing import ClassMap  # noqa: E402
 
@@ -130,6 +130,8 @@ def test_refusals_come_before_any_work(tmp_path):
     sitk.WriteImage(crop(read_image(ct_path("ts_abdomen_dicom20")), (150, 150, 0), (20, 20, 4)), str(nifti))
     with pytest.raises(InputError, match="not a DICOM series folder.*NIfTI"):
         write_dicom_seg(nifti, nifti, tmp_path / "seg.dcm", {1: "liver"})
+    with pytest.raises(InputError, match="not a DICOM series folder"):  # what a command checks before predicting
+        check_dicom_seg_output(tmp_path, tmp_path / "seg.dcm")
     scanner_series(crop(read_image(ct_path("ts_abdomen_dicom20")), (150, 150, 0), (20, 20, 4)), tmp_path / "series")
     foreign = tmp_path / "foreign.dcm"
     foreign.write_bytes(b"someone else's file")

@@ -24,7 +24,7 @@ from vox2vec.integrations import import_extra
 from vox2vec.probing.classes import ClassMap, check_integer_labels
 from vox2vec.volume import DicomSeries, Volume, dicom_series_ids, load_volume
 
-__all__ = ["ANATOMY", "LOCAL_SCHEME", "segment_codes", "write_dicom_seg"]
+__all__ = ["ANATOMY", "LOCAL_SCHEME", "check_dicom_seg_output", "segment_codes", "write_dicom_seg"]
 
 # class name (lower case, "_" / "-" read as spaces) → SNOMED CT keyword of pydicom's code dictionary
 ANATOMY = {
@@ -99,6 +99,23 @@ def _frames(datasets: list, labels: np.ndarray, grid: Grid) -> np.ndarray:
     return np.stack(frames)
 
 
+def check_dicom_seg_output(source: Any, path: str | os.PathLike, *, overwrite: bool = False,
+                           inputs: Any = ()) -> tuple[DicomSeries, Path]:
+    """What :func:`write_dicom_seg` refuses before a prediction exists — call it before computing one: highdicom
+    installed, ``source`` one DICOM series, ``path`` a ``.dcm`` we may write (not an input, not inside the series
+    folder, not someone else's file unless ``overwrite``). Returns the series and the path."""
+    from vox2vec.outputs import check_output_file
+
+    import_extra("highdicom", "dicom", _PURPOSE)
+    series = _series(source)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    path = check_output_file(path, "dicom-seg", inputs=[series.folder, *inputs], overwrite=overwrite)
+    if path.resolve().parent == series.folder.resolve():
+        raise OutputError(f"output {path} is inside the series folder {series.folder}, which would then hold two "
+                          "series; write the segmentation beside it")
+    return series, path
+
+
 def write_dicom_seg(prediction: Any, source: Any, path: str | os.PathLike,
                     classes: Mapping[int, str] | ClassMap | None = None, *, overwrite: bool = False,
                     series_description: str = "vox2vec segmentation", series_number: int = 9901) -> Path:
@@ -110,18 +127,13 @@ def write_dicom_seg(prediction: Any, source: Any, path: str | os.PathLike,
     is replaced only when vox2vec wrote it, or with ``overwrite``), the source a DICOM series, the prediction on its
     grid. The file is written atomically and read back before it replaces anything.
     """
-    hd = import_extra("highdicom", "dicom", _PURPOSE)
-    pydicom = import_extra("pydicom", "dicom", _PURPOSE)
     import SimpleITK as sitk
 
     from vox2vec._atomic import atomic_path
-    from vox2vec.outputs import check_output_file
 
-    series = _series(source)
-    path = check_output_file(path, "dicom-seg", inputs=[series.folder, prediction], overwrite=overwrite)
-    if path.resolve().parent == series.folder.resolve():
-        raise OutputError(f"output {path} is inside the series folder {series.folder}, which would then hold two "
-                          "series; write the segmentation beside it")
+    series, path = check_dicom_seg_output(source, path, overwrite=overwrite, inputs=[prediction])
+    hd = import_extra("highdicom", "dicom", _PURPOSE)
+    pydicom = import_extra("pydicom", "dicom", _PURPOSE)
     grid = load_volume(series).grid
     labels: Volume = load_volume(prediction, check_finite=False)
     check_same_grid(labels.grid, grid, what="the prediction", reference_name="the DICOM series")
