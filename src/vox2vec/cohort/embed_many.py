@@ -157,12 +157,13 @@ def _levels(levels: Any) -> tuple[int, ...] | None:
     """The backbone levels to keep as whole numbers (None: all)."""
     if levels is None:
         return None
+    problem = InputError(f"levels must be whole-number backbone levels such as [2, 3], got {levels!r}")
+    if isinstance(levels, (str, bytes)):
+        raise problem
     try:
-        if isinstance(levels, (str, bytes)):
-            raise TypeError
         return tuple(operator.index(v) for v in levels)
     except TypeError:
-        raise InputError(f"levels must be whole-number backbone levels such as [2, 3], got {levels!r}") from None
+        raise problem from None
 
 
 def _dtype_name(dtype: Any) -> str:
