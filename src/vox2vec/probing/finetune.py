@@ -21,6 +21,7 @@ from vox2vec.errors import ArgumentError, ConfigError, InputError
 from vox2vec.hub import resolve_model
 from vox2vec.inference.precision import TRAINING_PRECISIONS, autocast, training_precision
 from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.labelmaps import labels_on_grid
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.head import Head, build_head_module
 from vox2vec.probing.losses import head_loss
@@ -97,8 +98,7 @@ def _prepare_cases(pairs, model: Vox2VecModel, class_map_arg, patch: tuple[int, 
     class_map = ClassMap.build(class_map_arg, present)
     cases = []
     for prepared, label_volume in raw:
-        encoded = label_volume.with_array(class_map.encode(label_volume.array))
-        labels = prepared.from_original(encoded).long()
+        _, labels = labels_on_grid(label_volume, prepared.grid, prepared.source_grid, encode=class_map.encode)
         shape = [max(n, p) for n, p in zip(labels.shape, patch)]
         image = torch.zeros(shape)
         image[: labels.shape[0], : labels.shape[1], : labels.shape[2]] = prepared.image
