@@ -12,10 +12,6 @@ import numpy as np
 
 from vox2vec.errors import InputError
 
-#: Canonical model orientation: array axes increase toward patient Right, Anterior, Superior (the original's
-#: flipped-NIfTI layout). In the LPS world that is diag(-1, -1, 1).
-CANONICAL_DIRECTION = np.diag([-1.0, -1.0, 1.0])
-
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
 
 

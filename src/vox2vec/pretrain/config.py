@@ -12,10 +12,13 @@ from typing import Any
 
 from vox2vec.augment import AugmentationConfig
 from vox2vec.config import (
+    MAX_SCALES,
     ArchitectureConfig,
     PreprocessingConfig,
+    batch_statistics_problem,
     check_int,
     check_number,
+    check_patch_size,
     check_range_pair,
     known_settings,
 )
@@ -174,10 +177,7 @@ def problems_of(config: PretrainConfig) -> list[str]:
         problems.append(f"data.prepared_dir must be a folder path, got {d.prepared_dir!r}")
     check_int(problems, "data.workers", d.workers, 1, 256)
 
-    patch_ok = (isinstance(s.patch_size, tuple) and len(s.patch_size) == 3
-                and all(_is_int(p) and 1 <= p <= 1024 for p in s.patch_size))
-    if not patch_ok:
-        problems.append(f"sampling.patch_size must be three whole numbers between 1 and 1024, got {s.patch_size!r}")
+    patch_ok = check_patch_size(problems, "sampling.patch_size", s.patch_size)
     check_int(problems, "sampling.pairs_per_step", s.pairs_per_step, 1, 4096)
     check_int(problems, "sampling.max_voxels_per_pair", s.max_voxels_per_pair, 1, 1_000_000)
     for name in ("zoom_in_plane", "zoom_through_plane"):
@@ -231,7 +231,7 @@ def problems_of(config: PretrainConfig) -> list[str]:
         problems.append("train.probe_test_ct and train.probe_test_labels go together")
 
     arch = config.architecture
-    if patch_ok and _is_int(arch.num_scales) and 2 <= arch.num_scales <= 10:
+    if patch_ok and _is_int(arch.num_scales) and 2 <= arch.num_scales <= MAX_SCALES:
         coarsest = 2 ** (arch.num_scales - 1)
         if any(p < coarsest for p in s.patch_size):
             deepest = max(2, min(int(math.log2(p)) + 1 for p in s.patch_size))
@@ -240,11 +240,10 @@ def problems_of(config: PretrainConfig) -> list[str]:
                 f"level has cells of {coarsest} voxels), more than sampling.patch_size {list(s.patch_size)} allows; "
                 f"lower num_scales to at most {deepest} or enlarge every patch axis to ≥ {coarsest}"
             )
-        elif _is_int(s.pairs_per_step) and s.pairs_per_step >= 1 and s.pairs_per_step * math.prod(
-                -(-p // coarsest) for p in s.patch_size) < 2:
-            problems.append(
-                f"sampling.pairs_per_step {s.pairs_per_step} with patches {list(s.patch_size)} leaves one value per "
-                "channel at the coarsest level, where BatchNorm cannot train; use more pairs or larger patches")
+        elif _is_int(s.pairs_per_step) and s.pairs_per_step >= 1 and (
+                problem := batch_statistics_problem(s.pairs_per_step, s.patch_size, arch.num_scales)):
+            problems.append(f"sampling.pairs_per_step {s.pairs_per_step}: {problem}; use more pairs or larger "
+                            "patches")
     return problems
 
 
