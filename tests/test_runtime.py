@@ -160,6 +160,9 @@ def test_arguments_in_a_form_that_would_mean_something_else_are_refused_before_a
     image = torch.rand(16, 16, 8)
     cases = [
         (lambda: vox2vec.region_features(pyramid, labels, labels=["liver"]), "labels must be whole-number"),
+        (lambda: vox2vec.region_features(pyramid, labels, labels=[2**70]), "labels must be whole-number"),
+        (lambda: vox2vec.region_features(pyramid, labels, labels=[True]), "labels must be whole-number"),
+        (lambda: embed_many([tmp_path], tmp_path / "o", model=model, shard="0/2"), "shard must be"),
         (lambda: vox2vec.point_features(small_ct, [[1, 2]], model=model), r"\(N, 3\) world coordinates"),
         (lambda: vox2vec.point_features(small_ct, "abc", model=model), "must be numbers"),
         (lambda: show_picture(small_ct, tmp_path / "p.png", pyramid=pyramid, point="abc"), "must be numbers"),
@@ -179,3 +182,12 @@ def test_arguments_in_a_form_that_would_mean_something_else_are_refused_before_a
         with pytest.raises(vox2vec.Vox2VecError, match=message):
             call()
     assert not (tmp_path / "o").exists() and not (tmp_path / "p.png").exists()
+
+
+def test_matching_saved_pyramids_needs_no_model(small_ct, model, tmp_path):
+    """Two pyramids, one given as its saved file: nothing to embed, so no default model is loaded (or downloaded)."""
+    pyramid = embed_volume(small_ct, model, runtime=Runtime(progress=False))
+    path = pyramid.save(tmp_path / "ct.safetensors")
+    point = pyramid.grid.index_to_world(np.array([[20, 20, 3]]))
+    found = vox2vec.match(point, path, pyramid, model="no-such-model")
+    np.testing.assert_allclose(found.matched[0, 0], point[0], atol=1e-6)

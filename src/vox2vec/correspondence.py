@@ -21,7 +21,7 @@ from vox2vec.configured_model import check_same_backbone
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid, check_world_points
 from vox2vec.hub import resolve_model
-from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid, is_saved_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 
 __all__ = ["Matches", "match"]
@@ -140,8 +140,8 @@ def match(
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < top_k:
         raise InputError(f"candidates must be a whole number ≥ top_k ({top_k}), got {candidates!r}")
     runtime = resolve_runtime(runtime, progress=progress).checked()
-    if not (isinstance(source, FeaturePyramid) and isinstance(target, FeaturePyramid)):
-        model = resolve_model(DEFAULT_MODEL if model is None else model)  # loaded once for both CTs
+    if any(not isinstance(x, FeaturePyramid) and not is_saved_pyramid(x) for x in (source, target)):
+        model = resolve_model(DEFAULT_MODEL if model is None else model)  # a CT to embed: loaded once for both
     source = as_pyramid(source, model, runtime=runtime)
     target = as_pyramid(target, model, runtime=runtime)
     for pyramid in (source, target):

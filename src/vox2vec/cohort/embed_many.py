@@ -103,6 +103,9 @@ def iter_embed_many(
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise InputError(f"workers must be a whole number ≥ 0 (0 reads in this process), got {workers!r}")
+    if shard is not None and not isinstance(shard, Shard):
+        raise ArgumentError(f"shard must be a vox2vec.cohort.Shard(rank, world) or None (from torchrun's environment), "
+                            f"got {shard!r}")
     shard = shard or Shard.from_environment()
     if shard.world > 1 and (runtime.device is None or str(runtime.device) == "cuda"):
         runtime = runtime.replace(device=local_device(launch_environment().local_rank))  # one GPU per rank

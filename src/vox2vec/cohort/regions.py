@@ -114,10 +114,15 @@ def _check_label_ids(labels: Sequence[int] | None) -> list[int] | None:
     """``labels`` as whole-number ids (None: every id the mask holds)."""
     if labels is None:
         return None
+    problem = ArgumentError(f"labels must be whole-number label ids (64-bit), got {labels!r}")
     try:
-        return [operator.index(v) for v in labels]
+        given = list(labels)
+        ids = [operator.index(v) for v in given]
     except TypeError:
-        raise ArgumentError(f"labels must be whole-number label ids, got {labels!r}") from None
+        raise problem from None
+    if any(isinstance(v, bool) for v in given) or any(not -2**63 <= v < 2**63 for v in ids):
+        raise problem
+    return ids
 
 
 def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample_mask: bool = False,
