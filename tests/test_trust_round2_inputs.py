@@ -102,6 +102,13 @@ def test_nifti_header_declaring_1200_cubed_voxels_is_refused_from_the_header(tmp
     assert "crop it first" in output
 
 
+def test_nibabel_image_declaring_1200_cubed_voxels_is_refused_before_its_data_is_read(tmp_path):
+    path = _lying_nifti(tmp_path / "huge.nii.gz", (1200, 1200, 1200))
+    output = _run_limited(f"import nibabel\nvox2vec.load_volume(nibabel.load({str(path)!r}))", headroom_gib=2)
+    assert output.startswith("REFUSED InputError the nibabel image (its header declares 1200 × 1200 × 1200 voxels) "
+                             "needs about 6.4 GiB of memory, but only"), output
+
+
 def test_head_config_declaring_200000_classes_is_refused_before_the_head_is_built(tmp_path):
     folder = tmp_path / "head"
     folder.mkdir()

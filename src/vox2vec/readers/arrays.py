@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from vox2vec._memory import check_fits
 from vox2vec.errors import InputError
 from vox2vec.geometry import Grid
 
@@ -15,6 +16,12 @@ __all__ = ["from_array", "from_nibabel", "three_numbers"]
 def from_nibabel(image: Any) -> tuple[np.ndarray, Grid]:
     """nibabel stores a RAS affine and (i, j, k) arrays; convert to our LPS grid."""
     affine = np.asarray(image.affine, dtype=np.float64)
+    shape = tuple(int(n) for n in getattr(image, "shape", ()))
+    if shape:  # a proxy declares its size before anything is read: refuse what cannot fit, with the numbers
+        itemsize = np.dtype(image.get_data_dtype()).itemsize if hasattr(image, "get_data_dtype") else 8
+        check_fits(float(np.prod(shape, dtype=np.float64)) * max(itemsize, 4),
+                   f"the nibabel image (its header declares {' × '.join(map(str, shape))} voxels)",
+                   "check that it is the CT you meant, or crop it first")
     data = np.asarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
