@@ -264,3 +264,14 @@ def test_ignore_label_mistakes_on_the_command_line_are_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"vox2vec: error: {message}"), err
     assert not (tmp_path / "head").exists()
+
+
+def test_dicom_series_larger_than_memory_is_refused_from_its_slice_headers(tmp_path, abdomen_crop, monkeypatch):
+    from conftest import write_series
+
+    write_series(abdomen_crop, tmp_path / "series")
+    assert vox2vec.load_volume(tmp_path / "series").shape == abdomen_crop.GetSize()
+    monkeypatch.setenv("VOX2VEC_MEMORY_BYTES", str(2**20))  # a machine with 1 MiB to spare
+    with pytest.raises(InputError, match=rf"^the DICOM series in {tmp_path / 'series'} \(20 slices of 160 × 120\) "
+                                         r"needs about 2\.9 MiB of memory, but only 1\.0 MiB is available here"):
+        vox2vec.load_volume(tmp_path / "series")

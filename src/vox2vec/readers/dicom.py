@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vox2vec._memory import check_fits
 from vox2vec.errors import InputError
 
 __all__ = ["DicomSeries", "check_dicom_series", "dicom_series_ids", "looks_like_dicom", "read_dicom"]
@@ -134,10 +135,16 @@ def _check_spacing(folder: Path, slices: list[_Slice]) -> None:
 
 def check_dicom_series(folder: Path, files: list[str], other_series: list[str] = ()) -> None:
     """Refuse a series that is not one regular grid: unreadable files, mixed sizes or orientations, duplicate or
-    missing slices. Files of ``other_series`` (other series UIDs in the same folder) are not counted as unreadable.
+    missing slices — or one larger than memory allows (from the slice headers, before any pixel is decoded). Files
+    of ``other_series`` (other series UIDs in the same folder) are not counted as unreadable.
     """
     slices = _read_slices(folder, files, list(other_series))
     _check_sizes(folder, slices)
+    if slices:
+        width, height = slices[0].size
+        check_fits(8.0 * len(slices) * width * height,  # ITK's float32 volume (rescaled slices) and our copy
+                   f"the DICOM series in {folder} ({len(slices)} slices of {width} × {height})",
+                   "check that the folder holds the series you meant, or split it")
     if any(s.orientation is None for s in slices) or len(slices) < 2:
         return  # nothing to check against; ITK's own reading stands
     _check_orientations(folder, slices)
