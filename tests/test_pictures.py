@@ -327,3 +327,16 @@ def test_a_width_outside_the_allowed_range_is_refused_before_any_work(abdomen, t
             status = stop.code
         assert status == 2
         assert "width" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_picture_too_tall_for_its_width_is_refused_before_any_embedding(tmp_path):
+    from vox2vec.viz.render import MAX_HEIGHT, check_picture_size
+
+    narrow = Grid((8, 8, 400), (1.0, 1.0, 5.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))  # 8 mm wide, 2 m long
+    check_picture_size(narrow, 2, 200)
+    with pytest.raises(ArgumentError, match=f"pixels tall \\(at most {MAX_HEIGHT}\\)"):
+        check_picture_size(narrow, 2, 8000)
+    volume = Volume(np.full(narrow.shape, -1000, np.int16), narrow)
+    with pytest.raises(ArgumentError, match="pixels tall"):  # no model is loaded: the name below does not exist
+        show(volume, tmp_path / "p.png", model="no-such-model", width=8000)
+    assert not (tmp_path / "p.png").exists()

@@ -59,9 +59,8 @@ class Picture:
         return self.rows[0].panels
 
     def panel_mm(self, plane: int) -> tuple[float, float]:
-        """(height, width) of plane ``plane``'s panel in mm."""
-        shape = self.grey[plane].shape
-        return shape[0] * self.pixel_mm[plane][0], shape[1] * self.pixel_mm[plane][1]
+        """(height, width) of plane ``plane``'s panel in mm (:func:`vox2vec.viz.planes.panel_mm`)."""
+        return planes.panel_mm(self.grid, planes.PLANES[plane])
 
 
 def check_pyramid_grid(pyramid: FeaturePyramid, grid: Grid, name: str = "the pyramid") -> None:

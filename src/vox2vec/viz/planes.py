@@ -116,6 +116,16 @@ def pixel_size(grid: Grid, plane: str) -> tuple[float, float]:
     return grid.spacing[info.axes[vertical]], grid.spacing[info.axes[horizontal]]
 
 
+def panel_mm(grid: Grid, plane: str) -> tuple[float, float]:
+    """(height, width) in mm of ``plane``'s displayed panel of ``grid`` — known from the grid alone, before any
+    picture is built."""
+    info = orientation(grid)
+    vertical, horizontal = _DISPLAY_AXES[plane]
+    rows, columns = grid.shape[info.axes[vertical]], grid.shape[info.axes[horizontal]]
+    height, width = pixel_size(grid, plane)
+    return rows * height, columns * width
+
+
 def display_position(grid: Grid, plane: str, index: tuple[int, int, int]) -> tuple[int, int]:
     """(row, column) at which voxel ``index`` appears in :func:`display` of ``plane``."""
     info = orientation(grid)

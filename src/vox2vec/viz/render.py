@@ -15,11 +15,13 @@ import numpy as np
 
 from vox2vec.config import check_int
 from vox2vec.errors import ArgumentError, MissingExtraError
+from vox2vec.geometry import Grid
 from vox2vec.viz import planes
 from vox2vec.viz.picture import Picture, Row
 from vox2vec.viz.png import write_png
 
-__all__ = ["DPI", "SOFTWARE", "WIDTH", "WIDTH_RANGE", "check_width", "layout", "render", "require_matplotlib"]
+__all__ = ["DPI", "SOFTWARE", "WIDTH", "WIDTH_RANGE", "check_picture_size", "check_width", "layout", "render",
+           "require_matplotlib"]
 
 SOFTWARE = "vox2vec show"
 DPI = 100
@@ -60,12 +62,27 @@ class Layout:
     sides: tuple[tuple[int, int, int, int], ...]
 
 
+def _scale(sizes: list[tuple[float, float]], width: int) -> tuple[float, int]:
+    """Pixels per mm that fit the panels' widths into ``width``, and the row height (the tallest panel) it gives."""
+    scale = (width - GAP * (len(sizes) - 1)) / sum(w for _, w in sizes)
+    return scale, max(1, round(max(h for h, _ in sizes) * scale))
+
+
+def check_picture_size(grid: Grid, rows: int, width: int) -> None:
+    """Refuse, before any embedding, a picture of ``rows`` rows of ``grid``'s planes that would be taller than
+    :data:`MAX_HEIGHT` pixels at ``width`` (a long, narrow scan at a large width)."""
+    _, row_height = _scale([planes.panel_mm(grid, plane) for plane in planes.PLANES], width)
+    height = TOP + rows * (row_height + GAP) - GAP + BOTTOM
+    if height > MAX_HEIGHT:
+        raise ArgumentError(f"the picture would be {height} pixels tall (at most {MAX_HEIGHT}); pass a smaller width "
+                            f"than {width}")
+
+
 def layout(picture: Picture, width: int = WIDTH) -> Layout:
     """Panels sized by their millimetres at one common scale; each row as tall as its tallest panel; a column on the
     right for a legend or colour bar when a row has one."""
     sizes = [picture.panel_mm(p) for p in range(len(planes.PLANES))]
-    scale = (width - GAP * (len(sizes) - 1)) / sum(w for _, w in sizes)  # pixels per mm
-    row_height = max(1, round(max(h for h, _ in sizes) * scale))
+    scale, row_height = _scale(sizes, width)
     boxes, sides = [], []
     top = TOP
     for _ in picture.rows:
@@ -163,10 +180,8 @@ def render(picture: Picture, path: str | os.PathLike, width: int = WIDTH) -> Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    size = layout(picture, check_width(width))
-    if size.height > MAX_HEIGHT:
-        raise ArgumentError(f"the picture would be {size.height} pixels tall (at most {MAX_HEIGHT}); pass a smaller "
-                            f"width than {width}")
+    check_picture_size(picture.grid, len(picture.rows), check_width(width))
+    size = layout(picture, width)
     figure = Figure(figsize=(size.width / DPI, size.height / DPI), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     centre = picture.grid.index_to_world(np.asarray(picture.index, dtype=np.float64)[None])[0]

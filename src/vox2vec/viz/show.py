@@ -12,7 +12,7 @@ from vox2vec.inference.ct_to_pyramid import as_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.viz.picture import build_picture
 from vox2vec.viz.planes import point_to_index
-from vox2vec.viz.render import WIDTH, check_width, render, require_matplotlib
+from vox2vec.viz.render import WIDTH, check_picture_size, check_width, render, require_matplotlib
 
 __all__ = ["show"]
 
@@ -47,6 +47,7 @@ def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any 
     volume = load_volume(ct)
     if point is not None:
         point_to_index(volume.grid, point)  # a point outside the CT fails before any embedding
+    check_picture_size(volume.grid, 2 + (head is not None) + (point is not None), width)
     if isinstance(head, (str, os.PathLike)):
         from vox2vec.probing import load_head
 
