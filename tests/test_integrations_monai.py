@@ -154,6 +154,10 @@ def test_wrong_input_and_choices_are_clear():
         Vox2VecNet.from_pretrained(tiny_model(), freeze="decoder")
     with pytest.raises(InputError, match="needs a head"):
         Vox2VecNet.from_pretrained(tiny_model(), output="logits")
+    other = tiny_model(seed=1)
+    head = vox2vec.Head(FPNLinearHead(2, 4, 2), "linear", ClassMap(("liver",), ((5,),)), other.record(), model=other)
+    with pytest.raises(InputError, match="head was trained on backbone 'tiny-2-4-1'"):
+        Vox2VecNet.from_pretrained(tiny_model(seed=0), head=head)
 
 
 def test_missing_monai_names_the_extra(monkeypatch):
