@@ -46,7 +46,7 @@ def demo(output_dir: str | Path = "vox2vec-demo", *, model: Any = "fpn-ct-mini",
     print(f"model {net.name}: {net.embedding_dim}-d features; CT {ct.shape} voxels at {ct.spacing} mm")
     pyramid = embed_volume(ct, model=net, runtime=runtime)
     head = train_head([(pyramid, labels.with_array(training_labels).to_sitk())], model=net, classes=classes,
-                      ignore_label=IGNORE, progress=runtime.progress)
+                      ignore_label=IGNORE, runtime=runtime)
     prediction = load_volume(head.predict(pyramid, runtime=runtime))
     output_dir.mkdir(parents=True, exist_ok=True)
     prediction.save(output_dir / PREDICTION, kind="label-map", overwrite=overwrite)
