@@ -154,3 +154,30 @@ def test_missing_highdicom_names_the_extra(monkeypatch, tmp_path):
     module = importlib.import_module("vox2vec.integrations.dicom_seg")
     with pytest.raises(MissingExtraError, match=r'pip install "vox2vec\[dicom\]"'):
         module.write_dicom_seg(tmp_path / "p.nii.gz", tmp_path, tmp_path / "seg.dcm")
+
+
+def test_predict_command_writes_dicom_seg_equal_to_the_python_path(tmp_path, capsys):
+    """``vox2vec predict -o seg.dcm`` on a DICOM series: the same masks as Head.predict → write_dicom_seg, and a
+    non-DICOM input is refused before any compute, nothing written."""
+    from vox2vec.cli import main
+
+    scanner_series(crop(read_image(ct_path("ts_abdomen_dicom20")), *BOX), tmp_path / "series")
+    model = tiny_model(base_channels=2, num_scales=3)
+    model.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    head = vox2vec.Head(FPNLinearHead(2, 3, 3), "linear", ClassMap(("liver", "stomach"), ((5,), (6,))),
+                        model.record(), model=model)
+    head.save_pretrained(tmp_path / "head")
+    prediction = head.predict(tmp_path / "series", progress=False)
+    vox2vec.load_volume(prediction).save(tmp_path / "prediction.nii.gz", kind="label-map")
+    status = main(["predict", "-i", str(tmp_path / "series"), "--head", str(tmp_path / "head"), "--model",
+                   str(tmp_path / "model"), "-o", str(tmp_path / "seg.dcm"), "--no-progress"])
+    assert status == 0
+    assert check_seg(tmp_path / "seg.dcm", tmp_path / "prediction.nii.gz", {5: "liver", 6: "stomach"}) > 100
+    nifti = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(read_image(ct_path("ts_abdomen_dicom20"))[:8, :8, :4], str(nifti))
+    capsys.readouterr()
+    assert main(["predict", "-i", str(nifti), "--head", str(tmp_path / "head"), "-o", str(tmp_path / "b.dcm")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "not a DICOM series" in error and "NIfTI" in error
+    assert not (tmp_path / "b.dcm").exists()

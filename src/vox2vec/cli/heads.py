@@ -84,7 +84,9 @@ def run_train_head(args: argparse.Namespace) -> int:
 def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, help="CT file or DICOM folder")
     parser.add_argument("--head", required=True, help="head directory written by train-head")
-    parser.add_argument("-o", "--output", required=True, help="output label map, e.g. seg.nii.gz")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output label map, e.g. seg.nii.gz; seg.dcm writes a DICOM Segmentation referencing the "
+                             "input DICOM series (pip install \"vox2vec[dicom]\")")
     add_runtime_options(parser, model=None, model_help="backbone (default: the one the head was trained on)")
     add_overwrite(parser)
 
@@ -94,12 +96,21 @@ def run_predict(args: argparse.Namespace) -> int:
     from vox2vec.probing import load_head
     from vox2vec.volume import load_volume
 
-    check_output_file(args.output, "label-map", inputs=[args.input, args.head, *model_paths(args.model)],
-                      overwrite=args.overwrite)
+    inputs = [args.input, args.head, *model_paths(args.model)]
+    dicom_seg = str(args.output).lower().endswith(".dcm")
+    if dicom_seg:  # every check of the DICOM-SEG writer before any compute
+        from vox2vec.integrations.dicom_seg import check_dicom_seg_output, write_dicom_seg
+
+        series, _ = check_dicom_seg_output(args.input, args.output, overwrite=args.overwrite, inputs=inputs[1:])
+    else:
+        check_output_file(args.output, "label-map", inputs=inputs, overwrite=args.overwrite)
     head = load_head(args.head)
     model = args.model or head.backbone.get("name")
     prediction = head.predict(args.input, model=model, runtime=runtime_of(args))
-    load_volume(prediction).save(args.output, kind="label-map", overwrite=args.overwrite)
+    if dicom_seg:
+        write_dicom_seg(prediction, series, args.output, head.classes, overwrite=args.overwrite)
+    else:
+        load_volume(prediction).save(args.output, kind="label-map", overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0
 
