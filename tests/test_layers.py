@@ -35,8 +35,7 @@ LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
      "the FPN backbone with the published state-dict names, the linear / non-linear heads (and their per-voxel "
      "forms), the projection head; no I/O",
      ["errors.py"]),
-    ("3", "images", ["volume.py", "resample.py", "body.py", "labelmaps.py", "readers/", "images/", "_readers*.py",
-                     "dicom*.py", "nifti*.py", "volume_*.py", "_volume*.py"],
+    ("3", "images", ["volume.py", "resample.py", "body.py", "labelmaps.py", "readers/"],
      "read any CT (file, DICOM folder, SimpleITK, nibabel, array + spacing) into a `Volume`; resample between grids; "
      "the body mask; label maps checked and brought onto a model grid",
      ["1"]),
@@ -78,7 +77,7 @@ LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
     ("10", "pre-training", ["pretrain/"],
      "corpus preparation, pair sampling, augmentation, InfoNCE, the DDP trainer with online probing, export",
      ["1", "2", "3", "4", "5", "6", "7", "8", "9", "9b", "9d"]),
-    ("11", "entry points", ["__init__.py", "__main__.py", "demo.py", "cli.py", "cli/", "integrations/"],
+    ("11", "entry points", ["__init__.py", "__main__.py", "demo.py", "cli/", "integrations/"],
      "the offline demo, the command line, the public API, integrations with other tools",
      ["1", "2", "3", "4", "5", "6", "7", "8", "9", "9b", "9d", "9c", "10", "11"]),
 ]
