@@ -325,7 +325,8 @@ def check_world_points(pyramid: FeaturePyramid, points: Any, what: str = "points
     high = pyramid.grid.index_to_world(np.asarray(pyramid.shape)[None] - 1)[0]
     box = ", ".join(f"{min(a, b):.0f}…{max(a, b):.0f}" for a, b in zip(low, high))
     raise InputError(f"{int((~inside).sum())} of {len(array)} {what} fall outside the embedded region (world "
-                     f"x, y, z in mm: {box}), e.g. {tuple(round(v, 1) for v in bad)}{hint}")
+                     f"x, y, z in mm: {box}: the body's bounding box), e.g. "
+                     f"({', '.join(f'{v:.1f}' for v in bad)}){hint}")
 
 
 def check_original_grid_fits(source_grid: Grid, maps: int, what: str, fix: str) -> None:

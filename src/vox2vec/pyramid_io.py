@@ -27,7 +27,7 @@ from vox2vec.errors import InputError
 from vox2vec.geometry import Grid
 from vox2vec.outputs import check_output_file
 
-__all__ = ["FORMAT", "PyramidContents", "read_pyramid", "write_pyramid"]
+__all__ = ["FORMAT", "PyramidContents", "read_pyramid", "read_pyramid_meta", "write_pyramid"]
 
 FORMAT = "FeaturePyramid"  # the metadata tag ``vox2vec`` of a pyramid file (outputs.py recognises it)
 
@@ -106,6 +106,20 @@ def read_pyramid(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     except (json.JSONDecodeError, TypeError, ValueError) as error:  # InputError is a ValueError
         problem = f"{type(error).__name__}: {error}"
     raise InputError(f"feature pyramid {path} has broken metadata ({problem}); embed the CT again")
+
+
+def read_pyramid_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance (``meta``: model name, fingerprint …) of a pyramid file, from its header alone — no level is
+    read; ``None`` when the file is missing or unreadable (reading it in full then reports why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+        meta = json.loads(metadata["meta"]) if metadata.get("vox2vec") == FORMAT else None
+    except Exception:  # noqa: BLE001 - any unreadable header: the full read names the problem
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _read_tensors(path: str | os.PathLike, device: torch.device | str):

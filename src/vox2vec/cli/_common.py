@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from vox2vec.config import check_int
-from vox2vec.errors import Vox2VecError
+from vox2vec.errors import InputError, Vox2VecError
 from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, is_saved_pyramid
 
 __all__ = [
@@ -114,9 +114,31 @@ def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:
     no ``--model`` was given."""
     from vox2vec.hub import resolve_model
 
-    if model_arg is None and all(is_saved_pyramid(source) for source in sources):
-        return None
+    sources = list(sources)
+    if all(is_saved_pyramid(source) for source in sources):
+        if model_arg is None:
+            return None
+        _check_recorded_models(model_arg, sources)  # before a model is loaded (or downloaded) only to be refused
     return resolve_model(model_arg or DEFAULT_MODEL)
+
+
+def _check_recorded_models(model_arg: str, pyramids: list[Any]) -> None:
+    """Refuse saved pyramids that their headers say were embedded with another registered model than ``--model``
+    names (different weights, not merely another name for the same ones); the fingerprints are compared later."""
+    from vox2vec.hub.registry import get_spec, is_registered
+    from vox2vec.pyramid_io import read_pyramid_meta
+
+    def weights(name: str) -> tuple[Any, ...]:
+        spec = get_spec(name)
+        return spec.repo_id, spec.filename, spec.revision, spec.bundled_path
+
+    if not is_registered(model_arg):
+        return
+    for pyramid in pyramids:
+        recorded = (read_pyramid_meta(pyramid) or {}).get("model")
+        if isinstance(recorded, str) and is_registered(recorded) and weights(recorded) != weights(model_arg):
+            raise InputError(f"{pyramid} was embedded with {recorded!r}, not --model {model_arg}; leave --model out "
+                             "for saved pyramids, or embed the CT again with this model")
 
 
 def pyramid_of(source: Any, model_arg: str | None, model: Any, runtime: Any) -> Any:

@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     cohort_only = [f"--{name.replace('_', '-')}" for name, default in _COHORT_DEFAULTS.items()
                    if getattr(args, name) != default]
     if cohort_only:
-        raise InputError(f"{', '.join(cohort_only)} apply to cohort runs (an output folder); for one CT with an "
-                         f".safetensors output, leave them out — or give an output folder")
+        raise InputError(f"{', '.join(cohort_only)} apply to cohort runs only; one CT file is embedded into one "
+                         ".safetensors file: leave them out, or make it a cohort of one (an output folder and a list "
+                         "file naming the CT, or its folder)")
+    _check_single_source(Path(args.input[0]), args.output)
     check_output_file(args.output, "pyramid", inputs=[*args.input, *model_paths(args.model)],
                       overwrite=args.overwrite)
     pyramid = embed_volume(args.input[0], model=args.model, runtime=runtime_of(args))
@@ -78,6 +80,16 @@ def _is_cohort(inputs: list[str], output: str) -> bool:
     if path.is_dir():
         return not output.lower().endswith(PYRAMID_SUFFIX)
     return any(c in inputs[0] for c in "*?[")
+
+
+def _check_single_source(path: Path, output: str) -> None:
+    """A folder embedded into one .safetensors file must be one DICOM series: a folder of image files is a cohort
+    (refused here, naming the fix, before ITK reports "no DICOM series" with its own noise)."""
+    from vox2vec.volume import IMAGE_SUFFIXES
+
+    if path.is_dir() and any(p.name.lower().endswith(IMAGE_SUFFIXES) for p in path.rglob("*") if p.is_file()):
+        raise InputError(f"{path} holds image files, so it is a cohort (embedded one pyramid per case into a "
+                         f"folder), not one DICOM series: give an output folder instead of the file {output}")
 
 
 def _embed_cohort(args: argparse.Namespace) -> int:

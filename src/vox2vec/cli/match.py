@@ -19,9 +19,12 @@ from vox2vec.cli._common import (
     pyramid_of,
     runtime_of,
 )
+from vox2vec.errors import InputError
 
 __all__ = ["add_arguments", "run"]
 
+CANDIDATES = 8  # coarse cells refined per point: correspondence.match's default
+MAX_TOP_K = 1000  # a table of more matches per point is not a correspondence any more
 COLUMNS = ["name", "x", "y", "z", "rank", "matched_x", "matched_y", "matched_z", "score"]
 
 
@@ -31,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", required=True, help="CSV with columns x, y, z (world LPS mm), optional name")
     parser.add_argument("-o", "--output", required=True, help="output CSV (adds matched_x/y/z, score, label)")
     parser.add_argument("--target-labels", default=None, help="label map of the target: report the label found")
-    parser.add_argument("--top-k", type=positive_int, default=1, help="best matches per point (default 1)")
+    parser.add_argument("--top-k", type=positive_int, default=1,
+                        help=f"best matches per point (default 1, at most {MAX_TOP_K})")
     add_runtime_options(parser, model=None, model_help=PYRAMID_MODEL_HELP)
     add_overwrite(parser)
 
@@ -43,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from vox2vec.tables import read_points, write_table
     from vox2vec.volume import load_volume
 
+    if args.top_k > MAX_TOP_K:
+        raise InputError(f"--top-k {args.top_k} is more matches per point than a correspondence table holds; give at "
+                         f"most {MAX_TOP_K}")
     inputs = [args.source, args.target, args.points, args.target_labels, *model_paths(args.model)]
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
     names, points = read_points(args.points)
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
     if labels is not None:
         check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
-    found = match(points, source, target, top_k=args.top_k, runtime=runtime)
+    # every match is refined from its own coarse cell: as many candidates as matches asked for, never fewer than 8
+    found = match(points, source, target, top_k=args.top_k, candidates=max(CANDIDATES, args.top_k), runtime=runtime)
     rows = []
     for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):
         for rank, (where, score) in enumerate(zip(matched, scores), 1):

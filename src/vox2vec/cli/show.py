@@ -14,6 +14,8 @@ from vox2vec.cli._common import (
     pyramid_of,
     runtime_of,
 )
+from vox2vec.errors import InputError
+from vox2vec.inference.ct_to_pyramid import is_saved_pyramid
 
 __all__ = ["add_arguments", "run", "world_point"]
 
@@ -56,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite)
     from vox2vec.viz import show
 
+    if is_saved_pyramid(args.input):  # a pyramid holds no intensities to draw
+        raise InputError(f"{args.input} is a saved feature pyramid, not a CT; show draws the CT: give the CT and "
+                         f"the pyramid with --pyramid (vox2vec show CT --pyramid {args.input} -o …)")
     runtime, pyramid = runtime_of(args), args.pyramid
     if pyramid is not None and args.model is not None:  # never silently another model than --model names
-        pyramid = pyramid_of(pyramid, args.model, command_model(args.model, []), runtime)
+        pyramid = pyramid_of(pyramid, args.model, command_model(args.model, [pyramid]), runtime)
     show(args.input, args.output, model=args.model, pyramid=pyramid, head=args.head, point=args.point,
          overwrite=args.overwrite, width=args.width, runtime=runtime)
     print(f"wrote {args.output}")
