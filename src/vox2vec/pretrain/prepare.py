@@ -43,6 +43,20 @@ def case_id(case: CaseInput, taken: set[str]) -> str:
     return unique
 
 
+def _not_hounsfield(array: np.ndarray) -> str | None:
+    """Why ``array`` does not look like a CT in Hounsfield units (``preprocessing.check_hounsfield``'s warning), or
+    None."""
+    import warnings
+
+    from vox2vec.errors import NotHounsfieldWarning
+    from vox2vec.preprocessing import check_hounsfield
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_hounsfield(array)
+    return next((str(w.message) for w in caught if issubclass(w.category, NotHounsfieldWarning)), None)
+
+
 def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], patch_size: Sequence[int]) -> dict:
     """Prepare one CT; returns its manifest entry, or ``{"skipped": reason}``."""
     from vox2vec.body import body_mask
@@ -55,6 +69,9 @@ def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], pa
         return {"source": source, "skipped": f"unreadable: {case.problem}"}
     try:
         volume = load_volume(case.source)
+        not_ct = _not_hounsfield(volume.array)
+        if not_ct:  # a label map or an MR among the inputs: never a pre-training case (as in a cohort run)
+            return {"source": source, "skipped": f"not a CT in Hounsfield units: {not_ct}"}
         config = PreprocessingConfig(**known_settings(PreprocessingConfig, preprocessing, "[preprocessing] setting(s)"))
         preprocessor = Preprocessor(config)
         hu, grid = preprocessor.resample_hu(volume, clip=(config.clip_hu[0], float(_INT16.max)))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from vox2vec._atomic import atomic_path
 from vox2vec._run_record import changed_settings, describe_changes, record_digest, vox2vec_version
 from vox2vec.errors import InputError, OutputError
+from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.outputs import check_output_dir, is_ours
@@ -157,7 +158,7 @@ def _previous_results_differ(output_dir: Path, record: dict[str, Any], overwrite
 def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any, splits: list[np.ndarray]) -> ClassMap:
     """The classes to score, checked before any compute: every class must be in the training cases of every fold.
     Given ``classes`` that one fold cannot train are refused; with None, every such id is left out (a warning)."""
-    present = [label_ids(check_integer_labels(load_volume(labels).array)) for _, _, labels in cases]
+    present = [label_ids(check_integer_labels(_labels_on_ct_grid(image, labels).array)) for _, image, labels in cases]
     trainable = set.intersection(*[set().union(*(present[i] for i in range(len(cases)) if i not in set(test)))
                                    for test in splits])
     class_map = ClassMap.build(classes, set().union(*present) if classes is not None else trainable)
@@ -175,6 +176,24 @@ def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any, splits: 
             warnings.warn(f"label ids {left_out[:20]}{' …' if len(left_out) > 20 else ''} are not in the training "
                           "cases of every fold and are not scored; pass classes= to choose", stacklevel=3)
     return class_map
+
+
+def _labels_on_ct_grid(image: Path, labels: Path) -> Any:
+    """A case's label map, refused (naming both files) when it is not on its CT's grid — from the CT's header alone,
+    so that a mismatched case stops the evaluation before any CT is embedded, not after the first folds."""
+    import SimpleITK as sitk
+
+    volume = load_volume(labels)
+    if image.is_file():  # a DICOM series folder is checked when it is read
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(image))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return volume  # an unreadable CT is reported, with ITK's reason, when it is read
+        grid = Grid(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+        check_same_grid(volume.grid, grid, f"the label map {labels}", f"its CT {image}")
+    return volume
 
 
 class _PyramidCache:
