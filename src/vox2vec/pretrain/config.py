@@ -168,21 +168,33 @@ def _check_bool(problems: list[str], name: str, value: Any) -> None:
 
 def problems_of(config: PretrainConfig) -> list[str]:
     """Every mistyped or out-of-range value, one line each (empty when the config can run)."""
-    s, t, a, d = config.sampling, config.train, config.augmentation, config.data
     problems = config.architecture.problems("architecture") + config.preprocessing.problems("preprocessing")
+    _data_problems(problems, config.data)
+    patch_ok = check_patch_size(problems, "sampling.patch_size", config.sampling.patch_size)
+    _sampling_problems(problems, config.sampling)
+    _augmentation_problems(problems, config.augmentation)
+    _train_problems(problems, config.train)
+    if patch_ok:
+        _depth_problems(problems, config.architecture, config.sampling)
+    return problems
 
+
+def _data_problems(problems: list[str], d: DataConfig) -> None:
     if not (isinstance(d.inputs, tuple) and all(isinstance(i, str) and i for i in d.inputs)):
         problems.append(f"data.inputs must be a list of paths or globs, got {d.inputs!r}")
     if not (isinstance(d.prepared_dir, str) and d.prepared_dir.strip()):
         problems.append(f"data.prepared_dir must be a folder path, got {d.prepared_dir!r}")
     check_int(problems, "data.workers", d.workers, 1, 256)
 
-    patch_ok = check_patch_size(problems, "sampling.patch_size", s.patch_size)
+
+def _sampling_problems(problems: list[str], s: SamplingConfig) -> None:
     check_int(problems, "sampling.pairs_per_step", s.pairs_per_step, 1, 4096)
     check_int(problems, "sampling.max_voxels_per_pair", s.max_voxels_per_pair, 1, 1_000_000)
     for name in ("zoom_in_plane", "zoom_through_plane"):
         check_range_pair(problems, f"sampling.{name}", getattr(s, name), 0.25, 4.0)
 
+
+def _augmentation_problems(problems: list[str], a: AugmentationConfig) -> None:
     for name in ("filter_probability", "noise_probability", "window_probability", "through_plane_probability"):
         check_number(problems, f"augmentation.{name}", getattr(a, name), 0.0, 1.0)
     for name in ("blur_sigma", "sharpen_sigma1", "sharpen_alpha", "noise_sigma_hu", "through_plane_sigma"):
@@ -196,6 +208,8 @@ def problems_of(config: PretrainConfig) -> list[str]:
             and all(isinstance(v, (int, float)) for v in lows + highs) and max(lows) >= min(highs)):
         problems.append(f"augmentation.window_low_hu {list(lows)} must lie below window_high_hu {list(highs)}")
 
+
+def _train_problems(problems: list[str], t: TrainConfig) -> None:
     if not (isinstance(t.output_dir, str) and t.output_dir.strip()):
         problems.append(f"train.output_dir must be a folder path, got {t.output_dir!r}")
     check_int(problems, "train.steps", t.steps, 1)
@@ -230,8 +244,10 @@ def problems_of(config: PretrainConfig) -> list[str]:
     if bool(t.probe_test_ct) != bool(t.probe_test_labels):
         problems.append("train.probe_test_ct and train.probe_test_labels go together")
 
-    arch = config.architecture
-    if patch_ok and _is_int(arch.num_scales) and 2 <= arch.num_scales <= MAX_SCALES:
+
+def _depth_problems(problems: list[str], arch: ArchitectureConfig, s: SamplingConfig) -> None:
+    """The architecture against the patch: every level needs a cell, and BatchNorm two values per channel."""
+    if _is_int(arch.num_scales) and 2 <= arch.num_scales <= MAX_SCALES:
         coarsest = 2 ** (arch.num_scales - 1)
         if any(p < coarsest for p in s.patch_size):
             deepest = max(2, min(int(math.log2(p)) + 1 for p in s.patch_size))
@@ -244,7 +260,6 @@ def problems_of(config: PretrainConfig) -> list[str]:
                 problem := batch_statistics_problem(s.pairs_per_step, s.patch_size, arch.num_scales)):
             problems.append(f"sampling.pairs_per_step {s.pairs_per_step}: {problem}; use more pairs or larger "
                             "patches")
-    return problems
 
 
 def validate(config: PretrainConfig) -> None:

@@ -103,19 +103,28 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
             if step % t.log_every == 0 or step == t.steps:
                 log.record(step, loss, grad_norm, positives, batch.case)
             stopping = _all_agree(stop.requested, world, device)
-            if rank == 0 and (step % t.checkpoint_every == 0 or step == t.steps or stopping):
-                save_checkpoint(out / "checkpoints", step, {
-                    "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-                    "config": config.to_dict(),
-                }, keep=t.keep_checkpoints)
-            if t.probe_every and rank == 0 and step % t.probe_every == 0:
-                _online_probe(model, config, step, out)
+            if rank == 0:
+                _checkpoint_and_probe(model, optimiser, config, step, out, stopping)
             if stopping:
                 break
         log.end(step, _checksum(model))
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def _checkpoint_and_probe(model: nn.Module, optimiser: torch.optim.Optimizer, config: PretrainConfig, step: int,
+                          out: Path, stopping: bool) -> None:
+    """Rank 0 after a step: a checkpoint every ``checkpoint_every`` steps, at the end and when stopping; the online
+    probe every ``probe_every`` steps."""
+    t = config.train
+    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+        save_checkpoint(out / "checkpoints", step, {
+            "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+            "config": config.to_dict(),
+        }, keep=t.keep_checkpoints)
+    if t.probe_every and step % t.probe_every == 0:
+        _online_probe(model, config, step, out)
 
 
 def initial_backbone(config: PretrainConfig) -> dict[str, torch.Tensor] | None:
