@@ -153,3 +153,33 @@ def test_pretrain_prepare_skips_a_label_map_among_its_inputs(tmp_path):
     on_disk = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert [s["source"] for s in on_disk["skipped"]] == [skipped["source"]]
     assert np.load(tmp_path / "prepared" / manifest["cases"][0]["id"] / "image.npy").min() < -500
+
+
+# -- pretrain export: the Hub options --------------------------------------------------------------------------------
+def test_export_refuses_a_malformed_repo_id_before_exporting(tmp_path, capsys):
+    out = tmp_path / "model"
+    # before: the model exported, then a 20-line HFValidationError traceback, exit 1
+    assert main(["pretrain", "export", "-o", str(out), "--run-dir", str(tmp_path / "run"),
+                 "--push-to-hub", "not a repo id"]) == 2
+    assert "is not a Hugging Face repo id" in one_error_line(capsys) and not out.exists()
+
+
+def test_a_failed_upload_is_one_line_that_says_the_export_is_complete(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):  # what huggingface_hub raises without a network (httpx's ConnectError)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    # before: a 75-line traceback from httpx, exit 1
+    with pytest.raises(vox2vec.OutputError) as caught:
+        vox2vec.pretrain.push_to_hub(tmp_path, "my-org/my-model")
+    message = str(caught.value)
+    assert "could not upload" in message and "is complete" in message and "\n" not in message
+
+
+def test_export_names_an_unreadable_transfer_file(tmp_path, capsys):
+    missing = tmp_path / "transfer.md"
+    assert main(["pretrain", "export", "-o", str(tmp_path / "model"), "--run-dir", str(tmp_path / "run"),
+                 "--transfer", str(missing)]) == 2
+    assert f"--transfer {missing}" in one_error_line(capsys)  # before: only "[Errno 2] No such file …"

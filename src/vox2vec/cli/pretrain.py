@@ -74,10 +74,18 @@ def _export(args: argparse.Namespace, config: Any) -> None:
     import torch
 
     from vox2vec import pretrain
+    from vox2vec.pretrain.export import check_repo_id
 
     run_dir = args.run_dir or config.train.output_dir
     dtype = torch.float16 if args.dtype == "fp16" else None
-    transfer = Path(args.transfer).read_text(encoding="utf-8") if args.transfer else None
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # before the export, not after it
+    transfer = None
+    if args.transfer:
+        try:
+            transfer = Path(args.transfer).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"--transfer {args.transfer}: could not read it as a Markdown file ({error})") from None
     licence = {"license": args.license} if args.license is not None else {}  # else export's documented default
     out = pretrain.export(run_dir, args.output, name=args.name, data_description=args.data, dtype=dtype,
                           select=args.select, transfer=transfer, overwrite=args.overwrite, **licence)

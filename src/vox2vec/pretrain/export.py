@@ -11,7 +11,7 @@ import torch
 from vox2vec._atomic import atomic_path
 from vox2vec.config import ArchitectureConfig, ModelConfig, PreprocessingConfig, known_settings
 from vox2vec.configured_model import Vox2VecModel
-from vox2vec.errors import InputError
+from vox2vec.errors import ArgumentError, InputError, OutputError
 from vox2vec.hub.pretrained import backbone_entries
 from vox2vec.outputs import changed_since_written
 from vox2vec.pretrain.run_folder import BEST_PROBE_NAME
@@ -117,11 +117,31 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     return out
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it as a repository name (``org/name``), else an :class:`ArgumentError` —
+    checked before an export, so that a mistyped id does not end a finished export with a traceback."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ArgumentError(f"{repo_id!r} is not a Hugging Face repo id ({error}); e.g. my-org/my-model") from None
+    return repo_id
+
+
 def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
-    """Upload an exported directory to the Hugging Face Hub (needs network and a token)."""
+    """Upload an exported directory to the Hugging Face Hub (needs network and a token). A failed upload (no
+    network, no token, no permission) is an :class:`OutputError` that says the export itself is complete."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id)
+    check_repo_id(repo_id)
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(directory), repo_id=repo_id)
+    except Exception as error:  # noqa: BLE001 - network, token and permission errors come from several libraries
+        reason = " ".join(str(error).split())[:300]
+        raise OutputError(f"could not upload {directory} to the Hugging Face Hub repo {repo_id} "
+                          f"({type(error).__name__}: {reason}); the exported model in {directory} is complete — "
+                          f"upload it later with `huggingface-cli upload {repo_id} {directory}`") from None
     return json.dumps({"repo_id": repo_id, "commit": getattr(info, "oid", None)})
