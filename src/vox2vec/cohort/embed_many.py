@@ -7,6 +7,7 @@ embeds the current one (:mod:`vox2vec.cohort.loading`). Under ``torchrun`` every
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import warnings
@@ -21,6 +22,7 @@ from vox2vec.cohort.inputs import discover
 from vox2vec.cohort.manifest import MANIFEST
 from vox2vec.cohort.run import CohortRun
 from vox2vec.cohort.settings import KEEP_REGIONS, STORAGE_DTYPES, Shard, Storage
+from vox2vec.config import check_int
 from vox2vec.errors import ArgumentError, InputError
 from vox2vec.hub import resolve_model
 from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL
@@ -31,26 +33,8 @@ from vox2vec.outputs import check_output_dir
 __all__ = ["KEEP_REGIONS", "STORAGE_DTYPES", "CohortRun", "Shard", "Storage", "embed_many", "iter_embed_many"]
 
 
-def embed_many(
-    inputs: str | os.PathLike | Iterable[str | os.PathLike],
-    output_dir: str | os.PathLike | None = None,
-    *,
-    model: Any = DEFAULT_MODEL,
-    runtime: Runtime | None = None,
-    levels: Sequence[int] | None = None,
-    keep: str = "all",
-    dtype: torch.dtype | str = "fp16",
-    workers: int | None = None,
-    hash_inputs: bool = False,
-    allow_non_ct: bool = False,
-    overwrite: bool = False,
-    shard: Shard | None = None,
-    device: torch.device | str | None = None,
-    batch_size: int | None = None,
-    precision: str | None = None,
-    progress: bool | None = None,
-    out_dir: str | os.PathLike | None = None,
-) -> CohortRun:
+def embed_many(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike | None = None,
+               **options: Any) -> CohortRun:
     """Embed every CT in ``inputs`` (files, folders searched recursively, globs, list files) into ``output_dir`` and
     return the finished run: iterate it (or read :attr:`CohortRun.results`) for one
     :class:`~vox2vec.cohort.manifest.CaseResult` per case of this shard; :meth:`CohortRun.summary` says how it
@@ -66,13 +50,10 @@ def embed_many(
     (or ``torch.float16`` / ``torch.float32``). ``workers``: reader processes (0: read in this process); by default
     2 when the backbone runs on a GPU, and on a CPU one per 4 cores, at most 2 (0 on a 2-core machine: there the
     readers only take cores from the backbone — measured in docs/benchmarks.md). ``shard``: default from the
-    environment (torchrun). ``out_dir``: the former name of ``output_dir`` (deprecated).
+    environment (torchrun). ``out_dir``: the former name of ``output_dir`` (deprecated). The keyword arguments are
+    :func:`iter_embed_many`'s (its signature is this function's, for ``help()`` and editors).
     """
-    return iter_embed_many(
-        inputs, output_dir, model=model, runtime=runtime, levels=levels, keep=keep, dtype=dtype, workers=workers,
-        hash_inputs=hash_inputs, allow_non_ct=allow_non_ct, overwrite=overwrite, shard=shard, device=device,
-        batch_size=batch_size, precision=precision, progress=progress, out_dir=out_dir,
-    ).run()
+    return iter_embed_many(inputs, output_dir, **options).run()
 
 
 def iter_embed_many(
@@ -101,8 +82,11 @@ def iter_embed_many(
     output_dir = _output_dir(output_dir, out_dir)
     inputs = _input_list(inputs)
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise InputError(f"workers must be a whole number ≥ 0 (0 reads in this process), got {workers!r}")
+    problems: list[str] = []
+    if workers is not None:
+        check_int(problems, "workers (reader processes; 0 reads in this process)", workers, 0)
+    if problems:
+        raise InputError(problems[0])
     if shard is not None and not isinstance(shard, Shard):
         raise ArgumentError(f"shard must be a vox2vec.cohort.Shard(rank, world) or None (from torchrun's environment), "
                             f"got {shard!r}")
@@ -126,6 +110,10 @@ def iter_embed_many(
                      overwrite=overwrite, what="cohort output folder")
     return CohortRun(mine, len(cases), output_dir, net, storage, shard, runtime,
                      dict(workers=workers, hash_inputs=hash_inputs, allow_non_ct=allow_non_ct), overwrite=overwrite)
+
+
+embed_many.__signature__ = inspect.signature(iter_embed_many).replace(  # type: ignore[attr-defined]
+    return_annotation="CohortRun")
 
 
 def _output_dir(output_dir: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> Path:
