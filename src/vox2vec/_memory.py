@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 
 from vox2vec.errors import InputError
 
@@ -28,7 +27,11 @@ def _meminfo_available() -> int | None:
 
 
 def _address_space_left() -> int | None:
-    """RLIMIT_AS minus the address space already mapped (None when unlimited)."""
+    """RLIMIT_AS minus the address space already mapped (None when unlimited, or on Windows)."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if limit == resource.RLIM_INFINITY:
         return None
