@@ -38,11 +38,13 @@ _REASONS = {
 def _disk_cause(folder: Path, written: int) -> int | None:
     """The errno that explains a write which failed without one (a library's own error, a short write ITK ignored):
     ENOSPC when the disk is (nearly) full, EFBIG when the file reached the process's file-size limit, else None."""
-    import resource
-
     with contextlib.suppress(OSError):
         if shutil.disk_usage(folder).free < max(written, 1) * 2 + (1 << 20):
             return errno.ENOSPC
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and written >= limit - 4096:
         return errno.EFBIG
