@@ -183,3 +183,19 @@ def test_export_names_an_unreadable_transfer_file(tmp_path, capsys):
     assert main(["pretrain", "export", "-o", str(tmp_path / "model"), "--run-dir", str(tmp_path / "run"),
                  "--transfer", str(missing)]) == 2
     assert f"--transfer {missing}" in one_error_line(capsys)  # before: only "[Errno 2] No such file …"
+
+
+def test_prepare_with_a_pattern_matching_nothing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["pretrain", "prepare", str(tmp_path / "nothing*.nii.gz"), "-o", str(out), "--no-progress"]) == 2
+    assert "matches no file" in one_error_line(capsys)
+    assert not out.exists()  # before: an empty folder was created first
+
+
+def test_prepare_that_prepares_no_ct_is_not_a_success(tmp_path, capsys):
+    missing = tmp_path / "missing.nii.gz"
+    # before: "prepared 0 CTs, skipped 1", exit 0 — and train then found an empty corpus
+    assert main(["pretrain", "prepare", str(missing), "-o", str(tmp_path / "prepared"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert f"skipped {missing}: unreadable" in captured.out  # the reason, then the one error line
+    assert captured.err.strip().startswith("vox2vec: error: no CT could be prepared")

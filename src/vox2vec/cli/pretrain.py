@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                                     workers=config.data.workers, progress=not args.no_progress,
                                     overwrite=args.overwrite)
         print(f"prepared {len(manifest['cases'])} CTs, skipped {len(manifest['skipped'])}")
+        if not manifest["cases"]:  # a corpus without a case is not a success
+            raise InputError("no CT could be prepared (the reasons are above); nothing to pre-train on — check the "
+                             "inputs")
     elif args.pretrain_command == "train":
         out = pretrain.train(config, progress=not args.no_progress, overwrite=args.overwrite)
         print(f"checkpoints in {out / 'checkpoints'}")

@@ -112,6 +112,7 @@ def prepare(
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     output_dir = check_output_dir(output_dir, files=(MANIFEST,), inputs=inputs, overwrite=overwrite,
                                   what="prepared-corpus folder")
+    found = discover(inputs)  # a pattern that matches nothing is refused before the folder is created
     output_dir.mkdir(parents=True, exist_ok=True)
     ours = is_ours(output_dir / MANIFEST)
     previous = read_manifest(output_dir) if ours else {"cases": [], "skipped": []}
@@ -119,7 +120,7 @@ def prepare(
     taken = {c["id"] for c in done.values()} | _foreign_entries(output_dir, {c["id"] for c in done.values()})
     preprocessing = preprocessing or PreprocessingConfig()
     jobs = []
-    for case in discover(inputs):
+    for case in found:
         if case.key not in done:
             jobs.append((case, str(output_dir / case_id(case, taken)), asdict(preprocessing), list(patch_size)))
     cases, skipped = list(done.values()), []
