@@ -199,3 +199,19 @@ def test_prepare_that_prepares_no_ct_is_not_a_success(tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"skipped {missing}: unreadable" in captured.out  # the reason, then the one error line
     assert captured.err.strip().startswith("vox2vec: error: no CT could be prepared")
+
+
+def test_eval_refuses_one_case_given_as_two_images(tmp_path):
+    from vox2vec.probing.evaluate import find_cases
+
+    dataset = tmp_path / "dataset"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    for name, (ct, labels) in (("c1", abdomen()), ("c2", abdomen((140, 160, 0)))):
+        sitk.WriteImage(ct, str(dataset / "imagesTr" / f"{name}.nii.gz"))
+        sitk.WriteImage(labels, str(dataset / "labelsTr" / f"{name}.nii.gz"))
+    assert [case for case, _, _ in find_cases(dataset)] == ["c1", "c2"]
+    sitk.WriteImage(abdomen()[0], str(dataset / "imagesTr" / "c1.nrrd"))  # the same patient, another format
+    # before: three cases, c1 in a training and a test fold at once, and run.json listing two
+    with pytest.raises(InputError, match="one case twice"):
+        find_cases(dataset)

@@ -37,6 +37,16 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES) and not p.name.startswith("."))
 
 
+def _by_stem(files: list[Path]) -> dict[str, Path]:
+    """{case name: file}; two files of one name (``c1.nii.gz`` and ``c1.nrrd``) are refused, naming both."""
+    named: dict[str, Path] = {}
+    for path in files:
+        if _stem(path) in named:
+            raise InputError(f"{named[_stem(path)]} and {path.name} are two label maps of one case; keep one")
+        named[_stem(path)] = path
+    return named
+
+
 def find_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
     """(case id, image, labels) from ``imagesTr/`` + ``labelsTr/`` (MSD/nnU-Net ``_0000`` and BTCV ``img``/``label``
     names are matched)."""
@@ -44,15 +54,21 @@ def find_cases(root: str | Path) -> list[tuple[str, Path, Path]]:
     images, labels = root / "imagesTr", root / "labelsTr"
     if not images.is_dir() or not labels.is_dir():
         raise InputError(f"{root} needs imagesTr/ and labelsTr/ folders (the BTCV / MSD layout)")
-    label_files = {_stem(p): p for p in _image_files(labels)}
-    cases = []
+    label_files = _by_stem(_image_files(labels))
+    cases, seen = [], {}
     for image in _image_files(images):
         stem = _stem(image)
         candidates = [stem, stem.removesuffix("_0000"), stem.replace("img", "label", 1)]
         match = next((label_files[c] for c in candidates if c in label_files), None)
         if match is None:
             raise InputError(f"no label map in {labels} for {image.name} (looked for {', '.join(candidates)})")
-        cases.append((stem.removesuffix("_0000"), image, match))
+        case = stem.removesuffix("_0000")
+        if case in seen or match in seen.values():  # one patient twice: in a training and a test fold at once
+            other = next(name for name, labelled in seen.items() if name == case or labelled == match)
+            raise InputError(f"{image.name} and the image of case {other!r} in {images} are one case twice (the "
+                             f"same name, or the same label map {match.name}); keep one image per case")
+        seen[case] = match
+        cases.append((case, image, match))
     if len(cases) < 2:
         raise InputError(f"{root} holds {len(cases)} labelled case(s); cross-validation needs at least 2")
     return cases
