@@ -215,3 +215,23 @@ def test_eval_refuses_one_case_given_as_two_images(tmp_path):
     # before: three cases, c1 in a training and a test fold at once, and run.json listing two
     with pytest.raises(InputError, match="one case twice"):
         find_cases(dataset)
+
+
+# -- an output path that means something else ----------------------------------------------------------------------
+def test_an_output_file_written_with_a_trailing_slash_is_refused(pair, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # before: "-o t.csv/" (a folder, by the slash) wrote the file t.csv
+    assert main(["features", "-i", str(pair["pyramid_a"]), "--points", str(pair["points"]), "-o", "t.csv/"]) == 2
+    assert "ends with '/', so it names a folder" in one_error_line(capsys) and not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "{dataset}", "--folds", "2"], ["embed", "-i", "{dataset}"],
+                                     ["features", "-i", "{pyramid}", "--points", "{points}"]])
+def test_an_empty_output_path_is_refused_not_the_working_folder(pair, tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    values = {"dataset": str(tmp_path), "pyramid": str(pair["pyramid_a"]), "points": str(pair["points"])}
+    # before: `embed -i folder -o ""` wrote its pyramids and manifest into the working folder
+    assert main([part.format(**values) for part in command] + ["-o", ""]) == 2
+    assert "empty" in one_error_line(capsys)
+    assert snapshot(tmp_path) == before

@@ -217,6 +217,13 @@ def _check_writable(path: Path, what: str) -> None:
     os.unlink(probe)
 
 
+def _given_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; an empty one is refused (``Path("")`` is the working directory, never what was meant)."""
+    if not os.fspath(path).strip():
+        raise OutputError(f"the {what} path is empty; name the file or folder to write")
+    return Path(path)
+
+
 def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[Any] | Any = (),
                       overwrite: bool = False) -> Path:
     """Refuse, before any compute, an output file we must not or cannot write; returns the path.
@@ -228,9 +235,12 @@ def check_output_file(path: str | os.PathLike, kind: str, *, inputs: Iterable[An
     """
     if kind not in EXTENSIONS:
         raise OutputError(f"unknown output kind {kind!r}; expected one of {sorted(EXTENSIONS)}")
-    path = Path(path)
     what = f"output {DESCRIPTIONS[kind]}"
     allowed = EXTENSIONS[kind]
+    if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop what the user meant: a folder
+        raise OutputError(f"{what} {path} ends with '/', so it names a folder; give a file name, e.g. "
+                          f"{path}out{allowed[0]}")
+    path = _given_path(path, what)
     if path.is_dir():
         raise OutputError(f"{what} {path} is an existing folder; give a file name, e.g. {path / ('out' + allowed[0])}")
     if _suffix(path) not in allowed:
@@ -261,7 +271,7 @@ def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inpu
     ``files``: the names we will write into it; an existing one is replaced only when vox2vec wrote it (or with
     ``overwrite``). Nothing else in the folder is touched.
     """
-    path = Path(path)
+    path = _given_path(path, what)
     sources = _paths(inputs)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is an existing file, not a folder; give a folder path (it will be created)")

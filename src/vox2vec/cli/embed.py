@@ -96,8 +96,9 @@ def _embed_cohort(args: argparse.Namespace) -> int:
     """Exit status: 0 when every case is done or up to date, 1 when any failed, 130 when stopped by a signal."""
     from vox2vec.cohort import embed_many
 
-    if args.output.lower().endswith(PYRAMID_SUFFIX):
-        raise InputError(f"several inputs (or a folder / list file) need an output folder, not the file {args.output}")
+    if args.output.lower().endswith(PYRAMID_SUFFIX) or not args.output.strip():  # "" would be the working folder
+        raise InputError(f"several inputs (or a folder / list file) need an output folder, not "
+                         f"{'the file ' + args.output if args.output.strip() else 'an empty path'}")
     result = embed_many(args.input, args.output, model=args.model, runtime=runtime_of(args), levels=args.levels,
                         keep=args.keep, dtype=args.dtype, workers=args.workers, hash_inputs=args.hash,
                         allow_non_ct=args.allow_non_ct, overwrite=args.overwrite)  # returns the finished run
