@@ -235,3 +235,40 @@ def test_an_empty_output_path_is_refused_not_the_working_folder(pair, tmp_path, 
     assert main([part.format(**values) for part in command] + ["-o", ""]) == 2
     assert "empty" in one_error_line(capsys)
     assert snapshot(tmp_path) == before
+
+
+# -- the campaign's open cases, closed by the lead ---------------------------------------------------------------
+def test_region_and_list_refusals_name_the_problem_before_any_row_is_written(pair, tmp_path, capsys):
+    """Duplicate label ids, a list with both layouts, and a resampled mask wholly outside the CT."""
+    out = tmp_path / "t.csv"
+    assert main(["features", "-i", str(pair["pyramid_a"]), "--mask", str(pair["labels_a"]), "--labels", "5", "5",
+                 "-o", str(out)]) == 2  # before: two identical rows
+    assert "more than once" in one_error_line(capsys) and not out.exists()
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"ct,mask,x,y,z\n{pair['ct_a']},{pair['labels_a']},1,2,3\n")
+    assert main(["features", "--list", str(listing), "-o", str(out)]) == 2  # before: the points silently ignored
+    assert "both a mask column and x, y, z" in one_error_line(capsys) and not out.exists()
+    moved = read_image(pair["labels_a"])
+    moved.SetOrigin([o + 500.0 for o in moved.GetOrigin()])
+    sitk.WriteImage(moved, str(tmp_path / "moved.nii.gz"))
+    with pytest.raises(InputError, match="wholly outside"):  # before: a table of empty features, exit 0
+        vox2vec.region_features(pair["pyramid_a"], tmp_path / "moved.nii.gz", resample_mask=True)
+
+
+def test_as_pyramid_and_match_check_their_arguments_before_any_model(pair, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(vox2vec.hub, "resolve_model", lambda name: loaded.append(name))
+    with pytest.raises(InputError, match="cannot read a CT from int"):  # before: fpn-ct downloaded first
+        vox2vec.as_pyramid(123)
+    with pytest.raises(vox2vec.ArgumentError, match="runtime must be a vox2vec.Runtime"):  # before: accepted
+        vox2vec.as_pyramid(pair["pyramid_a"], runtime="cpu")
+    assert loaded == []
+    point = np.asarray(vox2vec.FeaturePyramid.load(pair["pyramid_a"]).grid.index_to_world([[10, 10, 4]]))
+    found = vox2vec.match(point, pair["pyramid_a"], pair["pyramid_b"], top_k=12, progress=False)
+    assert found.matched.shape[:2] == (1, 12)  # before: "candidates … got 8"
+    scores = np.asarray(found.scores)[0]
+    finite = np.isfinite(scores)
+    count = int(finite.sum())
+    assert count > 1 and finite[:count].all() and not finite[count:].any()  # NaN only after the distinct matches
+    assert np.all(np.diff(scores[finite]) <= 1e-6)  # ranked best first
+    assert np.all(found.voxels[0][~finite] == -1)

@@ -24,7 +24,7 @@ from vox2vec.hub import resolve_model
 from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid, is_saved_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 
-__all__ = ["Matches", "match"]
+__all__ = ["CANDIDATES", "Matches", "match"]
 
 _CELL_CHUNK = 16384  # coarse cells scored at once (bounds memory: chunk × coarse dim floats)
 _QUERY_CHUNK = 32  # queries refined at once
@@ -33,12 +33,17 @@ _QUERY_CHUNK = 32  # queries refined at once
 @dataclass
 class Matches:
     """``matched[n, k]``: the k-th best world point (LPS mm) of the target for query ``points[n]``, with its cosine
-    similarity ``scores[n, k]`` (best first). ``voxels``: the same points as model-grid indices of the target."""
+    similarity ``scores[n, k]`` (best first). ``voxels``: the same points as model-grid indices of the target.
+    Matches are distinct (at least one coarse cell apart); where the target has fewer than ``top_k`` such places
+    (a small crop), the last ranks are NaN (``voxels`` −1), never a repeated point."""
 
     points: np.ndarray  # (N, 3)
     matched: np.ndarray  # (N, top_k, 3)
     scores: np.ndarray  # (N, top_k)
     voxels: np.ndarray  # (N, top_k, 3)
+
+
+CANDIDATES = 8  # coarse cells refined per point by default
 
 
 def _cell_features(pyramid: FeaturePyramid, level: int, cells: torch.Tensor) -> torch.Tensor:
@@ -121,7 +126,7 @@ def match(
     top_k: int = 1,
     model: Any = None,
     coarse_level: int | None = None,
-    candidates: int = 8,
+    candidates: int | None = None,
     runtime: Runtime | None = None,
     progress: bool | None = None,
 ) -> Matches:
@@ -131,12 +136,14 @@ def match(
     ``"fpn-ct"``, on ``runtime``), saved pyramids or :class:`FeaturePyramid` s of the same backbone (see
     :func:`vox2vec.as_pyramid`). The search is coarse to fine (see the module docstring):
     ``coarse_level`` (default: level 3, or the coarsest if there are fewer) is scored everywhere; the best
-    ``candidates`` cells per point are refined to voxels. Memory stays bounded: at most ``_CELL_CHUNK`` coarse cells
-    at a time, never the full-dimensional embedding of every voxel. A point outside the source's embedded region is
-    an error, never a silent nearest edge.
+    ``candidates`` cells per point (default: :data:`CANDIDATES`, or ``top_k`` when larger) are refined to voxels.
+    Memory stays bounded: at most ``_CELL_CHUNK`` coarse cells at a time, never the full-dimensional embedding of
+    every voxel. A point outside the source's embedded region is an error, never a silent nearest edge.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k must be a positive whole number, got {top_k!r}")
+    if candidates is None:
+        candidates = max(CANDIDATES, top_k)  # every match is refined from its own coarse cell
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < top_k:
         raise InputError(f"candidates must be a whole number ≥ top_k ({top_k}), got {candidates!r}")
     runtime = resolve_runtime(runtime, progress=progress).checked()

@@ -23,7 +23,7 @@ from vox2vec.readers.dicom import DicomSeries, dicom_series_ids, looks_like_dico
 from vox2vec.readers.files import IMAGE_SUFFIXES, grid_from_sitk, image_stem, non_finite_error, read_path, sitk_array
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_EXTENT_MM", "SPACING_RANGE_MM", "AxisOrder", "DicomSeries", "Volume",
-           "dicom_series_ids", "grid_from_sitk", "image_stem", "load_volume", "volume_from_sitk"]
+           "check_ct_source", "dicom_series_ids", "grid_from_sitk", "image_stem", "load_volume", "volume_from_sitk"]
 
 AxisOrder = Literal["xyz", "zyx"]
 _looks_like_dicom = looks_like_dicom  # the name cohort discovery imported before the readers moved out
@@ -115,6 +115,18 @@ def _check_plausible_geometry(volume: Volume) -> None:
         )
 
 
+def check_ct_source(source: Any) -> None:
+    """Refuse, before any work (no model is loaded for it), an object no reader takes as a CT."""
+    readable = (isinstance(source, (Volume, str, os.PathLike, DicomSeries, np.ndarray, torch.Tensor))
+                or type(source).__module__.startswith("SimpleITK")
+                or (hasattr(source, "affine") and hasattr(source, "dataobj")))
+    if not readable:
+        raise InputError(
+            f"cannot read a CT from {type(source).__name__}; pass a path, a SimpleITK.Image, a nibabel image, "
+            "or an array with spacing= and axis_order="
+        )
+
+
 def load_volume(
     source: Any,
     *,
@@ -151,10 +163,7 @@ def load_volume(
             data = source
         volume = Volume(*from_array(data, spacing, axis_order, origin, direction))
     else:
-        raise InputError(
-            f"cannot read a CT from {type(source).__name__}; pass a path, a SimpleITK.Image, a nibabel image, "
-            "or an array with spacing= and axis_order="
-        )
+        check_ct_source(source)
     _check_plausible_geometry(volume)
     if check_finite and np.issubdtype(volume.array.dtype, np.floating):
         bad = ~np.isfinite(volume.array)

@@ -23,7 +23,6 @@ from vox2vec.errors import InputError
 
 __all__ = ["add_arguments", "run"]
 
-CANDIDATES = 8  # coarse cells refined per point: correspondence.match's default
 MAX_TOP_K = 1000  # a table of more matches per point is not a correspondence any more
 COLUMNS = ["name", "x", "y", "z", "rank", "matched_x", "matched_y", "matched_z", "score"]
 
@@ -59,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
     if labels is not None:
         check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
-    # every match is refined from its own coarse cell: as many candidates as matches asked for, never fewer than 8
-    found = match(points, source, target, top_k=args.top_k, candidates=max(CANDIDATES, args.top_k), runtime=runtime)
+    found = match(points, source, target, top_k=args.top_k, runtime=runtime)
     rows = []
     for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):
         for rank, (where, score) in enumerate(zip(matched, scores), 1):

@@ -122,6 +122,10 @@ def _check_label_ids(labels: Sequence[int] | None) -> list[int] | None:
         raise problem from None
     if any(isinstance(v, bool) for v in given) or any(not -2**63 <= v < 2**63 for v in ids):
         raise problem
+    repeated = sorted({v for v in ids if ids.count(v) > 1})
+    if repeated:
+        raise ArgumentError(f"labels names {', '.join(map(str, repeated))} more than once; give each id once "
+                            "(one row per label)")
     return ids
 
 
@@ -139,6 +143,10 @@ def region_table(pyramid: FeaturePyramid, mask: Any, *, case: str = "", resample
     if pyramid.stored is not None:  # saved with --keep body: only the kept voxels have features
         on_model_grid = on_model_grid * pyramid.stored.to(on_model_grid.device)
     counts, means = label_means(pyramid, on_model_grid, ids)
+    if any(original_counts.get(label, 0) for label in ids) and not any(int(n) for n in counts):
+        raise InputError("no labelled voxel of the mask falls inside the CT's embedded region (with --resample-mask "
+                         "the mask was mapped through world coordinates and lies wholly outside): is it this CT's "
+                         "mask? Check its origin and direction")
     rows = []
     for label, model_voxels, mean in zip(ids, counts, means):
         voxels = original_counts.get(label, 0)
@@ -196,7 +204,11 @@ def read_feature_list(path: str | os.PathLike) -> list[FeatureJob]:
 
     path = Path(path)
     rows, header = read_csv(path, "list", "a CSV with columns ct, mask or ct, x, y, z")
-    kind = "mask" if {"ct", "mask"} <= header.keys() else "points" if {"ct", "x", "y", "z"} <= header.keys() else None
+    masks, points = {"ct", "mask"} <= header.keys(), {"ct", "x", "y", "z"} <= header.keys()
+    if masks and points:
+        raise InputError(f"{path} has both a mask column and x, y, z columns: one list is either regions (ct, mask) "
+                         "or points (ct, x, y, z[, name]); split it into two lists")
+    kind = "mask" if masks else "points" if points else None
     if not rows or kind is None:
         raise InputError(f"{path} needs a header with columns ct, mask (regions) or ct, x, y, z[, name] (points) "
                          f"and at least one row; found {', '.join(header) or 'nothing'}")

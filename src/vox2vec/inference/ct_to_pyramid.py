@@ -17,6 +17,7 @@ from vox2vec.inference.precision import Precision, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.windows import check_window
 from vox2vec.preprocessing import PreprocessedVolume
+from vox2vec.volume import check_ct_source
 
 __all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "embed_prepared", "embed_volume"]
 
@@ -111,9 +112,11 @@ def as_pyramid(
     :data:`DEFAULT_MODEL`, ``"fpn-ct"``) on ``runtime``. A pyramid is never re-embedded: whether it fits a head or
     another pyramid is the caller's check (the fingerprint in ``pyramid.meta``).
     """
+    runtime = resolve_runtime(runtime)  # a bad runtime is refused whatever the source
     if isinstance(source, FeaturePyramid):
         return source
     if is_saved_pyramid(source):
         return FeaturePyramid.load(source)
+    check_ct_source(source)  # before the model is resolved (which may mean a download)
     return embed_volume(source, DEFAULT_MODEL if model is None else model, runtime=runtime, spacing=spacing,
                         axis_order=axis_order, origin=origin, direction=direction)
