@@ -33,14 +33,13 @@ def file_mode() -> int:
 
 def file_digest(path: str | os.PathLike, size: int | None = None) -> str:
     """The sha256 of a file's bytes (hex); of its first ``size`` bytes when given."""
+    left = float("inf") if size is None else size  # hashlib.file_digest needs Python 3.11; we support 3.10
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        if size is None:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-        digest = hashlib.sha256()
-        while size > 0 and (block := handle.read(min(size, 1 << 22))):
+        while left > 0 and (block := handle.read(int(min(left, 1 << 22)))):
             digest.update(block)
-            size -= len(block)
-        return digest.hexdigest()
+            left -= len(block)
+    return digest.hexdigest()
 
 
 def _registry(folder: Path) -> dict[str, Any] | None:
