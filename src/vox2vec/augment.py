@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["augment", "AugmentationConfig", "blur_along", "blur_in_plane", "blur_through_plane", "gaussian_kernels"]
+
 
 @dataclass(frozen=True)
 class AugmentationConfig:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+__all__ = ["BODY_THRESHOLD_HU", "body_mask"]
+
 BODY_THRESHOLD_HU = -500.0
 
 

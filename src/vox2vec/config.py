@@ -10,6 +10,12 @@ from typing import Any
 
 from vox2vec.errors import InputError
 
+__all__ = [
+    "CONFIG_NAME", "FORMAT_VERSION", "MAX_SCALES", "SPACING_RANGE_MM", "WEIGHTS_NAME", "ArchitectureConfig",
+    "batch_statistics_problem", "check_int", "check_number", "check_patch_size", "check_range_pair",
+    "InferenceConfig", "known_settings", "ModelConfig", "PreprocessingConfig"
+]
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1

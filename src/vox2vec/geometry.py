@@ -12,6 +12,10 @@ import numpy as np
 
 from vox2vec.errors import InputError
 
+__all__ = [
+    "check_direction", "check_same_grid", "describe_grid_difference", "Grid", "index_mapping", "voxel_index_hint"
+]
+
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
 
 

@@ -20,6 +20,8 @@ from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.resample import Mode, is_identity_mapping, resample
 from vox2vec.volume import Volume, load_volume
 
+__all__ = ["check_hounsfield", "orientation_direction", "PreprocessedVolume", "Preprocessor"]
+
 _LETTER_TO_AXIS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 

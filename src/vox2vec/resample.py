@@ -9,6 +9,8 @@ import torch
 
 from vox2vec.geometry import Grid, index_mapping
 
+__all__ = ["is_identity_mapping", "Mode", "resample"]
+
 Mode = Literal["linear", "nearest"]
 _CHUNK_VOXELS = 2**22  # output voxels per grid_sample call; bounds the coordinate buffer to ~50 MB
 

@@ -16,6 +16,8 @@ import torch
 
 from vox2vec.volume import Volume
 
+__all__ = ["KnownWarp", "random_warp"]
+
 
 @dataclass(frozen=True)
 class KnownWarp:

@@ -12,6 +12,8 @@ import torch
 from vox2vec._atomic import atomic_path
 from vox2vec.outputs import changed_since_written, is_ours
 
+__all__ = ["list_checkpoints", "load_latest_checkpoint", "save_checkpoint"]
+
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 

@@ -21,6 +21,8 @@ from vox2vec.cohort.inputs import CaseInput
 from vox2vec.cohort.manifest import input_fingerprint
 from vox2vec.errors import NotHounsfieldWarning
 
+__all__ = ["load_ahead", "load_case", "LoadedCase"]
+
 
 @dataclass
 class LoadedCase:

@@ -22,6 +22,11 @@ from typing import Any
 from vox2vec._atomic import atomic_path
 from vox2vec.outputs import record_written, safetensors_header, written_by_vox2vec
 
+__all__ = [
+    "MANIFEST", "STATUSES", "CaseResult", "complete_pyramid_meta", "input_fingerprint", "manifest_parts",
+    "ManifestWriter", "merge_manifests", "read_manifest"
+]
+
 MANIFEST = "manifest.jsonl"
 STATUSES = ("done", "failed", "skipped")
 

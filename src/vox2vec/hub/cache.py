@@ -9,6 +9,8 @@ from pathlib import Path
 
 from vox2vec.errors import ChecksumError
 
+__all__ = ["converted_dir", "sha256_of", "verify_download", "vox2vec_home"]
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -16,6 +16,12 @@ from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelErro
 from vox2vec.hub.cache import converted_dir, verify_download
 from vox2vec.hub.registry import ModelSpec, get_spec, is_registered, known_names
 
+__all__ = [
+    "BACKBONE_PREFIX", "backbone_entries", "backbone_state_from_original", "check_state_dict",
+    "load_original_checkpoint", "load_pretrained", "load_pretrained_cached", "load_vox2vec_directory",
+    "resolve_model"
+]
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOADED: dict[str, Vox2VecModel] = {}
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from vox2vec.errors import ArgumentError, UnknownModelError
 
+__all__ = ["BUNDLED_MODELS", "get_spec", "is_registered", "known_names", "list_models", "ModelSpec", "register_model"]
+
 
 @dataclass(frozen=True)
 class ModelSpec:

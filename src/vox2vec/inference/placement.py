@@ -16,6 +16,8 @@ import weakref
 import torch
 from torch import nn
 
+__all__ = ["inference_copy"]
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, nn.Module]]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 

@@ -10,6 +10,12 @@ import torch
 
 from vox2vec.errors import ArgumentError, DeviceError
 
+__all__ = [
+    "PRECISIONS", "STORAGE_DTYPES", "TRAINING_PRECISIONS", "autocast", "available_devices", "check_batch_size",
+    "cpu_supports_bf16", "default_batch_size", "local_device", "pick_device", "Precision", "resolve_precision",
+    "storage_dtype", "storage_dtype_name", "strict_fp32", "training_precision"
+]
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # what a stored pyramid's values are

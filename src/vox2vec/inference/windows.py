@@ -25,6 +25,11 @@ from typing import Any
 from vox2vec.config import check_int, check_number
 from vox2vec.errors import ArgumentError
 
+__all__ = [
+    "aligned_starts", "aligned_stride", "Assignment", "check_image", "check_window", "level_owners",
+    "original_starts", "overlap_voxels", "window_stride"
+]
+
 
 def check_window(window: Any, overlap: Any) -> tuple[tuple[int, int, int], float]:
     """``window`` as three whole numbers of voxels (1…4096) and ``overlap`` as a number in [0, 1), or one error

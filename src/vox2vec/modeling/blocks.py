@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["ResBlock3d", "ResStack3d", "upsample_and_crop"]
+
 
 class ResBlock3d(nn.Module):
     """Pre-activation residual block: BN → ReLU → Conv → BN → ReLU → Conv, plus a skip.

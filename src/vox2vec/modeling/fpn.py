@@ -13,6 +13,8 @@ from torch import nn
 from vox2vec.errors import ConfigError
 from vox2vec.modeling.blocks import ResStack3d, upsample_and_crop
 
+__all__ = ["forward_bytes", "FPN3d", "parameter_count", "pyramid_channels"]
+
 
 def pyramid_channels(base_channels: int, num_scales: int) -> list[int]:
     """Channels of each pyramid level, finest first: ``base·2^i``."""

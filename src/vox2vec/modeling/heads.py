@@ -9,6 +9,8 @@ from vox2vec.errors import ArgumentError
 from vox2vec.modeling.blocks import ResBlock3d, upsample_and_crop
 from vox2vec.modeling.fpn import pyramid_channels
 
+__all__ = ["FPNLinearHead", "FPNNonLinearHead", "ProjectionHead"]
+
 
 class FPNLinearHead(nn.Module):
     """A linear classifier on the concatenated voxel embedding, computed level by level.

@@ -25,6 +25,11 @@ from vox2vec.config import (
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import TRAINING_PRECISIONS
 
+__all__ = [
+    "LOSS_BLOCK_ROWS", "available_memory", "check_step_memory", "DataConfig", "estimate_step_memory", "from_dict",
+    "load_config", "PretrainConfig", "problems_of", "SamplingConfig", "TrainConfig", "validate"
+]
+
 
 @dataclass(frozen=True)
 class DataConfig:

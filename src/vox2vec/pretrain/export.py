@@ -17,6 +17,8 @@ from vox2vec.outputs import changed_since_written
 from vox2vec.pretrain.run_folder import BEST_PROBE_NAME
 from vox2vec.training_checkpoints import load_latest_checkpoint
 
+__all__ = ["CARD", "SELECTIONS", "check_repo_id", "export", "push_to_hub", "select_checkpoint"]
+
 CARD = """---
 license: {license}
 tags: [vox2vec, ct, self-supervised, medical-imaging, feature-extraction]

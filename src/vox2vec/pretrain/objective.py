@@ -9,6 +9,8 @@ from torch.autograd.function import once_differentiable
 from vox2vec.errors import InputError
 from vox2vec.modeling import FPN3d, ProjectionHead
 
+__all__ = ["ContrastiveModel", "gather_voxels", "info_nce", "info_nce_dense"]
+
 
 def gather_voxels(pyramid: list[torch.Tensor], voxels: list[torch.Tensor]) -> torch.Tensor:
     """Concatenated level features at each patch's voxels: patch j's (m_j, 3) indices → (Σ m_j, Σ C_i)."""

@@ -27,6 +27,8 @@ from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.pretrain.sampling import read_manifest
 from vox2vec.writers import write_json
 
+__all__ = ["CASE_FILES", "MANIFEST", "case_id", "prepare", "prepare_case"]
+
 _INT16 = np.iinfo(np.int16)
 MANIFEST = "manifest.json"
 CASE_FILES = ("image.npy", "body.npy", "grid.json")

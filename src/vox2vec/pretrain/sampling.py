@@ -18,6 +18,11 @@ import torch
 from vox2vec.errors import InputError
 from vox2vec.pretrain.config import SamplingConfig
 
+__all__ = [
+    "collate_single", "draw_footprints", "open_corpus", "PairBatch", "PairDataset", "PreparedCase",
+    "read_manifest", "read_view", "sample_pair", "step_generator"
+]
+
 
 @dataclass
 class PreparedCase:

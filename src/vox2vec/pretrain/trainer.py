@@ -33,6 +33,8 @@ from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
 from vox2vec.training_checkpoints import save_checkpoint
 from vox2vec.writers import write_json
 
+__all__ = ["augmentation_seed", "initial_backbone", "train"]
+
 
 def _distributed() -> tuple[int, int, torch.device]:
     """Initialise DDP when launched by torchrun; returns (rank, world size, device)."""

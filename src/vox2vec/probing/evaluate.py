@@ -24,6 +24,8 @@ from vox2vec.probing.metrics import dice_scores
 from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
 from vox2vec.writers import write_json
 
+__all__ = ["RUN_RECORD", "SETUPS", "evaluate_dataset", "find_cases", "kfold", "markdown_table", "summarise"]
+
 SETUPS = ("linear", "nonlinear", "finetune", "from-scratch")
 RUN_RECORD = "run.json"  # the record of what produced a results folder
 

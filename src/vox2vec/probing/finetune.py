@@ -29,6 +29,8 @@ from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 from vox2vec.volume import load_volume
 from vox2vec.writers import write_json
 
+__all__ = ["finetune", "FinetuneConfig", "sample_patches"]
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:

@@ -24,6 +24,11 @@ from vox2vec.probing.classes import ClassMap
 from vox2vec.resample import resample
 from vox2vec.volume import Volume
 
+__all__ = [
+    "HEAD_CONFIG", "HEAD_KINDS", "HEAD_WEIGHTS", "KINDS", "build_head_module", "check_head_kind", "Head",
+    "load_head"
+]
+
 HEAD_CONFIG = "head.json"
 HEAD_WEIGHTS = "head.safetensors"
 KINDS = {"linear": FPNLinearHead, "nonlinear": FPNNonLinearHead}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["head_loss"]
+
 
 def head_loss(logits: torch.Tensor, target: torch.Tensor, multilabel: bool,
               class_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,6 +12,8 @@ import numpy as np
 from vox2vec.errors import InputError
 from vox2vec.geometry import Grid, check_same_grid
 
+__all__ = ["dice_scores", "DiceReport"]
+
 
 @dataclass
 class DiceReport:

@@ -18,6 +18,11 @@ from vox2vec.config import PreprocessingConfig
 from vox2vec.features import FeaturePyramid
 from vox2vec.preprocessing import Preprocessor
 
+__all__ = [
+    "BIN_SMOOTHING_MM", "FINGERPRINT", "HU_BIN_EDGES", "SMOOTHING_MM", "TEXTURE_MM", "intensity_features",
+    "intensity_pyramid", "smooth"
+]
+
 SMOOTHING_MM = (0.0, 2.0, 4.0, 8.0, 16.0)
 TEXTURE_MM = (4.0, 8.0)
 HU_BIN_EDGES = (-900.0, -300.0, -30.0, 100.0, 300.0)  # → air | lung | fat | soft tissue | enhanced | bone

@@ -15,6 +15,8 @@ from vox2vec.config import check_int
 from vox2vec.errors import InputError
 from vox2vec.volume import Volume, load_volume
 
+__all__ = ["IGNORE_LABEL", "axial_axis", "sparse_labels"]
+
 IGNORE_LABEL = 255  # the value of unlabelled voxels (pass it to train_head / --ignore-label)
 
 

@@ -22,6 +22,11 @@ from vox2vec.probing.apply import apply_head
 from vox2vec.resample import resample
 from vox2vec.volume import Volume
 
+__all__ = [
+    "SAMPLES", "fit_pca", "PCABasis", "project", "projection_head", "pyramid_pca", "sample_body_voxels",
+    "to_vector_image"
+]
+
 SAMPLES = 20_000  # body voxels the components are fitted on: enough for stable components, bounded memory
 
 

@@ -21,6 +21,8 @@ from vox2vec.viz import planes
 from vox2vec.viz.pca import SAMPLES, fit_pca, project
 from vox2vec.volume import Volume
 
+__all__ = ["WINDOW", "body_centre", "build_picture", "check_pyramid_grid", "Picture", "Row"]
+
 WINDOW = (400.0, 40.0)  # HU width, level: soft tissue
 
 

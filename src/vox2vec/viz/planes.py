@@ -18,6 +18,11 @@ import numpy as np
 from vox2vec.errors import InputError
 from vox2vec.geometry import Grid, voxel_index_hint
 
+__all__ = [
+    "EDGE_LETTERS", "NORMAL", "PLANES", "display", "display_position", "Orientation", "orientation", "panel_mm",
+    "pixel_size", "plane_grid", "point_to_index", "slab"
+]
+
 PLANES = ("axial", "coronal", "sagittal")
 #: the world (LPS) axis normal to each plane
 NORMAL = {"axial": 2, "coronal": 1, "sagittal": 0}

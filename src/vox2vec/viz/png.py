@@ -13,6 +13,8 @@ import numpy as np
 from vox2vec._atomic import atomic_path
 from vox2vec.errors import ArgumentError
 
+__all__ = ["write_png"]
+
 
 def write_png(pixels: np.ndarray, path: str | os.PathLike, software: str) -> Path:
     """(H, W, 3) uint8 ``pixels`` → ``path``; ``software`` must start with "vox2vec" (how outputs.py knows it)."""
