@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from conftest import as_array, chest_training_pair, coarse_model, crop, ct_path, label_path, read_image
 from vox2vec import InputError
 from vox2vec.cli import main
+from vox2vec.probing import train_head
 from vox2vec.probing.evaluate import evaluate_dataset, find_cases, kfold, markdown_table, summarise
 
 
@@ -47,7 +48,21 @@ def test_protocol_writes_table_and_resumes(dataset, tmp_path):
     summary = evaluate_dataset(dataset, tmp_path, **options)
     assert set(summary["setups"]) == {"linear", "finetune"}
     liver = summary["setups"]["linear"]["liver"]
-    assert len(liver["folds"]) == 3 and 0.0 <= liver["mean"] <= 1.0
+    assert len(liver["folds"]) == 3
+    # an independent reference for fold 0: the same head on the same training cases, Dice counted with numpy
+    fold0 = json.loads((tmp_path / "folds" / "linear_fold0.json").read_text())
+    test_case = fold0["test"][0]
+    train = [(dataset / "imagesTr" / f"{c}_0000.nii.gz", dataset / "labelsTr" / f"{c}.nii.gz")
+             for c in ("case_a", "case_b", "case_c") if c not in fold0["test"]]
+    head = train_head(train, model=model, kind="linear", classes={5: "liver", 52: "aorta"}, steps=200,
+                      progress=False)
+    predicted = as_array(head.predict(dataset / "imagesTr" / f"{test_case}_0000.nii.gz", progress=False)) == 5
+    truth = as_array(read_image(dataset / "labelsTr" / f"{test_case}.nii.gz")) == 5
+    dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert fold0["cases"][test_case]["per_class"]["liver"] == pytest.approx(dice, abs=1e-6)
+    assert liver["folds"][0] == pytest.approx(np.mean([fold0["cases"][c]["per_class"]["liver"] for c in fold0["test"]
+                                                       if fold0["cases"][c]["per_class"]["liver"] is not None]))
+    assert liver["mean"] == pytest.approx(np.mean([v for v in liver["folds"] if v is not None]))
     table = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert table.splitlines()[0] == "| setup | liver | aorta | avg |" and "| linear | " in table
     fold_file = tmp_path / "folds" / "linear_fold0.json"
