@@ -236,6 +236,7 @@ def test_storage_options_keep_levels_body_and_precision(cohort, tmp_path, model_
         vox2vec.train_head([(kept, labels)], progress=False)
 
 
+@pytest.mark.slow  # spawns processes
 def test_torchrun_two_processes_share_the_cohort(cohort, tmp_path, model_dir):
     out = tmp_path / "out"
     inputs = [str(cohort / "p1" / "ct.nii.gz"), str(cohort / "p2" / "ct.nrrd"), str(cohort / "dicom")]
@@ -265,6 +266,7 @@ class _KillsItsReader:
         return "killer"
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_reader_that_dies_fails_only_its_own_case(cohort):
     from vox2vec.cohort.inputs import CaseInput
     from vox2vec.cohort.loading import load_ahead

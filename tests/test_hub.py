@@ -42,6 +42,7 @@ def _original_checkpoint(model: torch.nn.Module, tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow  # spawns processes
 def test_fpn_ct_from_offline_hub_cache_reproduces_the_saved_model(tmp_path):
     torch.manual_seed(0)
     original = FPN3d(1, 16, 6).eval()

@@ -250,6 +250,7 @@ def _run(config_path: Path, env=None, new_session: bool = False) -> subprocess.P
                             start_new_session=new_session)
 
 
+@pytest.mark.slow  # spawns processes
 def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
     root, _ = corpus
     straight = _config(root, tmp_path / "straight", steps=8)
@@ -283,6 +284,7 @@ def test_sigkill_resume_matches_uninterrupted_run_and_exports(corpus, tmp_path):
         assert torch.equal(value, backbone[key])
 
 
+@pytest.mark.slow  # spawns processes
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path, workers):
     """SIGTERM to the trainer alone, or (with a DataLoader worker) to its whole process group, as schedulers do."""
@@ -305,6 +307,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(corpus, tmp_path, workers
     assert len(saved) == 1 and 3 <= torch.load(saved[0])["step"] < 100000
 
 
+@pytest.mark.slow  # spawns processes
 def test_ddp_two_cpu_processes_stay_identical_and_resume(corpus, tmp_path):
     root, _ = corpus
     config = _config(root, tmp_path / "ddp", steps=4, checkpoint_every=2)

@@ -48,6 +48,7 @@ def _run_limited(body: str, headroom_gib: float) -> str:
 
 
 # -- memory: sizes declared by configs and headers -----------------------------------------------------------------
+@pytest.mark.slow  # spawns processes
 def test_model_config_declaring_a_huge_backbone_is_refused_before_it_is_built(tmp_path):
     """The issue's 659-byte config.json (base_channels 48, num_scales 8: 6.9 G parameters, 25 GiB in fp32)."""
     folder = tmp_path / "huge-model"
@@ -70,6 +71,7 @@ def test_model_config_declaring_a_huge_backbone_is_refused_before_it_is_built(tm
         Vox2VecModel(ModelConfig.from_dict(config))
 
 
+@pytest.mark.slow  # spawns processes
 def test_a_small_model_config_still_loads_under_the_same_limit(tmp_path):
     """The check refuses only what cannot fit: a tiny backbone loads in the same limited process."""
     model = tiny_model()
@@ -93,6 +95,7 @@ def _lying_nifti(path: Path, declared: tuple[int, int, int]) -> Path:
     return path
 
 
+@pytest.mark.slow  # spawns processes
 def test_nifti_header_declaring_1200_cubed_voxels_is_refused_from_the_header(tmp_path):
     path = _lying_nifti(tmp_path / "huge.nii.gz", (1200, 1200, 1200))
     assert path.stat().st_size < 4 * 2**20
@@ -102,6 +105,7 @@ def test_nifti_header_declaring_1200_cubed_voxels_is_refused_from_the_header(tmp
     assert "crop it first" in output
 
 
+@pytest.mark.slow  # spawns processes
 def test_nibabel_image_declaring_1200_cubed_voxels_is_refused_before_its_data_is_read(tmp_path):
     path = _lying_nifti(tmp_path / "huge.nii.gz", (1200, 1200, 1200))
     output = _run_limited(f"import nibabel\nvox2vec.load_volume(nibabel.load({str(path)!r}))", headroom_gib=2)
@@ -109,6 +113,7 @@ def test_nibabel_image_declaring_1200_cubed_voxels_is_refused_before_its_data_is
                              "needs about 6.4 GiB of memory, but only"), output
 
 
+@pytest.mark.slow  # spawns processes
 def test_head_config_declaring_200000_classes_is_refused_before_the_head_is_built(tmp_path):
     folder = tmp_path / "head"
     folder.mkdir()

@@ -254,6 +254,7 @@ def test_a_checkpoint_damaged_in_place_is_detected(corpus, tmp_path):
         train(tiny_config(corpus, out), progress=False)
 
 
+@pytest.mark.slow  # spawns processes
 def test_prepare_refuses_a_foreign_manifest_and_never_fills_a_foreign_folder(corpus, tmp_path):
     from vox2vec.cohort.inputs import discover
     from vox2vec.pretrain import prepare
