@@ -165,3 +165,9 @@ def test_missing_monai_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "vox2vec.integrations.monai")
     with pytest.raises(MissingExtraError, match=r'pip install "vox2vec\[monai\]"'):
         importlib.import_module("vox2vec.integrations.monai")
+
+
+@pytest.mark.parametrize("keys", [[], "", [3]])
+def test_features_transform_without_a_key_is_one_clear_error(keys):
+    with pytest.raises(InputError, match="keys must name at least one image key"):  # before: MONAI's raw ValueError
+        Vox2VecFeaturesd(keys, tiny_model())

@@ -272,3 +272,10 @@ def test_as_pyramid_and_match_check_their_arguments_before_any_model(pair, monke
     assert count > 1 and finite[:count].all() and not finite[count:].any()  # NaN only after the distinct matches
     assert np.all(np.diff(scores[finite]) <= 1e-6)  # ranked best first
     assert np.all(found.voxels[0][~finite] == -1)
+
+
+def test_a_pyramid_given_as_an_image_and_an_empty_output_folder_are_named(pair):
+    with pytest.raises(InputError, match="saved feature pyramid"):  # before: "corrupt or truncated"
+        vox2vec.region_features(pair["pyramid_a"], pair["pyramid_b"])
+    with pytest.raises(vox2vec.ArgumentError, match="needs output_dir"):  # before: "" became the working folder
+        vox2vec.embed_many([pair["ct_a"]], "", model="fpn-ct-mini")

@@ -123,8 +123,9 @@ def _output_dir(output_dir: str | os.PathLike | None, out_dir: str | os.PathLike
             raise ArgumentError("output_dir and out_dir name the same folder; give output_dir only")
         warnings.warn("embed_many(out_dir=...) is deprecated; use output_dir=", DeprecationWarning, stacklevel=3)
         output_dir = out_dir
-    if output_dir is None:
-        raise ArgumentError("embed_many needs output_dir, the folder for the pyramids and manifest.jsonl")
+    if output_dir is None or not str(output_dir).strip():
+        raise ArgumentError("embed_many needs output_dir, the folder for the pyramids and manifest.jsonl "
+                            f"(got {output_dir!r})")
     return Path(output_dir)
 
 

@@ -264,6 +264,10 @@ class Vox2VecFeaturesd(_transforms.MapTransform):
     def __init__(self, keys: Any, model: Any = "fpn-ct", *, output: str = "pyramid", postfix: str = "_features",
                  runtime: Any = None, dtype: torch.dtype | str = torch.float32,
                  allow_missing_keys: bool = False) -> None:
+        names = [keys] if isinstance(keys, str) else list(keys) if isinstance(keys, (list, tuple)) else None
+        if not names or not all(isinstance(k, str) and k for k in names):
+            raise InputError(f"keys must name at least one image key of the data dictionary, e.g. 'image'; "
+                             f"got {keys!r}")
         super().__init__(keys, allow_missing_keys)
         from vox2vec.inference.runtime import resolve_runtime
 

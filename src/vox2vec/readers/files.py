@@ -148,6 +148,10 @@ def read_path(path: Path | DicomSeries) -> tuple[np.ndarray, Grid]:
     folder, series_id = (path.folder, path.series_id) if isinstance(path, DicomSeries) else (path, None)
     if not folder.exists():
         raise InputError(f"no such file or directory: {folder}; expected {READABLE}")
+    if folder.is_file() and folder.name.lower().endswith(".safetensors"):
+        raise InputError(f"{folder} is a saved feature pyramid (or model weights), not an image: pass it where a "
+                         "pyramid is taken (the CT argument of region_features / match / train_head, or --pyramid), "
+                         f"and give a CT or label map here ({READABLE})")
     if folder.is_file():
         check_data_file_inside(folder)
         check_declared_size(folder)
