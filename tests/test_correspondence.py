@@ -108,8 +108,11 @@ def test_pyramids_of_different_backbones_are_refused_naming_both():
                                  model=tiny_model(base_channels=2, num_scales=3), progress=False)
     with pytest.raises(InputError, match="different backbones: .*'tiny-2-3-0'.*'fpn-ct-mini'"):
         match(_body_points(other, 2), other, source)
-    with pytest.raises(InputError, match="top_k must be a positive whole number"):
+    with pytest.raises(InputError, match=r"^top_k must be a whole number ≥ 1, got 0$"):
         match(_body_points(source, 2), source, source, top_k=0)
+    with pytest.raises(InputError, match=r"^candidates \(coarse cells refined per point, at least top_k = 3\) "
+                                         r"must be a whole number ≥ 3, got 2$"):
+        match(_body_points(source, 2), source, source, top_k=3, candidates=2)
 
 
 def test_cli_match_writes_a_marked_csv_with_the_label_found(tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vox2vec.config import check_int
 from vox2vec.configured_model import check_same_backbone
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid, check_world_points
@@ -140,12 +141,14 @@ def match(
     Memory stays bounded: at most ``_CELL_CHUNK`` coarse cells at a time, never the full-dimensional embedding of
     every voxel. A point outside the source's embedded region is an error, never a silent nearest edge.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InputError(f"top_k must be a positive whole number, got {top_k!r}")
-    if candidates is None:
+    problems: list[str] = []
+    check_int(problems, "top_k", top_k, 1)
+    if not problems and candidates is None:
         candidates = max(CANDIDATES, top_k)  # every match is refined from its own coarse cell
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < top_k:
-        raise InputError(f"candidates must be a whole number ≥ top_k ({top_k}), got {candidates!r}")
+    if not problems:
+        check_int(problems, f"candidates (coarse cells refined per point, at least top_k = {top_k})", candidates, top_k)
+    if problems:
+        raise InputError(problems[0])
     runtime = resolve_runtime(runtime, progress=progress).checked()
     if any(not isinstance(x, FeaturePyramid) and not is_saved_pyramid(x) for x in (source, target)):
         model = resolve_model(DEFAULT_MODEL if model is None else model)  # a CT to embed: loaded once for both

@@ -16,8 +16,18 @@ DESCRIPTION = ("One CT and an output .safetensors file: that pyramid. Several -i
                "'path' column) and an output folder: one pyramid per case plus manifest.jsonl; rerunning resumes. "
                "Under torchrun the cases are shared by the ranks.")
 
-_COHORT_DEFAULTS = {"workers": None, "hash": False, "levels": None, "keep": "all", "dtype": "fp16",
-                    "allow_non_ct": False}  # the cohort-only options of `embed` and their defaults
+_COHORT_OPTIONS = {"workers": "workers", "hash": "hash_inputs", "levels": "levels", "keep": "keep", "dtype": "dtype",
+                   "allow_non_ct": "allow_non_ct"}  # the cohort-only options of `embed` → embed_many's keywords
+
+
+def _cohort_defaults() -> dict[str, object]:
+    """The cohort-only options' defaults: embed_many's own (one home), by option name."""
+    import inspect
+
+    from vox2vec.cohort.embed_many import iter_embed_many
+
+    parameters = inspect.signature(iter_embed_many).parameters
+    return {option: parameters[keyword].default for option, keyword in _COHORT_OPTIONS.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output .safetensors file (one CT) or folder (cohort)")
     add_runtime_options(parser)
     add_overwrite(parser)
+    defaults = _cohort_defaults()
     cohort = parser.add_argument_group("cohort runs")
-    cohort.add_argument("--workers", type=whole_number(0), default=None,
+    cohort.add_argument("--workers", type=whole_number(0), default=defaults["workers"],
                         help="processes reading and preprocessing the next cases (0: in this process; default: 2 "
                              "with a GPU, on a CPU one per 4 cores up to 2)")
     cohort.add_argument("--hash", action="store_true",
                         help="fingerprint inputs by SHA-256 of their bytes (default: size and modification time)")
-    cohort.add_argument("--levels", type=whole_number(0), nargs="+", default=None,
+    cohort.add_argument("--levels", type=whole_number(0), nargs="+", default=defaults["levels"],
                         help="keep only these pyramid levels (e.g. 2 3 4 5; default all — heads need all)")
-    cohort.add_argument("--keep", choices=KEEP_REGIONS, default="all",
+    cohort.add_argument("--keep", choices=KEEP_REGIONS, default=defaults["keep"],
                         help="store every voxel's features, or only the cells touching the body")
-    cohort.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="fp16", help="stored precision (fp16)")
+    cohort.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=defaults["dtype"],
+                        help=f"stored precision ({defaults['dtype']})")
     cohort.add_argument("--allow-non-ct", action="store_true",
                         help="embed volumes that do not look like CT in HU (default: skip them, with the reason)")
 
@@ -52,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if Shard.from_environment().world > 1 or _is_cohort(args.input, args.output):
         return _embed_cohort(args)
-    cohort_only = [f"--{name.replace('_', '-')}" for name, default in _COHORT_DEFAULTS.items()
+    cohort_only = [f"--{name.replace('_', '-')}" for name, default in _cohort_defaults().items()
                    if getattr(args, name) != default]
     if cohort_only:
         raise InputError(f"{', '.join(cohort_only)} apply to cohort runs only; one CT file is embedded into one "
