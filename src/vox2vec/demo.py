@@ -63,6 +63,8 @@ def write_picture(ct: np.ndarray, prediction: np.ndarray, pyramid, volume, path:
     """Three panels of one axial slice (anterior up, patient right on the left): CT, prediction, feature PCA (the
     first three principal components of the body's embeddings, as in ``vox2vec show``)."""
     from vox2vec.viz.pca import fit_pca
+    from vox2vec.viz.picture import WINDOW, windowed
+    from vox2vec.viz.planes import display
     from vox2vec.viz.png import write_png
 
     xs, ys = np.meshgrid(np.arange(ct.shape[0]), np.arange(ct.shape[1]), indexing="ij")
@@ -72,22 +74,11 @@ def write_picture(ct: np.ndarray, prediction: np.ndarray, pyramid, volume, path:
     projected = (pyramid.at_voxels(voxels[inside]).double().numpy() - basis.mean) @ basis.components.T
     rgb = np.zeros((xs.size, 3))
     rgb[inside] = np.clip((projected - basis.low) / np.maximum(basis.high - basis.low, 1e-6), 0, 1)
-    grey = np.clip((ct[:, :, slice_index].astype(np.float32) + 160) / 400, 0, 1)  # abdomen window
+    grey = windowed(ct[:, :, slice_index], WINDOW)  # the soft-tissue window of `vox2vec show`
     palette = np.random.default_rng(3).uniform(0.2, 1.0, size=(int(prediction.max()) + 1, 3))
     palette[0] = 0
     labels = prediction[:, :, slice_index]
     overlay = np.where(labels[..., None] > 0, 0.5 * grey[..., None] + 0.5 * palette[labels], grey[..., None])
     panels = [np.repeat(grey[..., None], 3, axis=2), overlay, rgb.reshape(*grey.shape, 3)]
-    image = np.concatenate([_display(p, volume.grid) for p in panels], axis=1)
+    image = np.concatenate([display(p[:, :, None], volume.grid, "axial") for p in panels], axis=1)
     write_png((image * 255).astype(np.uint8), path, "vox2vec demo")
-
-
-def _display(panel: np.ndarray, grid) -> np.ndarray:
-    """Rows anterior → posterior, columns patient right → left (radiological convention)."""
-    out = panel.transpose(1, 0, 2)  # rows follow the y index, columns the x index
-    direction = grid.direction_matrix
-    if direction[1, 1] < 0:  # y index runs toward anterior: flip so anterior is at the top
-        out = out[::-1]
-    if direction[0, 0] < 0:  # x index runs toward patient right: flip so right is on the left
-        out = out[:, ::-1]
-    return out

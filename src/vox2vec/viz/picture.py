@@ -21,7 +21,7 @@ from vox2vec.viz import planes
 from vox2vec.viz.pca import SAMPLES, fit_pca, project
 from vox2vec.volume import Volume
 
-__all__ = ["WINDOW", "body_centre", "build_picture", "check_pyramid_grid", "Picture", "Row"]
+__all__ = ["WINDOW", "body_centre", "build_picture", "check_pyramid_grid", "Picture", "Row", "windowed"]
 
 WINDOW = (400.0, 40.0)  # HU width, level: soft tissue
 
@@ -89,7 +89,8 @@ def body_centre(pyramid: FeaturePyramid) -> np.ndarray:
     return pyramid.grid.index_to_world(centre[None])[0]
 
 
-def _windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+def windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """HU → [0, 1] grey through a (width, level) window: the one display window of every picture."""
     width, level = window
     return np.clip((hu.astype(np.float32) - (level - width / 2)) / width, 0.0, 1.0)
 
@@ -118,7 +119,7 @@ def build_picture(ct: Volume, pyramid: FeaturePyramid, *, point: np.ndarray | No
     if similarity and not given:
         raise InputError("a similarity map needs a point: give --point x,y,z (world LPS mm)")
     slabs = [planes.plane_grid(ct.grid, plane, index) for plane in planes.PLANES]
-    grey = tuple(_windowed(planes.display(planes.slab(ct.array, ct.grid, plane, index), ct.grid, plane), window)
+    grey = tuple(windowed(planes.display(planes.slab(ct.array, ct.grid, plane, index), ct.grid, plane), window)
                  for plane in planes.PLANES)
     body = pyramid.body if pyramid.body is not None else torch.ones(pyramid.shape, dtype=torch.bool)
     inside = [_cut(body.to(torch.uint8), pyramid, s, p, "nearest", 0) > 0 for s, p in zip(slabs, planes.PLANES)]
