@@ -279,3 +279,24 @@ def test_a_pyramid_given_as_an_image_and_an_empty_output_folder_are_named(pair):
         vox2vec.region_features(pair["pyramid_a"], pair["pyramid_b"])
     with pytest.raises(vox2vec.ArgumentError, match="needs output_dir"):  # before: "" became the working folder
         vox2vec.embed_many([pair["ct_a"]], "", model="fpn-ct-mini")
+
+
+@pytest.mark.slow  # spawns processes
+def test_reader_workers_from_a_script_without_a_main_guard_name_the_guard(tmp_path):
+    """Before: three multiprocessing tracebacks, then every case "failed: … died (out of memory?)"."""
+    import os
+    import subprocess
+    import sys
+
+    ct, _ = abdomen(size=(48, 48, 16))
+    sitk.WriteImage(ct, str(tmp_path / "a.nii.gz"))
+    script = tmp_path / "script.py"
+    inputs, output = [str(tmp_path / "a.nii.gz")], str(tmp_path / "out")
+    script.write_text(f"import vox2vec\nvox2vec.embed_many({inputs!r}, {output!r}, model='fpn-ct-mini', workers=1, "
+                      "progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and last.startswith("vox2vec.errors.UsageError: the reader processes could not start")
+    assert '__name__ == "__main__"' in last and "workers=0" in last
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -19,6 +19,7 @@ import torch
 
 from vox2vec._launch import launch_environment
 from vox2vec.cohort.inputs import discover
+from vox2vec.cohort.loading import check_not_bootstrapping
 from vox2vec.cohort.manifest import MANIFEST
 from vox2vec.cohort.run import CohortRun
 from vox2vec.cohort.settings import KEEP_REGIONS, STORAGE_DTYPES, Shard, Storage
@@ -96,6 +97,8 @@ def iter_embed_many(
     runtime = runtime.checked()
     if workers is None:
         workers = 2 if runtime.torch_device.type == "cuda" else min(2, (os.cpu_count() or 1) // 4)
+    if workers:
+        check_not_bootstrapping()  # this is a reader re-importing a script without a __main__ guard
     for name, value in (("hash_inputs", hash_inputs), ("allow_non_ct", allow_non_ct), ("overwrite", overwrite)):
         if not isinstance(value, bool):
             raise ArgumentError(f"{name} must be True or False, got {value!r}")

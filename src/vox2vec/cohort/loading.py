@@ -19,7 +19,7 @@ from typing import Any
 
 from vox2vec.cohort.inputs import CaseInput
 from vox2vec.cohort.manifest import input_fingerprint
-from vox2vec.errors import NotHounsfieldWarning
+from vox2vec.errors import NotHounsfieldWarning, UsageError
 
 __all__ = ["load_ahead", "load_case", "LoadedCase"]
 
@@ -69,6 +69,18 @@ def load_case(case: CaseInput, preprocessing: dict[str, Any], hash_inputs: bool,
     return LoadedCase(case, prepared, fingerprint, warnings=messages)
 
 
+NO_START = ("the reader processes could not start (each died before reading a case): spawned readers re-import the "
+            "script that started them, so a script calling embed_many with workers > 0 must run it under "
+            "`if __name__ == \"__main__\":`; or pass workers=0 (--workers 0) to read in this process")
+
+
+def check_not_bootstrapping() -> None:
+    """Refuse to start readers from a process that is itself still starting as a spawned reader (a script without
+    a ``__main__`` guard, re-imported by its own reader): one clear line instead of multiprocessing's traceback."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise UsageError(NO_START)
+
+
 def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, workers: int, hash_inputs: bool,
                allow_non_ct: bool) -> Iterator[LoadedCase]:
     """The cases in order, each read and preprocessed; with ``workers`` > 0, up to ``workers + 1`` ahead of the
@@ -79,6 +91,7 @@ def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, wor
         for case in cases:
             yield load_case(case, *arguments)
         return
+    check_not_bootstrapping()
     context = multiprocessing.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor:
@@ -87,6 +100,7 @@ def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, wor
     pending: deque[tuple[CaseInput, Future]] = deque()
     queue = deque(cases)
     suspects: set[str] = set()  # in flight when a worker died: read alone until each is through
+    delivered, broken_at_start = 0, 0  # cases read by workers; pools that broke before any case came back
     pool = new_pool()
     try:
         while queue or pending:
@@ -100,6 +114,9 @@ def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, wor
                 loaded = future.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
+                broken_at_start += delivered == 0
+                if broken_at_start >= 2:
+                    raise UsageError(NO_START) from None
                 pool = new_pool()
                 if case.key in suspects and not pending:  # it died alone: this case is the cause
                     loaded = LoadedCase(case, problem="the worker process reading it died (out of memory?)")
@@ -109,6 +126,7 @@ def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, wor
                     pending.clear()
                     continue
             suspects.discard(case.key)
+            delivered += 1
             yield loaded
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
