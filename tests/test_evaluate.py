@@ -52,11 +52,12 @@ def test_protocol_writes_table_and_resumes(dataset, tmp_path):
     # an independent reference for fold 0: the same head on the same training cases, Dice counted with numpy
     fold0 = json.loads((tmp_path / "folds" / "linear_fold0.json").read_text())
     test_case = fold0["test"][0]
-    train = [(dataset / "imagesTr" / f"{c}_0000.nii.gz", dataset / "labelsTr" / f"{c}.nii.gz")
+    cached = tmp_path / "pyramids"  # the evaluation's own embeddings of each case (the CTs, embedded once)
+    train = [(cached / f"{c}.safetensors", dataset / "labelsTr" / f"{c}.nii.gz")
              for c in ("case_a", "case_b", "case_c") if c not in fold0["test"]]
     head = train_head(train, model=model, kind="linear", classes={5: "liver", 52: "aorta"}, steps=200,
                       progress=False)
-    predicted = as_array(head.predict(dataset / "imagesTr" / f"{test_case}_0000.nii.gz", progress=False)) == 5
+    predicted = as_array(head.predict(cached / f"{test_case}.safetensors", progress=False)) == 5
     truth = as_array(read_image(dataset / "labelsTr" / f"{test_case}.nii.gz")) == 5
     dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
     assert fold0["cases"][test_case]["per_class"]["liver"] == pytest.approx(dice, abs=1e-6)
