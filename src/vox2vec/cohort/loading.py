@@ -91,7 +91,6 @@ def load_ahead(cases: Sequence[CaseInput], preprocessing: dict[str, Any], *, wor
         for case in cases:
             yield load_case(case, *arguments)
         return
-    check_not_bootstrapping()
     context = multiprocessing.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor:
