@@ -1,10 +1,14 @@
-"""Benchmark: embed rider_lung_chest with the full FPN3d(1, 16, 6) (random weights), default vs naive.
+"""Benchmark: embed rider_lung_chest with the full FPN3d(1, 16, 6) (random weights): tilings × precisions vs naive.
 
 Each configuration runs in its own process so its peak RSS is its own. Results go to
-``benchmarks/results/embed_<machine>.json`` and are summarised on stdout as a Markdown table.
+``benchmarks/results/embed_cpu.json`` (``embed_cpu_<model>.json`` with ``--model``) and are summarised on stdout.
 
-    python benchmarks/embed_benchmark.py                 # all configurations
-    python benchmarks/embed_benchmark.py --only default  # one
+    python benchmarks/embed_benchmark.py                            # all configurations
+    python benchmarks/embed_benchmark.py --only default fast        # some
+    python benchmarks/embed_benchmark.py --model fpn-ct-mini --only default fast fp32 fast-fp32   # a trained model
+
+Fidelity: the mean cosine similarity of the 1008-d features to our fp32 paper tiling over 20 000 random voxels, and
+per level over 50 000 random body voxels of each tiling to the paper tiling at the same precision (``per_level``).
 
 The naive baseline is the original scheme: fp32, one 128×128×32 window per forward pass, windows at stride
 64×64×16 with the last one flush, centres kept (level 0 only, as a head would consume it).
@@ -32,24 +36,30 @@ CONFIGS = {
     "default": {},
     "fp32": {"precision": "fp32"},
     "overlap0.25": {"overlap": 0.25},
+    "fast": {"tiling": "fast"},
+    "fast-fp32": {"tiling": "fast", "precision": "fp32"},
     "naive": None,
 }
+SAME_PRECISION_PAPER = {"fast": "default", "fast-fp32": "fp32", "overlap0.25": "default"}
 
 
-def _model():
+def _model(name: str | None = None):
     import vox2vec
 
+    if name:
+        return vox2vec.load_pretrained(name).eval()
     torch.manual_seed(0)
     return vox2vec.Vox2VecModel(vox2vec.ModelConfig(name="random-fpn-ct")).eval()
 
 
-def run_one(name: str, out_dir: Path) -> dict:
+def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
     import vox2vec
     from vox2vec.inference import sliding_window_head
     from vox2vec.inference.embed import plan_windows
+    from vox2vec.inference.tiling import Tiles
     from vox2vec.inference.windows import original_starts
 
-    model = _model()
+    model = _model(model_name)
     start = time.perf_counter()
     prepared = model.preprocessor(CT)
     preprocess = time.perf_counter() - start
@@ -65,11 +75,14 @@ def run_one(name: str, out_dir: Path) -> dict:
         start = time.perf_counter()  # end to end from the file path, preprocessing included
         pyramid = vox2vec.embed_volume(CT, model=model, progress=False, **options)
         total = time.perf_counter() - start
-        windows = len(plan_windows(prepared.grid.shape, (128, 128, 32), options.get("overlap", 0.5), 6)[0])
+        meta = pyramid.meta
+        tiles = Tiles(meta["tiling"], tuple(meta["window"]), tuple(meta["stride"]))
+        windows = len(plan_windows(prepared.grid.shape, tiles, pyramid.num_levels)[0])
         pyramid.save(out_dir / f"{name}.safetensors")
     compute = total - preprocess
     return {
         "config": name, "options": CONFIGS[name], "model_grid": list(prepared.grid.shape), "windows": windows,
+        "tile": None if CONFIGS[name] is None else meta["window"],
         "total_s": round(total, 2), "preprocess_s": round(preprocess, 2), "windows_per_s": round(windows / compute, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
@@ -98,27 +111,53 @@ def fidelity(out_dir: Path) -> dict:
     return result
 
 
+def per_level_fidelity(out_dir: Path) -> dict:
+    """Per level, the mean cosine of each tiling's features to the paper tiling's at the same precision, over
+    50 000 random body voxels (each voxel's level-i cell)."""
+    import vox2vec
+
+    result = {}
+    for name, paper in SAME_PRECISION_PAPER.items():
+        if not (out_dir / f"{name}.safetensors").exists() or not (out_dir / f"{paper}.safetensors").exists():
+            continue
+        a, b = (vox2vec.FeaturePyramid.load(out_dir / f"{n}.safetensors") for n in (name, paper))
+        body = np.argwhere(a.body.numpy()) if a.body is not None else np.argwhere(np.ones(a.shape, bool))
+        idx = body[np.random.default_rng(0).integers(0, len(body), 50_000)]
+        cosines = []
+        for level, (x, y) in enumerate(zip(a.levels, b.levels)):
+            cell = torch.as_tensor(idx // 2**level)
+            fx, fy = (t[:, cell[:, 0], cell[:, 1], cell[:, 2]].float().T for t in (x, y))
+            cosines.append(round(float(torch.nn.functional.cosine_similarity(fx, fy, dim=1).mean()), 4))
+        result[f"{name} vs {paper}"] = cosines
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=list(CONFIGS))
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS))
+    parser.add_argument("--model", help="a model name or folder instead of the random FPN3d(1, 16, 6)")
+    parser.add_argument("--output", type=Path, help="JSON results (default: benchmarks/results/embed_cpu[_MODEL].json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.worker, Path(args.out))))
+        print(json.dumps(run_one(args.worker, Path(args.out), args.model)))
         return
     results = {"machine": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "runs": []}
+               "torch": torch.__version__, "model": args.model or "random FPN3d(1, 16, 6)", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [args.only] if args.only else list(CONFIGS):
-            output = subprocess.run([sys.executable, __file__, "--worker", name, "--out", tmp],
+        for name in args.only or list(CONFIGS):
+            model = ["--model", args.model] if args.model else []
+            output = subprocess.run([sys.executable, __file__, "--worker", name, "--out", tmp, *model],
                                     capture_output=True, text=True, check=True).stdout
             run = json.loads(output.strip().splitlines()[-1])
             results["runs"].append(run)
             print(run, flush=True)
         if (Path(tmp) / "fp32.safetensors").exists():
             results["cosine_vs_fp32_default_scheme"] = fidelity(Path(tmp))
-    out = ROOT / "benchmarks" / "results" / "embed_cpu.json"
+        results["per_level_cosine_vs_paper"] = per_level_fidelity(Path(tmp))
+    suffix = f"_{Path(args.model).name}" if args.model else ""
+    out = args.output or ROOT / "benchmarks" / "results" / f"embed_cpu{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

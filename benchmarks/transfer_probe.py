@@ -28,6 +28,10 @@ pair) are embedded once and passed as extra (pyramid, label map) training pairs 
 with the reference features, which no model produces.
 
     python benchmarks/transfer_probe.py --model fpn-ct-mini --reference --regularization none --feature-dropout 0.2
+
+Tilings (``vox2vec.Runtime.tiling``): ``--tiling fast`` embeds every scan in fast tiles (heads trained and applied on
+fast-tiled features); ``--train-tiling paper --tiling fast`` trains the heads on paper-tiled features and applies them
+to fast-tiled ones (what a head shipped from paper-tiled training meets in a fast pipeline).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +149,10 @@ def probe(features: dict, kind: str, device: str, regularization: str | float | 
         pyramid = features["pyramids"][source]
         if target == "in-scan":
             train_labels = masked(labels, slab_mask(labels), IGNORE)
-            test = pyramid
+            test = features["test_pyramids"][source]
             truth_keep = ~slab_mask(labels)
         else:
-            train_labels, test, truth_keep = labels, features["pyramids"][target], None
+            train_labels, test, truth_keep = labels, features["test_pyramids"][target], None
         started = time.perf_counter()
         present = set(np.unique(train_labels.array).tolist())
         classes = {i: name for i, name in CLASSES.items() if i in present}  # a class it never saw scores 0
@@ -188,10 +193,14 @@ def difference(a: dict, b: dict) -> str:
     return f"no difference ({delta:+.3f}, spread {noise:.3f})" if abs(delta) <= noise else f"{delta:+.3f}"
 
 
-def embed_all(scans: dict, embed, copies: int = 0, clip_hu: tuple[float, float] = (-1350.0, 1000.0)) -> dict:
-    """Pyramids of every scan and, with ``copies``, of that many intensity-augmented copies of each source scan."""
+def embed_all(scans: dict, embed, copies: int = 0, clip_hu: tuple[float, float] = (-1350.0, 1000.0),
+              embed_test=None) -> dict:
+    """Pyramids of every scan (``embed_test``, when given, embeds the scans the heads are applied to) and, with
+    ``copies``, of that many intensity-augmented copies of each source scan."""
     sources = {source for source, _ in PAIRS}
-    return {"labels": scans, "pyramids": {name: embed(ct) for name, (ct, _) in scans.items()},
+    pyramids = {name: embed(ct) for name, (ct, _) in scans.items()}
+    tests = pyramids if embed_test is None else {name: embed_test(ct) for name, (ct, _) in scans.items()}
+    return {"labels": scans, "pyramids": pyramids, "test_pyramids": tests,
             "copies": {name: [embed(c) for c in intensity_augmented_copies(ct, copies, seed=0, clip_hu=clip_hu)]
                        for name, (ct, _) in scans.items() if copies and name in sources}}
 
@@ -217,6 +226,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _tiling_label(args: argparse.Namespace) -> str:
+    train = args.train_tiling or args.tiling
+    if train == args.tiling == "paper":
+        return ""
+    return f" ({args.tiling} tiles)" if train == args.tiling else f" ({train}-tiled heads on {args.tiling} tiles)"
+
+
 def run(args: argparse.Namespace, save) -> dict:
     """Every row of the table; ``save(results)`` is called after each one (a cut-short run keeps what it did)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,13 +242,17 @@ def run(args: argparse.Namespace, save) -> dict:
     results: dict = {}
     for spec in args.model:
         model = vox2vec.load_pretrained(spec).eval()
-        label = model.config.name
+        label = model.config.name + _tiling_label(args)
         rows = [(label, model)] + ([] if args.no_twin else [(f"{label} random init", random_twin(model, args.seed))])
         for row, net in rows:
             net = net.to(device)
-            features = embed_all(scans, lambda ct, net=net: vox2vec.embed_volume(ct, model=net, device=device,
-                                                                                 progress=False),
-                                 args.augmented_copies, net.config.preprocessing.clip_hu)
+
+            def embed(ct, net=net, tiling=args.train_tiling or args.tiling):
+                return vox2vec.embed_volume(ct, model=net, device=device, progress=False, tiling=tiling)
+
+            embed_test = None if (args.train_tiling or args.tiling) == args.tiling else partial(embed,
+                                                                                                tiling=args.tiling)
+            features = embed_all(scans, embed, args.augmented_copies, net.config.preprocessing.clip_hu, embed_test)
             results[row] = {kind: probe(features, kind, device, args.regularization, levers, args.head_seeds)
                             for kind in args.heads}
             save(results)
@@ -267,6 +287,10 @@ def main() -> None:
     parser.add_argument("--head-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="train_head seeds; every pair is reported as mean ± std over them (default 0 1 2)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tiling", default="paper", choices=["paper", "fast"],
+                        help="tiling of the embeddings the heads are applied to (and trained on; default paper)")
+    parser.add_argument("--train-tiling", choices=["paper", "fast"],
+                        help="tiling of the embeddings the heads are trained on (default: --tiling)")
     parser.add_argument("--data", type=Path, help="folder written by --export (instead of ../shared/data/ct)")
     parser.add_argument("--export", type=Path, help="write the scans as .npz into this folder and exit")
     parser.add_argument("--export-in-plane-mm", type=float, help="with --export: coarsen finer scans in-plane")
@@ -282,6 +306,7 @@ def main() -> None:
 
     def save(results: dict) -> None:
         payload = {"device": device, "seconds": round(time.perf_counter() - started, 1),
+                   "tiling": {"train": args.train_tiling or args.tiling, "test": args.tiling},
                    "head": {"regularization": args.regularization, "feature_dropout": args.feature_dropout,
                             "augmented_copies": args.augmented_copies, "levels": args.levels,
                             "components_per_level": args.components_per_level, "seeds": args.head_seeds,

@@ -130,10 +130,11 @@ def test_embedding_that_cannot_fit_is_refused_with_the_numbers_before_any_work(s
 
 def test_the_memory_estimate_is_what_the_pyramid_really_holds(small_ct, model):
     from vox2vec.inference.memory import embedding_memory
+    from vox2vec.inference.tiling import paper_tiles
 
     pyramid = embed_volume(small_ct, model, runtime=Runtime(progress=False))
-    estimate = embedding_memory(pyramid.shape, [level.shape[0] for level in pyramid.levels],
-                                model.config.inference.window, model.config.inference.overlap, torch.float16)
+    tiles = paper_tiles(model.config.inference.window, model.config.inference.overlap, len(pyramid.levels))
+    estimate = embedding_memory(pyramid.shape, [level.shape[0] for level in pyramid.levels], tiles, torch.float16)
     assert estimate.pyramid == sum(level.numel() * level.element_size() for level in pyramid.levels)
     assert estimate.padded >= 4 * math.prod(pyramid.shape)
 

@@ -1,5 +1,6 @@
 """What every command shares: the one-line-error parser, argument types built on the settings checks of
-``config.py``, the runtime options (``--model --device --precision --batch-size --no-progress``) and ``--overwrite``.
+``config.py``, the runtime options (``--model --device --precision --batch-size --tiling --no-progress``) and
+``--overwrite``.
 
 One meaning per option on every command (the same as :class:`vox2vec.Runtime`'s fields), defined here once.
 """
@@ -81,8 +82,10 @@ def device(text: str) -> str:
 
 def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = DEFAULT_MODEL,
                         model_help: str | None = None) -> None:
-    """``--model --device --precision --batch-size --no-progress``: where and how the model runs (a ``Runtime``)."""
+    """``--model --device --precision --batch-size --tiling --no-progress``: where and how the model runs (a
+    ``Runtime``)."""
     from vox2vec.inference.precision import PRECISIONS
+    from vox2vec.inference.tiling import TILINGS
 
     group = parser.add_argument_group("model and runtime (the same on every command)")
     group.add_argument("--model", default=model,
@@ -94,6 +97,10 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = 
                             "else fp32)")
     group.add_argument("--batch-size", type=positive_int, default=None,
                        help="windows per forward pass of the backbone (default: by device, CPU 1, CUDA 8)")
+    group.add_argument("--tiling", default="paper", choices=TILINGS,
+                       help="how a CT is cut into tiles for the backbone: paper (default; the 128×128×32 windows at "
+                            "overlap 0.5 the model was trained with) or fast (a few large tiles sized to the "
+                            "device's memory; several times faster, level-0 features within cosine 0.99)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -106,7 +113,7 @@ def runtime_of(args: argparse.Namespace) -> Any:
     from vox2vec.inference.runtime import Runtime
 
     return Runtime(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, tiling=args.tiling)
 
 
 def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:

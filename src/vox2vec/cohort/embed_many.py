@@ -76,13 +76,15 @@ def iter_embed_many(
     precision: str | None = None,
     progress: bool | None = None,
     out_dir: str | os.PathLike | None = None,
+    tiling: str | None = None,
 ) -> CohortRun:
     """:func:`embed_many`, streaming: nothing is embedded until the returned :class:`CohortRun` is iterated (once);
     each :class:`~vox2vec.cohort.manifest.CaseResult` arrives as its case finishes. Every check still happens here,
     before any case is read."""
     output_dir = _output_dir(output_dir, out_dir)
     inputs = _input_list(inputs)
-    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress,
+                              tiling=tiling)
     problems: list[str] = []
     if workers is not None:
         check_int(problems, "workers (reader processes; 0 reads in this process)", workers, 0)

@@ -112,14 +112,16 @@ class CohortRun:
         return {"input": case.key, "input_fingerprint": fingerprint, "storage": asdict(self.storage)}
 
     def _up_to_date_meta(self, case: CaseInput) -> dict[str, Any] | None:
-        """The pyramid's meta when its output is complete and matches the input, model and storage; else None."""
+        """The pyramid's meta when its output is complete and matches the input, model, tiling and storage; else
+        None."""
         if case.problem:
             return None
         meta = complete_pyramid_meta(self._output(case))
         if meta is None or meta.get("fingerprint") != self.model_fingerprint:
             return None
-        if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
+        if meta.get("tiling", "paper") != self.runtime.tiling:  # pyramids from before tilings were paper-tiled
             return None
+        if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
             return None
         cohort = meta.get("cohort", {})
         if cohort.get("storage") != asdict(self.storage) or cohort.get("input") != case.key:
@@ -134,7 +136,7 @@ class CohortRun:
     def _skip(self, case: CaseInput, meta: dict[str, Any]) -> CaseResult:
         output = self._output(case)
         cohort = meta.get("cohort", {})
-        return CaseResult(case.key, output.name, "skipped", "up to date (same input, model and storage)",
+        return CaseResult(case.key, output.name, "skipped", "up to date (same input, model, tiling and storage)",
                           bytes=output.stat().st_size, input_fingerprint=cohort.get("input_fingerprint"),
                           geometry=cohort.get("geometry"), model=meta.get("model"),
                           model_fingerprint=meta.get("fingerprint"))

@@ -12,10 +12,10 @@ import torch
 from vox2vec.configured_model import Vox2VecModel
 from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
-from vox2vec.inference.embed import embed_image
+from vox2vec.inference.embed import embed_image_tiled
 from vox2vec.inference.precision import Precision, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.windows import check_window
+from vox2vec.inference.tiling import check_tiling_request, model_windows
 from vox2vec.preprocessing import PreprocessedVolume
 from vox2vec.volume import check_ct_source
 
@@ -41,21 +41,23 @@ def embed_volume(
     batch_size: int | None = None,
     precision: Precision | None = None,
     progress: bool | None = None,
+    tiling: str | None = None,
 ) -> FeaturePyramid:
     """Embed a CT into per-voxel features.
 
     ``ct``: a path (NIfTI/NRRD/MHA/DICOM folder), ``SimpleITK.Image``, nibabel image, ``Volume``, or an array with
     ``spacing`` and ``axis_order``. ``model``: a name (loaded once per process), a path, or a loaded model.
     ``runtime``: where and how the backbone runs (:class:`~vox2vec.Runtime`; ``device=``, ``batch_size=``,
-    ``precision=``, ``progress=`` still work). Preprocessing follows the model's config; windows default to the
-    config's (128×128×32, overlap 0.5). The pyramid is stored in ``dtype`` (``"fp16"`` / ``torch.float16``, the
-    default, or fp32) on the CPU.
+    ``precision=``, ``progress=``, ``tiling=`` still work). Preprocessing follows the model's config. Tiling
+    (``runtime.tiling``): ``"paper"``, the default, slides the config's windows (128×128×32, overlap 0.5; or
+    ``window``/``overlap``); ``"fast"`` embeds in a few large tiles sized to the device's memory (several times
+    faster; level 0 within cosine 0.99 of the paper's, deeper levels see more context — docs/benchmarks.md). The
+    pyramid is stored in ``dtype`` (``"fp16"`` / ``torch.float16``, the default, or fp32) on the CPU.
     """
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision,
-                              progress=progress).checked()  # a wrong device fails before any work
+                              progress=progress, tiling=tiling).checked()  # a wrong device fails before any work
     storage_dtype(dtype)
-    if window is not None or overlap is not None:  # before the CT is read
-        check_window(window if window is not None else (1, 1, 1), 0.0 if overlap is None else overlap)
+    check_tiling_request(runtime.tiling, window, overlap)  # before the CT is read
     net = resolve_model(model)
     prepared = net.preprocessor(ct, device=runtime.torch_device, spacing=spacing, axis_order=axis_order,
                                 origin=origin, direction=direction)
@@ -76,16 +78,14 @@ def embed_prepared(
     progress: bool | None = None,
 ) -> FeaturePyramid:
     """The pyramid of a CT already on ``net``'s grid (``net.preprocessor(ct)``, possibly run in another process),
-    with the provenance every pyramid carries."""
+    with the provenance every pyramid carries (model, fingerprint, preprocessing, tiling)."""
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
     config = net.config
-    levels = embed_image(
-        prepared.image, net.backbone, runtime=runtime,
-        window=tuple(window or config.inference.window),
-        overlap=config.inference.overlap if overlap is None else overlap, dtype=dtype,
-    )
+    window, overlap = model_windows(runtime.tiling, config.inference, window, overlap)
+    levels, tiles = embed_image_tiled(prepared.image, net.backbone, runtime, window=window, overlap=overlap,
+                                      dtype=dtype)
     meta = {"model": config.name, "fingerprint": net.fingerprint(), "num_levels": len(levels),
-            "preprocessing": config.to_dict()["preprocessing"]}
+            "preprocessing": config.to_dict()["preprocessing"], **tiles.record()}
     return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta, body=prepared.body_mask())
 
 

@@ -11,21 +11,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vox2vec.errors import InputError
 from vox2vec.inference.memory import check_embedding_fits, embedding_memory
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.windows import (
-    Assignment,
-    aligned_starts,
-    aligned_stride,
-    check_image,
-    check_window,
-    level_owners,
-    window_stride,
-)
+from vox2vec.inference.tiling import Tiles, fast_tiles, plan_tiles
+from vox2vec.inference.windows import Assignment, check_image, level_owners
 
-__all__ = ["embed_image", "plan_windows"]
+__all__ = ["embed_image", "embed_image_tiled", "plan_windows"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +30,11 @@ class _WindowPlan:
 
 
 def plan_windows(
-    shape: Sequence[int], window: Sequence[int], overlap: float, num_levels: int
+    shape: Sequence[int], tiles: Tiles, num_levels: int
 ) -> tuple[list[_WindowPlan], tuple[int, int, int]]:
-    """All windows that own at least one pyramid cell, with what each copies where, and the padded shape."""
+    """All tiles that own at least one pyramid cell, with what each copies where, and the padded shape."""
     per_axis = []
-    for size, win in zip(shape, window):
-        stride = aligned_stride(window_stride(win, overlap), num_levels)
-        starts, padded = aligned_starts(size, win, stride, num_levels)
+    for size, win, (starts, padded) in zip(shape, tiles.window, tiles.layout(shape, num_levels)):
         runs = [_group(level_owners(size, starts, win, padded, level)) for level in range(num_levels)]
         per_axis.append((starts, padded, runs))
     plans = []
@@ -72,8 +64,8 @@ def embed_image(
     backbone: nn.Module,
     *,
     runtime: Runtime | None = None,
-    window: Sequence[int] = (128, 128, 32),
-    overlap: float = 0.5,
+    window: Sequence[int] | None = None,
+    overlap: float | None = None,
     dtype: torch.dtype | str = torch.float16,
     output_device: torch.device | str = "cpu",
     batch_size: int | None = None,
@@ -83,36 +75,76 @@ def embed_image(
 ) -> list[torch.Tensor]:
     """Embed a preprocessed (X, Y, Z) image; returns the stitched levels, each (C_i, ceil(X/2^i), …) in ``dtype``.
 
-    Memory stays bounded: only ``runtime.batch_size`` windows of activations exist at once, and the output is the
+    Tiles follow ``runtime.tiling``: the paper's ``window`` at ``overlap`` (defaults 128 × 128 × 32, 0.5), or fast
+    tiles sized to the device's memory (:mod:`vox2vec.inference.tiling`). Memory stays bounded: only
+    ``runtime.batch_size`` paper windows (or one fast tile) of activations exist at once, and the output is the
     pyramid itself (≈ 21 values per voxel for the paper's model), never the 1008 channels at full resolution.
     """
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    return embed_image_tiled(image, backbone, runtime, window=window, overlap=overlap, dtype=dtype,
+                             output_device=output_device)[0]
+
+
+def embed_image_tiled(
+    image: torch.Tensor,
+    backbone: nn.Module,
+    runtime: Runtime,
+    *,
+    window: Sequence[int] | None = None,
+    overlap: float | None = None,
+    dtype: torch.dtype | str = torch.float16,
+    output_device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor], Tiles]:
+    """:func:`embed_image`, also returning the tiles it used (what a pyramid records of how it was made).
+
+    On a GPU that runs out of memory, fast tiles are planned again at half the size (paper windows: half as many
+    per pass) and the work is redone.
+    """
     check_image(image)
-    window, overlap = check_window(window, overlap)
     dtype = storage_dtype(dtype)
-    device = runtime.torch_device
-    mode = runtime.resolved_precision
-    progress = runtime.progress
+    device, mode = runtime.torch_device, runtime.resolved_precision
     channels = [int(c) for c in backbone.channels]
-    num_levels = len(channels)
     shape = tuple(int(n) for n in image.shape)
-    check_embedding_fits(embedding_memory(shape, channels, window, overlap, dtype), shape, device)
-    plans, padded_shape = plan_windows(shape, window, overlap, num_levels)
+    tiles = plan_tiles(shape, channels, runtime.tiling, mode, device, window, overlap)
+    backbone = inference_copy(backbone, device, channels_last=device.type != "mps")
+    while True:
+        check_embedding_fits(embedding_memory(shape, channels, tiles, dtype), shape, device)
+        levels = _embed_with(image, backbone, runtime, tiles, channels, dtype)
+        if levels is not None:
+            return [level.to(output_device) for level in levels], tiles
+        torch.cuda.empty_cache()  # after the failed pass's tensors (held by its traceback) are gone
+        smaller = fast_tiles(shape, len(channels), math.prod(tiles.window) // 2)
+        if smaller == tiles:
+            raise InputError(f"embedding a {'×'.join(map(str, shape))} grid ran out of memory on {device} even with "
+                             f"the smallest fast tiles {tiles.window}; free GPU memory or use tiling='paper'")
+        tiles = smaller
+
+
+def _embed_with(
+    image: torch.Tensor, backbone: nn.Module, runtime: Runtime, tiles: Tiles, channels: list[int],
+    dtype: torch.dtype,
+) -> list[torch.Tensor] | None:
+    """The stitched levels on the runtime's device, or ``None`` when a fast tile ran out of GPU memory."""
+    device, mode = runtime.torch_device, runtime.resolved_precision
+    shape = tuple(int(n) for n in image.shape)
+    plans, padded_shape = plan_windows(shape, tiles, len(channels))
     padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     padded[: shape[0], : shape[1], : shape[2]] = image.to(device)
     levels = [
         torch.empty((c, *(math.ceil(n / 2**i) for n in shape)), dtype=dtype, device=device)
         for i, c in enumerate(channels)
     ]
-    backbone = inference_copy(backbone, device, channels_last=device.type != "mps")
-    batch_size = runtime.windows_per_pass
-    with tqdm(total=len(plans), desc="embedding", unit="window", disable=not progress) as bar:
+    batch_size = 1 if tiles.tiling == "fast" else runtime.windows_per_pass
+    with tqdm(total=len(plans), desc="embedding", unit="tile", disable=not runtime.progress) as bar:
         queue = list(plans)
         while queue:
             batch, queue = queue[:batch_size], queue[batch_size:]
-            outputs = _forward_or_none(backbone, padded, batch, window, mode, device, batch_size)
-            if outputs is None:  # out of GPU memory: the same windows again, half as many per pass
-                batch_size = max(1, batch_size // 2)
+            can_retry = tiles.tiling == "fast" or batch_size > 1
+            outputs = _forward_or_none(backbone, padded, batch, tiles.window, mode, device, can_retry)
+            if outputs is None:  # out of GPU memory
+                if tiles.tiling == "fast":
+                    return None  # the caller plans smaller tiles
+                batch_size = max(1, batch_size // 2)  # the same windows again, half as many per pass
                 queue = batch + queue
                 torch.cuda.empty_cache()  # after the failed pass's tensors (held by its traceback) are gone
                 continue
@@ -122,21 +154,21 @@ def embed_image(
                         levels[level][(slice(None), *destination)] = outputs[level][(b, slice(None), *source)]
             del outputs  # this batch's activations are not kept alive through the next forward pass
             bar.update(len(batch))
-    return [level.to(output_device) for level in levels]
+    return levels
 
 
 def _forward_or_none(
     backbone: nn.Module, padded: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
-    device: torch.device, batch_size: int,
+    device: torch.device, can_retry: bool,
 ) -> list[torch.Tensor] | None:
-    """The pyramid of a batch of windows, or ``None`` when CUDA ran out of memory and a smaller batch can retry.
+    """The pyramid of a batch of windows, or ``None`` when CUDA ran out of memory and smaller work can retry.
 
     The exception is dropped before returning, so the activations its traceback kept alive can be freed.
     """
     try:
         return _forward(backbone, padded, batch, window, mode, device)
     except torch.cuda.OutOfMemoryError:
-        if batch_size == 1:
+        if not can_retry:
             raise
     return None
 

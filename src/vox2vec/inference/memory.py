@@ -3,7 +3,8 @@
 A CT whose model grid is far larger than the machine (a header declaring 1200³ voxels, a 0.2 mm spacing) would
 otherwise be refused by the kernel's OOM killer or a CUDA error halfway through. The estimate counts what
 :func:`~vox2vec.inference.embed.embed_image` certainly holds: the padded input (fp32), the stitched pyramid (in its
-storage type) and one window's output levels (fp32) — a lower bound, so a refusal is never a false alarm.
+storage type) and one window's (or fast tile's) output levels (fp32) — a lower bound, so a refusal is never a
+false alarm.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from vox2vec._memory import check_fits, format_bytes
 from vox2vec.errors import InputError
-from vox2vec.inference.windows import aligned_starts, aligned_stride, window_stride
+from vox2vec.inference.tiling import Tiles
 
 __all__ = ["EmbeddingMemory", "check_embedding_fits", "embedding_memory"]
 
@@ -35,12 +36,11 @@ class EmbeddingMemory:
         return self.padded + self.pyramid + self.window
 
 
-def embedding_memory(shape: Sequence[int], channels: Sequence[int], window: Sequence[int], overlap: float,
+def embedding_memory(shape: Sequence[int], channels: Sequence[int], tiles: Tiles,
                      dtype: torch.dtype) -> EmbeddingMemory:
-    """The memory embedding a grid of ``shape`` needs (see the module docstring); arithmetic only."""
-    levels = len(channels)
-    padded = [aligned_starts(int(n), int(w), aligned_stride(window_stride(int(w), overlap), levels), levels)[1]
-              for n, w in zip(shape, window)]
+    """The memory embedding a grid of ``shape`` in ``tiles`` needs (see the module docstring); arithmetic only."""
+    padded = [size for _, size in tiles.layout(shape, len(channels))]
+    window = tiles.window
     itemsize = torch.empty((), dtype=dtype).element_size()
     pyramid = sum(c * math.prod(math.ceil(int(n) / 2**i) for n in shape) for i, c in enumerate(channels))
     outputs = sum(c * math.prod(math.ceil(int(w) / 2**i) for w in window) for i, c in enumerate(channels))

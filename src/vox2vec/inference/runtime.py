@@ -1,8 +1,8 @@
-"""The shared runtime of every entry point that runs a model: device, precision, batch size, progress.
+"""The shared runtime of every entry point that runs a model: device, precision, batch size, progress, tiling.
 
 One frozen value, one meaning per field, resolved in one place — so ``device=None`` means the same thing in
 ``embed_volume``, ``train_head``, ``match`` and ``vox2vec show``. Entry points take ``runtime=Runtime(...)``; the
-older keyword arguments (``device=``, ``precision=``, ``batch_size=``, ``progress=``) still work and are merged
+keyword arguments (``device=``, ``precision=``, ``batch_size=``, ``progress=``, ``tiling=``) still work and are merged
 through :func:`resolve_runtime`, which refuses a field given both ways.
 """
 
@@ -23,10 +23,11 @@ from vox2vec.inference.precision import (
     pick_device,
     resolve_precision,
 )
+from vox2vec.inference.tiling import check_tiling
 
 __all__ = ["RUNTIME_FIELDS", "Runtime", "resolve_runtime"]
 
-RUNTIME_FIELDS = ("device", "precision", "batch_size", "progress")
+RUNTIME_FIELDS = ("device", "precision", "batch_size", "progress", "tiling")
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,16 @@ class Runtime:
     * ``batch_size`` — windows (crops) per forward pass of the backbone; ``None`` picks by device (CPU 1, CUDA 8).
       Other batch-like knobs (voxels per optimiser step, …) have names of their own.
     * ``progress`` — show progress bars on long work.
+    * ``tiling`` — how a CT is cut into tiles for the backbone (:mod:`vox2vec.inference.tiling`): ``"paper"`` (the
+      default: the 128 × 128 × 32 windows at overlap 0.5 the model was trained and evaluated with) or ``"fast"``
+      (a few large tiles sized to the device's memory, with a context margin; one pass when the grid fits).
     """
 
     device: torch.device | str | int | None = None
     precision: Precision = "auto"
     batch_size: int | None = None
     progress: bool = True
+    tiling: str = "paper"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -61,6 +66,9 @@ class Runtime:
             check_batch_size(self.batch_size)
         except ArgumentError as error:
             found.append(str(error))
+        tiling_problem = check_tiling(self.tiling)
+        if tiling_problem:
+            found.append(tiling_problem)
         if not isinstance(self.progress, bool):
             found.append(f"progress must be True or False, got {self.progress!r}")
         if self.device is not None and not isinstance(self.device, (str, int, torch.device)) \

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vox2vec.errors import InputError
+from vox2vec.errors import ArgumentError, InputError
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast
 from vox2vec.inference.runtime import Runtime, resolve_runtime
@@ -46,6 +46,10 @@ def sliding_window_head(
     if runtime is None and precision is None:
         precision = "fp32"  # the protocol's reference precision (see the docstring)
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision, progress=progress)
+    if runtime.tiling != "paper":
+        raise ArgumentError("sliding_window_head is the paper's evaluation protocol (its windows are the point); "
+                            "for fast tiles embed once and apply the head to the pyramid: Head.predict(ct, "
+                            "runtime=Runtime(tiling='fast'))")
     check_image(image)
     window, overlap = check_window(window, overlap)
     device = runtime.torch_device

@@ -259,7 +259,8 @@ class Vox2VecPreprocessd(_transforms.MapTransform):
 class Vox2VecFeaturesd(_transforms.MapTransform):
     """Add ``<key><postfix>`` (default ``image_features``): the pyramid of a preprocessed ``(1, X, Y, Z)`` image
     (a tuple of ``(C_i, …)`` levels, finest first) or, with ``output="features"``, the concatenated ``(ΣC_i, X, Y,
-    Z)`` map — embedded with vox2vec's own sliding windows (the model's window and overlap) on ``runtime``."""
+    Z)`` map — embedded with vox2vec's own tiles on ``runtime`` (``runtime.tiling``: the model's sliding windows,
+    or fast tiles)."""
 
     def __init__(self, keys: Any, model: Any = "fpn-ct", *, output: str = "pyramid", postfix: str = "_features",
                  runtime: Any = None, dtype: torch.dtype | str = torch.float32,
@@ -280,16 +281,17 @@ class Vox2VecFeaturesd(_transforms.MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from vox2vec.inference.embed import embed_image
+        from vox2vec.inference.tiling import model_windows
 
         d = dict(data)
-        config = self.model.config.inference
+        window, overlap = model_windows(self.runtime.tiling, self.model.config.inference)
         for key in self.key_iterator(d):
             image = torch.as_tensor(d[key])
             if image.ndim != 4 or image.shape[0] != 1:
                 raise InputError(f"{key!r} must be a (1, X, Y, Z) preprocessed image (Vox2VecPreprocessd first), got "
                                  f"{tuple(image.shape)}")
             levels = embed_image(image[0].as_subclass(torch.Tensor).float(), self.model, runtime=self.runtime,
-                                 window=tuple(config.window), overlap=config.overlap, dtype=self.dtype)
+                                 window=window, overlap=overlap, dtype=self.dtype)
             d[f"{key}{self.postfix}"] = (tuple(levels) if self.output == "pyramid"
                                          else concatenate_levels([lv[None] for lv in levels], image.shape[1:])[0])
         return d

@@ -1,0 +1,122 @@
+"""Tilings: fast tiles are exact where they claim to be (one tile = one forward pass), follow the same stitching rule
+as the paper's windows, keep a context margin, follow the grid — and the choice travels through every door."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vox2vec
+from conftest import tiny_model
+from test_embedding import _one_pass, assert_most_central_stitching
+from vox2vec import ArgumentError, FeaturePyramid, Runtime, embed_volume
+from vox2vec.cli import main
+from vox2vec.inference import tiling
+from vox2vec.inference.embed import embed_image_tiled
+from vox2vec.inference.windows import level_owners
+
+
+def _fp32(**fields) -> Runtime:
+    return Runtime(device="cpu", precision="fp32", progress=False, **fields)
+
+
+def test_a_grid_that_fits_one_fast_tile_is_one_forward_pass_of_the_padded_grid(abdomen_crop):
+    model = tiny_model(base_channels=2, num_scales=4)
+    pyramid = embed_volume(abdomen_crop, model=model, runtime=_fp32(tiling="fast"), dtype=torch.float32)
+    image = model.preprocessor(abdomen_crop).image
+    whole = tuple(8 * math.ceil(n / 8) for n in image.shape)  # the grid, padded to the coarsest cell
+    assert pyramid.meta["tiling"] == "fast" and tuple(pyramid.meta["window"]) == whole
+    for i, (level, expected) in enumerate(zip(pyramid.levels, _one_pass(model.backbone, image, whole))):
+        cells = tuple(math.ceil(n / 2**i) for n in image.shape)
+        torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]])
+
+
+def test_several_fast_tiles_follow_the_stitching_rule_of_the_paper_windows(chest_crop, monkeypatch):
+    """A small memory budget forces several tiles; every cell still comes from the tile where it is most central."""
+    model = tiny_model(base_channels=2, num_scales=4)
+    image = model.preprocessor(chest_crop).image[:72, :60, :16]
+    per_voxel = 6 * 4 * sum(2 * 2**i / 8**i for i in range(4))  # modeling.fpn.forward_bytes, written out
+    monkeypatch.setattr(tiling, "CPU_TILE_BYTES", int(56 * 48 * 16 * per_voxel) + 1)
+    levels, tiles = embed_image_tiled(image, model.backbone, _fp32(tiling="fast"), dtype=torch.float32)
+    assert tiles.window == (56, 48, 16) and tiles.stride == (24, 16, 16)  # 2 × 2 × 1 tiles overlapping by 32
+    assert assert_most_central_stitching(levels, image, model.backbone, tiles.window, tiles.stride, 4) > 1000
+
+
+@pytest.mark.parametrize("shape", [(295, 286, 147), (512, 512, 236), (200, 180, 60), (40, 30, 20), (17, 300, 9)])
+@pytest.mark.parametrize("num_levels", [4, 6])
+@pytest.mark.parametrize("budget", [600_000, 4_200_000, 10**9])
+def test_fast_tiles_cover_the_grid_with_a_context_margin_and_less_work(shape, num_levels, budget):
+    coarsest = 2 ** (num_levels - 1)
+    tiles = tiling.fast_tiles(shape, num_levels, budget)
+    smallest_possible = math.prod(min(coarsest * math.ceil(n / coarsest), 2 * tiling.FAST_MARGIN + coarsest)
+                                  for n in shape)
+    assert math.prod(tiles.window) <= max(budget, smallest_possible)
+    paper = tiling.paper_tiles((128, 128, 32), 0.5, num_levels)
+    assert tiles.voxels(shape, num_levels) <= paper.voxels(shape, num_levels)
+    for size, window, stride, (starts, padded) in zip(shape, tiles.window, tiles.stride,
+                                                      tiles.layout(shape, num_levels)):
+        assert window % coarsest == 0 and stride % coarsest == 0
+        assert padded >= size and padded - size < window  # the tile shape follows the grid: no tile of padding only
+        if len(starts) == 1:
+            continue
+        for run in level_owners(size, starts, window, padded, 0):  # every voxel keeps the margin on inner edges
+            start = starts[run.window_index]
+            for voxel in range(run.lo, run.hi):
+                assert start == 0 or voxel - start >= tiling.FAST_MARGIN
+                assert start + window == padded or start + window - 1 - voxel >= tiling.FAST_MARGIN - 1
+
+
+def test_fast_tiles_take_the_least_work_the_budget_allows():
+    # the full RIDER chest grid with the paper's 6 levels: 3 × 2 × 1 tiles of 128 × 160 × 160 under 4.2 M voxels
+    tiles = tiling.fast_tiles((295, 286, 147), 6, 4_200_000)
+    assert tiles.window == (128, 160, 160) and tiles.voxels((295, 286, 147), 6) == 6 * 128 * 160 * 160
+    assert tiling.fast_tiles((295, 286, 147), 6, 10**9).window == (320, 288, 160)  # one tile when it fits
+
+
+def test_tiling_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ArgumentError, match="tiling must be one of 'paper', 'fast', got 'quick'"):
+        Runtime(tiling="quick")
+    missing = tmp_path / "no-such-ct.nii.gz"  # the settings are refused before the CT is looked for
+    with pytest.raises(ArgumentError, match="window and overlap are the paper tiling's"):
+        embed_volume(missing, model=tiny_model(), window=(64, 64, 16), tiling="fast")
+    with pytest.raises(ArgumentError, match="tiling must be one of"):
+        embed_volume(missing, model=tiny_model(), tiling="fastest")
+    with pytest.raises(ArgumentError, match="evaluation protocol"):
+        vox2vec.sliding_window_head(torch.zeros(8, 8, 8), tiny_model().backbone, lambda levels: levels[0],
+                                    runtime=Runtime(tiling="fast"))
+
+
+def test_the_command_line_tiling_is_the_api_tiling_and_is_recorded(abdomen_crop, tmp_path):
+    import SimpleITK as sitk
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    model_dir = tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+    out = tmp_path / "fast.safetensors"
+    assert main(["embed", "-i", str(ct), "-o", str(out), "--model", str(model_dir), "--precision", "fp32",
+                 "--tiling", "fast", "--no-progress"]) == 0
+    written = FeaturePyramid.load(out)
+    expected = embed_volume(str(ct), model=str(model_dir), runtime=_fp32(tiling="fast"))
+    assert written.meta["tiling"] == "fast"
+    for got, want in zip(written.levels, expected.levels):
+        torch.testing.assert_close(got, want)
+    paper = embed_volume(str(ct), model=str(model_dir), runtime=_fp32())
+    assert paper.meta["tiling"] == "paper" and tuple(paper.meta["window"]) == (128, 128, 32)
+
+
+def test_a_cohort_rerun_with_another_tiling_embeds_again(abdomen_crop, tmp_path):
+    import SimpleITK as sitk
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    model_dir = tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    options = dict(model=str(model_dir), workers=0, progress=False, precision="fp32")
+    assert [r.status for r in vox2vec.embed_many([ct], out, **options)] == ["done"]
+    assert [r.status for r in vox2vec.embed_many([ct], out, **options, tiling="fast")] == ["done"]
+    [written] = out.glob("*.safetensors")
+    assert FeaturePyramid.load(written).meta["tiling"] == "fast"
+    assert [r.status for r in vox2vec.embed_many([ct], out, **options, tiling="fast")] == ["skipped"]
+    assert [r.status for r in vox2vec.embed_many([ct], out, **options)] == ["done"]
