@@ -1,14 +1,25 @@
 """``CohortRun``: one shard's cases embedded in turn — skipped when up to date, read ahead by worker processes,
-recorded in the manifest as each finishes — with a progress line per case and the ranks joined at the end."""
+written by a background thread while the next case embeds, recorded in the manifest as each finishes — with a
+progress line per case and the ranks joined at the end.
+
+Overlap and its bound: case k's pyramid is written (:mod:`vox2vec.cohort.background`) while case k + 1 is embedded,
+so at most two pyramids are in memory at once (the one being written, the one being embedded), besides the
+preprocessed cases read ahead (:mod:`vox2vec.cohort.loading`). A case is reported — its result yielded, its manifest
+line and progress line written — only once its file is completely written and renamed; a write that fails fails
+that case alone. A stop (first SIGTERM/SIGINT) lets the write under way finish and be recorded, and starts nothing
+new: a case already embedded but not yet being written is dropped (embedded again on resume). On an exception (a
+second signal's ``KeyboardInterrupt``, an error) the write under way is finished and recorded before it propagates.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vox2vec._signals import StopFlag
+from vox2vec.cohort.background import BackgroundWriter
 from vox2vec.cohort.inputs import CaseInput
 from vox2vec.cohort.loading import LoadedCase, load_ahead
 from vox2vec.cohort.manifest import (
@@ -34,6 +46,16 @@ from vox2vec.inference.runtime import Runtime
 from vox2vec.outputs import is_ours
 
 __all__ = ["CohortRun"]
+
+
+@dataclass
+class _Embedded:
+    """A case whose pyramid is computed, waiting for (or under) its write."""
+
+    case: CaseInput
+    pyramid: Any  # FeaturePyramid; None once the writer has it
+    seconds: float  # embedding it
+    details: dict[str, Any]  # its CaseResult's fields known before the write (fingerprints, model, geometry …)
 
 
 class CohortRun:
@@ -77,32 +99,70 @@ class CohortRun:
         self._started = True
         self._wall = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        writer = ManifestWriter(self.output_dir, self.shard.manifest_name)
+        manifest = ManifestWriter(self.output_dir, self.shard.manifest_name)
         bar = _Progress(len(self.cases), self.runtime.progress)
+        writes = BackgroundWriter()
         try:
             with StopFlag(second_abandons=True) as stop:
-                todo = []
-                for case in self.cases:  # cheap checks first: a resumed run reports its skips at once
-                    meta = self._up_to_date_meta(case)
-                    if meta is None:
-                        todo.append(case)
-                    else:
-                        yield self._record(writer, bar, self._skip(case, meta), case)
-                preprocessing = asdict(self.net.config.preprocessing)
-                for loaded in load_ahead(todo, preprocessing, **self.loading):
-                    yield self._record(writer, bar, self._embed(loaded), loaded.case)
-                    if stop.requested:
-                        self.interrupted = True
-                        break
-        except KeyboardInterrupt:
-            self.interrupted = True
-            raise
+                try:
+                    yield from self._cases(manifest, bar, writes, stop)
+                except BaseException as error:  # Ctrl-C, an error, the consumer closing the iterator
+                    self.interrupted = self.interrupted or isinstance(error, KeyboardInterrupt)
+                    self._settle(manifest, bar, writes, error)
+                    raise
         finally:
+            writes.close()
             self._elapsed = time.perf_counter() - self._wall
             bar.close()
-            writer.close()
+            manifest.close()
             self._finish_manifest()
             self.finished = True
+
+    def _cases(self, manifest: ManifestWriter, bar: _Progress, writes: BackgroundWriter,
+               stop: StopFlag) -> Iterator[CaseResult]:
+        """The skips first (cheap: a resumed run reports them at once), then each other case embedded while the
+        previous one is written; every result is yielded once its case is finished (for a pyramid: written)."""
+        todo = []
+        for case in self.cases:
+            meta = self._up_to_date_meta(case)
+            if meta is None:
+                todo.append(case)
+            else:
+                yield self._record(manifest, bar, self._skip(case, meta), case)
+        preprocessing = asdict(self.net.config.preprocessing)
+        for loaded in load_ahead(todo, preprocessing, **self.loading):
+            if stop.requested:
+                self.interrupted = True
+                break  # nothing new starts
+            step = self._embed(loaded)  # meanwhile the previous case's pyramid is being written
+            if writes.pending:
+                yield self._record(manifest, bar, *writes.collect())
+            if isinstance(step, CaseResult):
+                yield self._record(manifest, bar, step, loaded.case)
+            elif stop.requested:
+                self.interrupted = True
+                break  # embedded but not written: dropped, embedded again on resume
+            else:
+                writes.submit(functools.partial(self._save, step))
+            del step, loaded  # the pyramid is the writer's alone now (two pyramids in memory at most)
+        if writes.pending:
+            yield self._record(manifest, bar, *writes.collect())
+
+    def _settle(self, manifest: ManifestWriter, bar: _Progress, writes: BackgroundWriter,
+                error: BaseException) -> None:
+        """On the way out of an exception: finish the write under way and record its case (its file is on disk, so
+        the manifest says so). A failure of that write is attached to ``error`` — never lost, never replacing it."""
+        try:
+            written = writes.collect()
+        except Exception as lost:  # noqa: BLE001 - reported on the exception that is propagating
+            note = f"vox2vec: the pyramid being written in the background failed too: {type(lost).__name__}: {lost}"
+            if hasattr(error, "add_note"):  # Python ≥ 3.11
+                error.add_note(note)
+            else:
+                print(note, file=sys.stderr, flush=True)
+            return
+        if written is not None:
+            self._record(manifest, bar, *written)
 
     # -- one case ------------------------------------------------------------------------------------------------
     def _output(self, case: CaseInput) -> Path:
@@ -141,7 +201,8 @@ class CohortRun:
                           geometry=cohort.get("geometry"), model=meta.get("model"),
                           model_fingerprint=meta.get("fingerprint"))
 
-    def _embed(self, loaded: LoadedCase) -> CaseResult:
+    def _embed(self, loaded: LoadedCase) -> CaseResult | _Embedded:
+        """The case's pyramid, ready to be written; or its result when it has none (unreadable, not a CT, failed)."""
         case = loaded.case
         started = time.perf_counter()
         common = dict(input_fingerprint=loaded.fingerprint, model=self.net.config.name,
@@ -153,21 +214,36 @@ class CohortRun:
         try:
             pyramid = embed_prepared(prepared, self.net, runtime=self.runtime.replace(progress=False),
                                      dtype=self.storage.dtype)
-            if self.storage.levels is not None:
-                pyramid = type(pyramid)([pyramid.levels[i] for i in sorted(self.storage.levels)], pyramid.grid,
-                                        pyramid.source_grid, pyramid.meta, pyramid.body, sorted(self.storage.levels))
-            pyramid.meta["cohort"] = {**self._wanted(case, loaded.fingerprint), "geometry": geometry}
-            output = self._output(case)
-            pyramid.save(output, overwrite=True, inside=pyramid.body if self.storage.keep == "body" else None)
         except (InputError, RuntimeError, ValueError, OSError) as error:
             return CaseResult(case.key, None, "failed", f"{type(error).__name__}: {error}",
                               seconds=round(time.perf_counter() - started, 2), geometry=geometry, **common)
-        return CaseResult(case.key, output.name, "done", seconds=round(time.perf_counter() - started, 2),
-                          bytes=output.stat().st_size, geometry=geometry, **common)
+        if self.storage.levels is not None:
+            pyramid = type(pyramid)([pyramid.levels[i] for i in sorted(self.storage.levels)], pyramid.grid,
+                                    pyramid.source_grid, pyramid.meta, pyramid.body, sorted(self.storage.levels))
+        pyramid.meta["cohort"] = {**self._wanted(case, loaded.fingerprint), "geometry": geometry}
+        return _Embedded(case, pyramid, time.perf_counter() - started, {**common, "geometry": geometry})
 
-    def _record(self, writer: ManifestWriter, bar: _Progress, result: CaseResult, case: CaseInput) -> CaseResult:
+    def _save(self, embedded: _Embedded) -> tuple[CaseResult, CaseInput]:
+        """In the writer thread: write the case's pyramid (temporary file, read back, renamed) and say how it went;
+        ``seconds`` is the case's embedding and writing."""
+        started = time.perf_counter()
+        case, output = embedded.case, self._output(embedded.case)
+        pyramid, embedded.pyramid = embedded.pyramid, None  # freed as soon as it is written
+
+        def seconds() -> float:
+            return round(embedded.seconds + time.perf_counter() - started, 2)
+
+        try:
+            pyramid.save(output, overwrite=True, inside=pyramid.body if self.storage.keep == "body" else None)
+        except (InputError, RuntimeError, ValueError, OSError) as error:
+            return CaseResult(case.key, None, "failed", f"{type(error).__name__}: {error}", seconds=seconds(),
+                              **embedded.details), case
+        return CaseResult(case.key, output.name, "done", seconds=seconds(), bytes=output.stat().st_size,
+                          **embedded.details), case
+
+    def _record(self, manifest: ManifestWriter, bar: _Progress, result: CaseResult, case: CaseInput) -> CaseResult:
         result.aliases = list(case.aliases)
-        writer.add(result)
+        manifest.add(result)
         self.results.append(result)
         bar.update(result)
         return result
