@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _fidelity import body_voxels, per_level_cosine
 from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,14 +122,7 @@ def per_level_fidelity(out_dir: Path) -> dict:
         if not (out_dir / f"{name}.safetensors").exists() or not (out_dir / f"{paper}.safetensors").exists():
             continue
         a, b = (vox2vec.FeaturePyramid.load(out_dir / f"{n}.safetensors") for n in (name, paper))
-        body = np.argwhere(a.body.numpy()) if a.body is not None else np.argwhere(np.ones(a.shape, bool))
-        idx = body[np.random.default_rng(0).integers(0, len(body), 50_000)]
-        cosines = []
-        for level, (x, y) in enumerate(zip(a.levels, b.levels)):
-            cell = torch.as_tensor(idx // 2**level)
-            fx, fy = (t[:, cell[:, 0], cell[:, 1], cell[:, 2]].float().T for t in (x, y))
-            cosines.append(round(float(torch.nn.functional.cosine_similarity(fx, fy, dim=1).mean()), 4))
-        result[f"{name} vs {paper}"] = cosines
+        result[f"{name} vs {paper}"] = per_level_cosine(a, b, body_voxels(a))
     return result
 
 

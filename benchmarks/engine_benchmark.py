@@ -8,6 +8,7 @@ per-level mean cosine of the engine's features against PyTorch fp32 eager on the
     python benchmarks/engine_benchmark.py                      # everything
     python benchmarks/engine_benchmark.py --only ort-fp32      # one engine (plus the fp32 reference it needs)
     python benchmarks/engine_benchmark.py --pause-training     # SIGSTOP the pre-training job while timing
+    python benchmarks/engine_benchmark.py --quiet-wait 120     # let each engine wait for a quiet machine
 
 Input: the centre crop of ``rider_lung_chest`` on the model grid (``fpn-ct-mini``'s preprocessor), padded with the
 volume's minimum where the tile is larger than the volume. Backbones: ``official`` = ``FPN3d(1, 16, 6)`` with
@@ -49,8 +50,9 @@ ENGINES = {
     "torch-fp32-t1": ("torch", "fp32", 1), "torch-bf16-t1": ("torch", "bf16", 1),
     "compile-fp32": ("compile", "fp32", 2), "compile-bf16": ("compile", "bf16", 2),
     "compile-freeze-fp32": ("compile-freeze", "fp32", 2), "compile-freeze-bf16": ("compile-freeze", "bf16", 2),
-    "ort-fp32": ("ort", "fp32", 2),
+    "ort-fp32": ("ort", "fp32", 2), "ort-fp32-t1": ("ort", "fp32", 1),
     "ov-fp32": ("ov", "f32", 2), "ov-default": ("ov", None, 2),
+    "ov-fp32-t1": ("ov", "f32", 1), "ov-default-t1": ("ov", None, 1),
 }
 REFERENCE = "torch-fp32"
 CELLS = 20000
@@ -215,16 +217,38 @@ def _cpu_seconds() -> tuple[float, float]:
     return busy, usage.ru_utime + usage.ru_stime
 
 
-def timed_runs(run, tile: np.ndarray, repeats: int, pause: list[int]) -> tuple[list[float], object, dict]:
-    """``repeats`` timed forwards with ``pause`` stopped; how busy this process and everything else was meanwhile."""
+def _others_share(seconds: float) -> float:
+    """The share of all CPUs that other processes used over the next ``seconds`` (we sleep meanwhile)."""
+    busy0, own0 = _cpu_seconds()
+    time.sleep(seconds)
+    busy1, own1 = _cpu_seconds()
+    return max(busy1 - busy0 - (own1 - own0), 0.0) / (seconds * (os.cpu_count() or 1))
+
+
+def timed_runs(run, tile: np.ndarray, repeats: int, pause: list[int], quiet_wait: float) -> tuple[list, object, dict]:
+    """``repeats`` timed forwards with ``pause`` stopped, started once the rest of the machine is quiet (other
+    processes under a quarter of the CPUs for a second, up to ``quiet_wait`` seconds of waiting); how busy this
+    process and everything else was meanwhile."""
+    waited, deadline = 0.0, time.monotonic() + quiet_wait
+    while True:
+        with paused(pause):
+            before = _others_share(1.0) if quiet_wait > 0 else 0.0
+            if before <= 0.25 or time.monotonic() > deadline:
+                times, out, load = _time(run, tile, repeats)
+                break
+        time.sleep(10)
+        waited += 11
+    return times, out, {**load, "others_share_before": round(before, 3), "waited_for_quiet_s": waited}
+
+
+def _time(run, tile: np.ndarray, repeats: int) -> tuple[list[float], object, dict]:
     times = []
-    with paused(pause):
-        busy0, own0 = _cpu_seconds()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = run(tile)
-            times.append(time.perf_counter() - start)
-        busy1, own1 = _cpu_seconds()
+    busy0, own0 = _cpu_seconds()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run(tile)
+        times.append(time.perf_counter() - start)
+    busy1, own1 = _cpu_seconds()
     wall = sum(times)
     others = max(busy1 - busy0 - (own1 - own0), 0.0)
     return times, out, {"timed_wall_s": round(wall, 2), "own_cpu_s": round(own1 - own0, 2),
@@ -232,7 +256,7 @@ def timed_runs(run, tile: np.ndarray, repeats: int, pause: list[int]) -> tuple[l
                         "loadavg_1min": os.getloadavg()[0]}
 
 
-def run_worker(engine: str, model: str, tile_name: str, repeats: int, pause: list[int]) -> dict:
+def run_worker(engine: str, model: str, tile_name: str, repeats: int, pause: list[int], quiet_wait: float) -> dict:
     shape = TILES[tile_name]
     tile = np.load(CACHE / f"input_{tile_name}.npy")
     rss_before = _rss_gib()
@@ -242,7 +266,7 @@ def run_worker(engine: str, model: str, tile_name: str, repeats: int, pause: lis
     start = time.perf_counter()
     run(tile)  # warm-up: for torch.compile this is the compilation
     first_s = time.perf_counter() - start
-    times, out, load = timed_runs(run, tile, repeats, pause)
+    times, out, load = timed_runs(run, tile, repeats, pause, quiet_wait)
     np.savez(CACHE / "features" / f"{engine}_{model}_{tile_name}.npz", **sample_cells(to_numpy(out)))
     median = statistics.median(times)
     family, precision, threads = ENGINES[engine]
@@ -331,10 +355,10 @@ def exports(jobs: list[tuple[str, str, str]]) -> dict[str, float]:
     return seconds
 
 
-def run_job(job: tuple[str, str, str], repeats: int, pause: list[int]) -> dict:
+def run_job(job: tuple[str, str, str], repeats: int, pause: list[int], quiet_wait: float) -> dict:
     engine, model, tile = job
     command = [sys.executable, __file__, "--worker", engine, "--model", model, "--tile", tile,
-               "--repeats", str(repeats), "--pids", ",".join(map(str, pause))]
+               "--repeats", str(repeats), "--pids", ",".join(map(str, pause)), "--quiet-wait", str(quiet_wait)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     finally:
@@ -379,6 +403,14 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged(old: dict, new: dict) -> dict:
+    """``old`` with each of ``new``'s runs replacing the run of the same engine, model and tile (in place)."""
+    key = lambda r: (r["engine"], r["model"], tuple(r["tile"]))  # noqa: E731
+    fresh = {key(r): r for r in new["runs"]}
+    runs = [fresh.pop(key(r), r) for r in old["runs"]] + list(fresh.values())
+    return {**old, "runs": runs, "rerun": old.get("rerun", []) + [sorted(map(list, map(key, new["runs"])))]}
+
+
 def short_machine() -> str:
     words = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", cpu_name().lower())
     return "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
@@ -392,7 +424,11 @@ def main() -> None:
     parser.add_argument("--tile", choices=list(TILES), action="append")
     parser.add_argument("--repeats", type=int, help="timed runs after the warm-up (default 3; 1 with --quick)")
     parser.add_argument("--pause-training", action="store_true", help="SIGSTOP pre-training while timing")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="seconds each engine may wait for other processes to go quiet before timing")
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these runs in the existing output, keep the others (rerun a noisy few)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pids", default="", help=argparse.SUPPRESS)
     parser.add_argument("--export", choices=list(MODELS), help=argparse.SUPPRESS)
@@ -403,23 +439,26 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     if args.worker:
         pids = [int(p) for p in args.pids.split(",") if p]
-        print(json.dumps(run_worker(args.worker, args.model[0], args.tile[0], repeats, pids)))
+        print(json.dumps(run_worker(args.worker, args.model[0], args.tile[0], repeats, pids, args.quiet_wait)))
         return
     pause = training_pids() if args.pause_training else []
     jobs = plan(args)
     prepare_inputs(sorted({tile for _, _, tile in jobs}))
     export_s = exports(jobs)
     results = {"cpu": cpu_name(), "machine": platform.platform(), "cpus": os.cpu_count(), "repeats": repeats,
+               "quiet_wait_s": args.quiet_wait,
                "onnx_export_s": export_s,
                "paused_pids": pause, "input": "centre crop of rider_lung_chest on fpn-ct-mini's grid", "runs": []}
     for job in jobs:
-        run = run_job(job, repeats, pause)
+        run = run_job(job, repeats, pause, args.quiet_wait)
         results["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
-    _speedups(results["runs"])
-    results["paused_s"] = round(sum(r.get("timed_wall_s", 0) for r in results["runs"]) if pause else 0, 1)
     out = args.output or (ROOT / "scratch" / "engine_quick.json" if args.quick
                           else ROOT / "benchmarks" / "results" / f"engine_{short_machine()}.json")
+    if args.merge and out.exists():
+        results = merged(json.loads(out.read_text()), results)
+    _speedups(results["runs"])
+    results["paused_s"] = round(sum(r.get("timed_wall_s", 0) for r in results["runs"]) if pause else 0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results["runs"]))

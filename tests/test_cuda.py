@@ -131,6 +131,20 @@ def test_oom_fallback_halves_the_batch_under_a_memory_cap(chest):
         torch.testing.assert_close(x, y, atol=1e-2, rtol=1e-2)
 
 
+def test_fast_tiles_on_cuda_are_one_pass_and_match_the_cpu(chest):
+    """On a GPU the chest block fits one fast tile: strict fp32 there equals one CPU forward of the padded grid."""
+    torch.manual_seed(0)
+    model = vox2vec.Vox2VecModel().eval()
+    cuda = vox2vec.embed_volume(chest, model=model, runtime=vox2vec.Runtime(device="cuda", precision="fp32",
+                                                                              tiling="fast", progress=False))
+    cpu = vox2vec.embed_volume(chest, model=model, runtime=vox2vec.Runtime(device="cpu", precision="fp32",
+                                                                             tiling="fast", progress=False))
+    whole = [32 * -(-n // 32) for n in cuda.shape]  # the whole (body-cropped) block, padded to the coarsest cell
+    assert cuda.meta["window"] == cpu.meta["window"] == whole
+    for x, y in zip(cuda.levels, cpu.levels):
+        torch.testing.assert_close(x, y, atol=2e-3, rtol=2e-3)
+
+
 def _pretrain_config(prepared: Path, out: Path, steps: int):
     from vox2vec.pretrain import load_config
 

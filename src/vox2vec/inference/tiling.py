@@ -112,15 +112,16 @@ def _axis_choices(size: int, num_levels: int, overlap: int) -> list[tuple[int, i
     return choices
 
 
-def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: int = FAST_MARGIN) -> Tiles:
-    """The tiles with the least backbone work whose volume is at most ``max_voxels``, overlapping by ``2·margin``.
+def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: int | None = None) -> Tiles:
+    """The tiles with the least backbone work whose volume is at most ``max_voxels``, overlapping by ``2·margin``
+    (default :data:`FAST_MARGIN`).
 
     Each axis is cut into ``n`` equal tiles (a multiple of the coarsest cell, ``2^(num_levels-1)``); among all
     ``(n_x, n_y, n_z)`` whose tile fits, the one with the fewest voxels of work wins (ties: fewer tiles). When even
     the smallest tile exceeds ``max_voxels``, the smallest is returned (the memory check before allocating decides).
     """
     coarsest = 2 ** (num_levels - 1)
-    overlap = coarsest * math.ceil(2 * margin / coarsest)
+    overlap = coarsest * math.ceil(2 * (FAST_MARGIN if margin is None else margin) / coarsest)
     per_axis = [_axis_choices(int(n), num_levels, overlap) for n in shape]
     best: tuple[tuple[int, int], tuple[tuple[int, int, int], ...]] | None = None
     smallest = min(itertools.product(*per_axis), key=lambda combo: math.prod(c[1] for c in combo))
