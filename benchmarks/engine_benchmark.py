@@ -388,18 +388,19 @@ def _speedups(runs: list[dict]) -> None:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| engine | model | tile | precision | s/forward | Mvox/s | × torch fp32 | × best torch | first s "
-             "| peak RSS GiB | others' CPU | cosine per level (fine→coarse) |", "|" + "---|" * 12]
+    lines = ["| engine | model | tile | precision | s/forward | Mvox/s | × torch fp32 | × best torch | CPU s/forward "
+             "| first s | peak RSS GiB | others' CPU | cosine per level (fine→coarse) |", "|" + "---|" * 13]
     for r in runs:
         tile = "×".join(map(str, r["tile"]))
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r['model']} | {tile} | — | failed: {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['engine']} | {r['model']} | {tile} | — | failed: {r['error']} |" + " |" * 8)
             continue
         cos = " ".join(f"{c:.5f}" for c in r["cosine_per_level"] or [])
         precision = r.get("precision_hint") or r["precision"]
         lines.append(f"| {r['engine']} | {r['model']} | {tile} | {precision} | {r['s_per_forward']:.3f} "
                      f"| {r['mvox_per_s']:.3f} | {r['x_torch_fp32']:.2f} | {r['x_best_torch']:.2f} "
-                     f"| {r['first_forward_s']} | {r['peak_rss_gib']:.2f} | {r['others_cpu_share']:.0%} | {cos} |")
+                     f"| {r['own_cpu_s'] / len(r['times_s']):.2f} | {r['first_forward_s']} "
+                     f"| {r['peak_rss_gib']:.2f} | {r['others_cpu_share']:.0%} | {cos} |")
     return "\n".join(lines)
 
 
@@ -408,7 +409,22 @@ def merged(old: dict, new: dict) -> dict:
     key = lambda r: (r["engine"], r["model"], tuple(r["tile"]))  # noqa: E731
     fresh = {key(r): r for r in new["runs"]}
     runs = [fresh.pop(key(r), r) for r in old["runs"]] + list(fresh.values())
-    return {**old, "runs": runs, "rerun": old.get("rerun", []) + [sorted(map(list, map(key, new["runs"])))]}
+    later = {"runs": sorted(map(list, map(key, new["runs"]))), "repeats": new["repeats"],
+             "quiet_wait_s": new["quiet_wait_s"], "paused_pids": new["paused_pids"]}
+    exported = {**old.get("onnx_export_s", {}), **new["onnx_export_s"]}
+    return {**old, "runs": runs, "onnx_export_s": exported,
+            "later_invocations": [*old.get("later_invocations", []), later]}
+
+
+def save(out: Path, results: dict, paused_any: bool) -> None:
+    """Write ``results`` with the runs in table order (model, tile, engine) and their speed-ups."""
+    order = {name: i for i, name in enumerate([*MODELS, *ENGINES])}
+    tiles = [list(shape) for shape in TILES.values()]
+    results["runs"].sort(key=lambda r: (order[r["model"]], tiles.index(r["tile"]), order[r["engine"]]))
+    _speedups(results["runs"])
+    results["paused_s"] = round(sum(r.get("timed_wall_s", 0) for r in results["runs"]) if paused_any else 0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def short_machine() -> str:
@@ -429,6 +445,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--merge", action="store_true",
                         help="replace these runs in the existing output, keep the others (rerun a noisy few)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --merge: skip the runs the existing output already holds (an interrupted run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pids", default="", help=argparse.SUPPRESS)
     parser.add_argument("--export", choices=list(MODELS), help=argparse.SUPPRESS)
@@ -442,25 +460,24 @@ def main() -> None:
         print(json.dumps(run_worker(args.worker, args.model[0], args.tile[0], repeats, pids, args.quiet_wait)))
         return
     pause = training_pids() if args.pause_training else []
+    out = args.output or (ROOT / "scratch" / "engine_quick.json" if args.quick
+                          else ROOT / "benchmarks" / "results" / f"engine_{short_machine()}.json")
+    old = json.loads(out.read_text()) if args.merge and out.exists() else None
     jobs = plan(args)
+    if old and args.resume:
+        done = {(r["engine"], r["model"], tuple(r["tile"])) for r in old["runs"] if "error" not in r}
+        jobs = [j for j in jobs if (j[0], j[1], TILES[j[2]]) not in done]
     prepare_inputs(sorted({tile for _, _, tile in jobs}))
     export_s = exports(jobs)
     results = {"cpu": cpu_name(), "machine": platform.platform(), "cpus": os.cpu_count(), "repeats": repeats,
-               "quiet_wait_s": args.quiet_wait,
-               "onnx_export_s": export_s,
-               "paused_pids": pause, "input": "centre crop of rider_lung_chest on fpn-ct-mini's grid", "runs": []}
+               "quiet_wait_s": args.quiet_wait, "onnx_export_s": export_s, "paused_pids": pause,
+               "input": "centre crop of rider_lung_chest on fpn-ct-mini's grid", "runs": []}
     for job in jobs:
         run = run_job(job, repeats, pause, args.quiet_wait)
         results["runs"].append(run)
         print(json.dumps(run), file=sys.stderr, flush=True)
-    out = args.output or (ROOT / "scratch" / "engine_quick.json" if args.quick
-                          else ROOT / "benchmarks" / "results" / f"engine_{short_machine()}.json")
-    if args.merge and out.exists():
-        results = merged(json.loads(out.read_text()), results)
-    _speedups(results["runs"])
-    results["paused_s"] = round(sum(r.get("timed_wall_s", 0) for r in results["runs"]) if pause else 0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+        save(out, merged(old, results) if old else results, bool(pause))  # after each run: survives a stop
+    results = merged(old, results) if old else results
     print(table(results["runs"]))
     print(f"\nwritten: {out}")
 
