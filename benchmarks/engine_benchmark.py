@@ -9,6 +9,8 @@ per-level mean cosine of the engine's features against PyTorch fp32 eager on the
     python benchmarks/engine_benchmark.py --only ort-fp32      # one engine (plus the fp32 reference it needs)
     python benchmarks/engine_benchmark.py --pause-training     # SIGSTOP the pre-training job while timing
     python benchmarks/engine_benchmark.py --quiet-wait 120     # let each engine wait for a quiet machine
+    python benchmarks/engine_benchmark.py --merge --only ov-fp32 --tile fast   # rerun a noisy run in place
+    python benchmarks/engine_benchmark.py --merge --resume     # finish an interrupted run (written after each run)
 
 Input: the centre crop of ``rider_lung_chest`` on the model grid (``fpn-ct-mini``'s preprocessor), padded with the
 volume's minimum where the tile is larger than the volume. Backbones: ``official`` = ``FPN3d(1, 16, 6)`` with
