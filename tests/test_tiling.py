@@ -120,3 +120,29 @@ def test_a_cohort_rerun_with_another_tiling_embeds_again(abdomen_crop, tmp_path)
     assert FeaturePyramid.load(written).meta["tiling"] == "fast"
     assert [r.status for r in vox2vec.embed_many([ct], out, **options, tiling="fast")] == ["skipped"]
     assert [r.status for r in vox2vec.embed_many([ct], out, **options)] == ["done"]
+
+
+def test_a_head_applies_only_to_features_of_the_tiling_it_was_trained_on(abdomen_crop, tmp_path):
+    """Paper-trained heads lose up to 0.4 Dice on fast tiles (docs/benchmarks.md): a mismatch is refused, naming the
+    tiling to embed with — before a CT is embedded — and the tiling survives saving the head."""
+    import SimpleITK as sitk
+
+    model = tiny_model(base_channels=2, num_scales=4)
+    labels = sitk.Cast(sitk.BinaryThreshold(abdomen_crop, 100, 3000, 1, 0), sitk.sitkUInt8)
+    fast = _fp32(tiling="fast")
+    pyramid = embed_volume(abdomen_crop, model=model, runtime=fast)
+    head = vox2vec.train_head([(pyramid, labels)], model=model, steps=20, runtime=fast)
+    assert head.backbone["tiling"] == "fast"
+    expected = head.predict(pyramid, output="volume")
+    again = head.predict(abdomen_crop, model=model, runtime=fast, output="volume")  # embedded with its tiling
+    assert (again.array == expected.array).all()
+    paper = embed_volume(abdomen_crop, model=model, runtime=_fp32())
+    with pytest.raises(vox2vec.InputError, match="trained on fast-tiled features, but these are paper-tiled"):
+        head.predict(paper)
+    with pytest.raises(vox2vec.InputError, match=r"embed with Runtime\(tiling='fast'\)"):
+        head.predict(tmp_path / "not-read.nii.gz", model=model, runtime=_fp32())  # before the CT is looked for
+    head.save_pretrained(tmp_path / "head")
+    loaded = vox2vec.load_head(tmp_path / "head")
+    assert loaded.backbone["tiling"] == "fast"
+    with pytest.raises(vox2vec.InputError, match="fast-tiled"):
+        loaded.predict(paper)

@@ -183,6 +183,8 @@ def _train(pairs: list, val_pairs: list, model: Any, classes: Any, settings: Hea
     if search:
         history.insert(0, {"l2_search_heldout_loss": search})
     backbone = net.record() if net is not None else _record_from_pyramid(reference)
+    tilings = {pyramid.meta.get("tiling", "paper") for pyramid, _ in embedded}  # a head fits one tiling's features
+    backbone = {**backbone, "tiling": tilings.pop() if len(tilings) == 1 else "mixed"}
     return Head(module.cpu().eval(), settings.kind, class_map, backbone, settings.multilabel, net, history)
 
 
