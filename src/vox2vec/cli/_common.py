@@ -100,7 +100,7 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = 
     group.add_argument("--tiling", default="paper", choices=TILINGS,
                        help="how a CT is cut into tiles for the backbone: paper (default; the 128×128×32 windows at "
                             "overlap 0.5 the model was trained with) or fast (a few large tiles sized to the "
-                            "device's memory; several times faster, level-0 features within cosine 0.99)")
+                            "device's memory; 2–3× faster on a CPU, level-0 features within cosine 0.99)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

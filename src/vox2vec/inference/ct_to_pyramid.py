@@ -50,8 +50,8 @@ def embed_volume(
     ``runtime``: where and how the backbone runs (:class:`~vox2vec.Runtime`; ``device=``, ``batch_size=``,
     ``precision=``, ``progress=``, ``tiling=`` still work). Preprocessing follows the model's config. Tiling
     (``runtime.tiling``): ``"paper"``, the default, slides the config's windows (128×128×32, overlap 0.5; or
-    ``window``/``overlap``); ``"fast"`` embeds in a few large tiles sized to the device's memory (several times
-    faster; level 0 within cosine 0.99 of the paper's, deeper levels see more context — docs/benchmarks.md). The
+    ``window``/``overlap``); ``"fast"`` embeds in a few large tiles sized to the device's memory (2–3× faster on
+    a CPU; level 0 within cosine 0.99 of the paper's, deeper levels see more context — docs/benchmarks.md). The
     pyramid is stored in ``dtype`` (``"fp16"`` / ``torch.float16``, the default, or fp32) on the CPU.
     """
     runtime = resolve_runtime(runtime, device=device, batch_size=batch_size, precision=precision,

@@ -123,17 +123,14 @@ def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: i
     coarsest = 2 ** (num_levels - 1)
     overlap = coarsest * math.ceil(2 * (FAST_MARGIN if margin is None else margin) / coarsest)
     per_axis = [_axis_choices(int(n), num_levels, overlap) for n in shape]
-    best: tuple[tuple[int, int], tuple[tuple[int, int, int], ...]] | None = None
-    smallest = min(itertools.product(*per_axis), key=lambda combo: math.prod(c[1] for c in combo))
+    best_key, best, smallest = None, None, None
     for combo in itertools.product(*per_axis):
-        tile = math.prod(c[1] for c in combo)
-        if tile > max_voxels:
-            continue
-        count = math.prod(c[0] for c in combo)
-        key = (count * tile, count)
-        if best is None or key < best[0]:
-            best = (key, combo)
-    chosen = smallest if best is None else best[1]
+        tile, count = math.prod(c[1] for c in combo), math.prod(c[0] for c in combo)
+        if smallest is None or tile < math.prod(c[1] for c in smallest):
+            smallest = combo
+        if tile <= max_voxels and (best_key is None or (count * tile, count) < best_key):
+            best_key, best = (count * tile, count), combo
+    chosen = best or smallest
     return Tiles("fast", tuple(c[1] for c in chosen), tuple(c[2] for c in chosen))  # type: ignore[arg-type]
 
 
