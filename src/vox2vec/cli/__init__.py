@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vox2vec.cli import demo, embed, features, heads, match, models, pretrain, show
+from vox2vec.cli import demo, embed, features, heads, match, models, nnunet, pretrain, show
 from vox2vec.cli._common import Parser, add_command
 from vox2vec.errors import Vox2VecError
 
@@ -51,6 +51,8 @@ COMMANDS: dict[str, Command] = {
                      match.run),
     "eval": Command("k-fold evaluation on an imagesTr/ + labelsTr/ dataset (Table 1)", heads.add_eval, heads.run_eval),
     "pretrain": Command("contrastive pre-training: prepare | train | export", pretrain.add_arguments, pretrain.run),
+    "nnunet-plans": Command("nnU-Net v2 plans and initial weights that start nnU-Net from a vox2vec model",
+                            nnunet.add_arguments, nnunet.run),
 }
 
 

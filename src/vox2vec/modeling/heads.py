@@ -28,10 +28,17 @@ class FPNLinearHead(nn.Module):
         )
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        return self.forward_levels(pyramid)[0]
+
+    def forward_levels(self, pyramid: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The logits at every level, finest first: level ``i`` sums the levels ``≥ i`` (the finest is
+        :meth:`forward`; the coarser ones, without the bias, serve deep supervision)."""
         x = self.layers[-1](pyramid[-1])
+        logits = [x]
         for layer, level in zip(self.layers[-2::-1], pyramid[-2::-1]):
             x = upsample_and_crop(x, level) + layer(level)
-        return x
+            logits.append(x)
+        return logits[::-1]
 
     def matrix(self) -> torch.Tensor:
         """The (K, D) matrix on the concatenated embedding (the bias is level 0's conv bias)."""
