@@ -145,3 +145,17 @@ def chest_training_pair() -> tuple[sitk.Image, sitk.Image]:
 
 
 SHARED_ORGANS = {1: "spleen", 5: "liver", 6: "stomach", 52: "aorta", 32: "vertebrae", 33: "vertebrae"}
+
+
+TINY_PRETRAIN = {"architecture": {"base_channels": 2, "num_scales": 3},
+                 "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 64},
+                 "train": {"steps": 6, "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "keep_checkpoints": 5}}
+
+
+def tiny_pretrain_config(prepared_dir: Path, out: Path, **train):
+    """A pre-training config of a 2-channel, 3-level backbone on 32×32×16 patches (seconds on a CPU)."""
+    from vox2vec.pretrain import load_config
+
+    sections = {k: dict(v) for k, v in TINY_PRETRAIN.items()}
+    sections["train"].update(output_dir=str(out), **train)
+    return load_config(None, data={"prepared_dir": str(prepared_dir)}, **sections)

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 import vox2vec
-from conftest import crop, ct_path, label_path, read_image
+from conftest import crop, ct_path, label_path, read_image, tiny_pretrain_config
 from vox2vec import InputError
 from vox2vec.augment import augment, blur_through_plane, gaussian_kernels
 from vox2vec.pretrain import export, info_nce, load_config, prepare, train
@@ -23,10 +23,6 @@ from vox2vec.pretrain.config import AugmentationConfig, SamplingConfig
 from vox2vec.pretrain.objective import info_nce_dense
 from vox2vec.pretrain.sampling import PairDataset, PreparedCase, open_corpus, sample_pair, step_generator
 from vox2vec.pretrain.trainer import initial_backbone
-
-TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
-        "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 64},
-        "train": {"steps": 6, "checkpoint_every": 2, "log_every": 1, "num_workers": 0, "keep_checkpoints": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +223,7 @@ def test_config_validation_fails_before_work(tmp_path, corpus):
 
 
 def _config(root, out, **train_overrides):
-    sections = {k: dict(v) for k, v in TINY.items()}
-    sections["train"].update(output_dir=str(out), **train_overrides)
-    sections["data"] = {"prepared_dir": str(root / "prepared")}
-    return load_config(None, **sections)
+    return tiny_pretrain_config(root / "prepared", out, **train_overrides)
 
 
 def test_loss_decreases_on_real_cts(corpus, tmp_path):

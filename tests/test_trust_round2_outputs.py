@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import crop, ct_path, label_path, read_image, tiny_model
+from conftest import crop, ct_path, label_path, read_image, tiny_model, tiny_pretrain_config
 from vox2vec.cli import main
 from vox2vec.errors import InputError, OutputError
 from vox2vec.outputs import REGISTRY, is_ours, record_written, written_by_vox2vec
@@ -176,11 +176,6 @@ def test_is_ours_follows_the_bytes(tmp_path):
 
 
 # -- pre-training folders: prepare, train, resume ------------------------------------------------------------------
-TINY = {"architecture": {"base_channels": 2, "num_scales": 3},
-        "sampling": {"patch_size": [32, 32, 16], "pairs_per_step": 2, "max_voxels_per_pair": 32},
-        "train": {"steps": 2, "checkpoint_every": 1, "log_every": 1, "num_workers": 0, "keep_checkpoints": 5}}
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """One real CT crop, prepared."""
@@ -193,11 +188,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny_config(corpus, out, **train):
-    from vox2vec.pretrain import load_config
-
-    sections = {k: dict(v) for k, v in TINY.items()}
-    sections["train"].update(output_dir=str(out), **train)
-    return load_config(None, data={"prepared_dir": str(corpus / "prepared")}, **sections)
+    return tiny_pretrain_config(corpus / "prepared", out, **{"steps": 2, "checkpoint_every": 1, **train})
 
 
 @pytest.mark.parametrize("name", ["config.json", "log_rank0.jsonl"])
