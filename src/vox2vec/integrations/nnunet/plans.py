@@ -18,6 +18,7 @@ not RAS-canonical, a patch the FPN cannot pool) the error says so before anythin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -161,7 +162,6 @@ def vox2vec_plans(source: dict[str, Any], dataset_json: dict[str, Any], model: A
                                        _in_model_axes(source.get("original_median_spacing_after_transp", [1] * 3),
                                                       transpose))]
     configuration.update({
-        "data_identifier": f"{plans_name}_{CONFIGURATION}",
         "batch_size": 2,
         "patch_size": list(patch),
         "median_image_size_in_voxels": [round(mm / s) for mm, s in zip(median_mm, spacing)],
@@ -175,6 +175,7 @@ def vox2vec_plans(source: dict[str, Any], dataset_json: dict[str, Any], model: A
             "_kw_requires_import": [],
         },
     })
+    configuration["data_identifier"] = f"{plans_name}_{CONFIGURATION}_{_preprocessing_digest(configuration)}"
     plans = {key: value for key, value in source.items() if key != "configurations"}
     plans.update({
         "plans_name": plans_name,
@@ -189,6 +190,16 @@ def vox2vec_plans(source: dict[str, Any], dataset_json: dict[str, Any], model: A
         "vox2vec": {"version": __version__, "model": model.record(), "source_plans": source.get("plans_name")},
     })
     return plans
+
+
+def _preprocessing_digest(configuration: dict[str, Any]) -> str:
+    """A short digest of what nnU-Net's preprocessing of this configuration depends on: it names the preprocessed
+    data folder, so plans written again for another spacing never train on data preprocessed for the old one."""
+    fields = {key: configuration.get(key) for key in ("spacing", "normalization_schemes", "use_mask_for_norm",
+                                                      "resampling_fn_data", "resampling_fn_data_kwargs",
+                                                      "resampling_fn_seg", "resampling_fn_seg_kwargs")}
+    text = json.dumps({**fields, "reader": READER, "transpose": TO_MODEL_AXES}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def initial_weights(model: Any) -> dict[str, Any]:
@@ -209,11 +220,12 @@ def write_nnunet_plans(dataset: int | str | os.PathLike, model: Any = "fpn-ct", 
                          f"plans {source_plans!r}, got {plans_name!r}")
     folder = find_dataset(dataset, preprocessed)
     plan_hint = "plan the dataset first: nnUNetv2_plan_and_preprocess -d N --no_pp"
-    source = _read_json(folder / f"{source_plans}.json", plan_hint)
-    dataset_json = _read_json(folder / "dataset.json", plan_hint)
-    plans = vox2vec_plans(source, dataset_json, model, plans_name=plans_name, patch_size=patch_size)
+    inputs = [folder / f"{source_plans}.json", folder / "dataset.json"]
+    source, dataset_json = (_read_json(path, plan_hint) for path in inputs)
     names = (f"{plans_name}.json", f"{plans_name}_init.pth")
-    check_output_dir(folder, files=names, overwrite=overwrite)
+    model_files = [model] if isinstance(model, (str, os.PathLike)) and os.path.exists(model) else []
+    check_output_dir(folder, files=names, inputs=[*inputs, *model_files], overwrite=overwrite)
+    plans = vox2vec_plans(source, dataset_json, model, plans_name=plans_name, patch_size=patch_size)
     weights = initial_weights(model)
     with atomic_path(folder / names[1]) as tmp:
         torch.save(weights, tmp)
