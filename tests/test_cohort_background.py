@@ -222,3 +222,22 @@ def test_a_ctrl_c_while_waiting_for_a_write_leaves_it_pending_to_collect():
         release.set()
     assert writes.pending and writes.collect() == "written"  # not lost: still there to record
     writes.close()
+
+
+def test_a_consumer_holding_a_half_read_run_keeps_its_own_ctrl_c(cases, tmp_path):
+    """Between results the consumer's code runs: Ctrl-C there is its KeyboardInterrupt (not a stop flag nobody checks
+    while the run waits, possibly for ever, for the consumer to come back); the run's own handler is back once the
+    consumer resumes it, and a KeyboardInterrupt in the consumer's code still leaves the run whole and resumable."""
+    out, model = tmp_path / "out", tiny_model(2, 4)
+    before = signal.getsignal(signal.SIGINT)
+    stream = iter(iter_embed_many(cases, out, model=model, workers=0, progress=False))
+    first = next(stream)
+    assert first.status == "done" and signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the consumer's own work, interrupted
+    assert next(stream).status == "done" and signal.getsignal(signal.SIGINT) is before
+    stream.close()  # the consumer gives up: the write under way is finished and recorded
+    assert signal.getsignal(signal.SIGINT) is before and _temporary_files(out) == []
+    resumed = embed_many(cases, out, model=model, workers=0, progress=False)
+    assert _statuses(resumed)[:2] == ["skipped", "skipped"] and "done" in _statuses(resumed)

@@ -40,6 +40,19 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Give the signals back to their previous handlers for a while — around a generator's ``yield``, so that
+        while the consumer's code runs (or if it keeps a half-read iterator and never comes back) Ctrl-C is the
+        consumer's ``KeyboardInterrupt``, not a flag nobody checks; ours again when the generator resumes."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in self._previous:
+                signal.signal(sig, self._handle)
+
 
 def ignore_stop_signals(*_: Any) -> None:
     """In a worker process (DataLoader worker, reader pool): leave SIGTERM/SIGINT to the main process, which finishes

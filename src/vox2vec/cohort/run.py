@@ -105,7 +105,9 @@ class CohortRun:
         try:
             with StopFlag(second_abandons=True) as stop:
                 try:
-                    yield from self._cases(manifest, bar, writes, stop)
+                    for result in self._cases(manifest, bar, writes, stop):
+                        with stop.released():  # the consumer's code runs with the consumer's Ctrl-C
+                            yield result
                 except BaseException as error:  # Ctrl-C, an error, the consumer closing the iterator
                     self.interrupted = self.interrupted or isinstance(error, KeyboardInterrupt)
                     self._settle(manifest, bar, writes, error)
