@@ -41,16 +41,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def released(self) -> Iterator[None]:
-        """Give the signals back to their previous handlers for a while — around a generator's ``yield``, so that
-        while the consumer's code runs (or if it keeps a half-read iterator and never comes back) Ctrl-C is the
-        consumer's ``KeyboardInterrupt``, not a flag nobody checks; ours again when the generator resumes."""
-        for sig, handler in self._previous.items():
+    def released(self, signals: frozenset[int] = frozenset({signal.SIGINT})) -> Iterator[None]:
+        """Give ``signals`` (by default SIGINT) back to their previous handlers for a while — around a generator's
+        ``yield``, so that while the consumer's code runs (or if it keeps a half-read iterator and never comes back)
+        Ctrl-C is the consumer's ``KeyboardInterrupt``, not a flag nobody checks; ours again when the generator
+        resumes. SIGTERM, a scheduler's request, stays a stop at the next boundary (a second one still abandons)."""
+        given = {sig: handler for sig, handler in self._previous.items() if sig in signals}
+        for sig, handler in given.items():
             signal.signal(sig, handler)
         try:
             yield
         finally:
-            for sig in self._previous:
+            for sig in given:
                 signal.signal(sig, self._handle)
 
 

@@ -13,6 +13,7 @@ second signal's ``KeyboardInterrupt``, an error) the write under way is finished
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
@@ -80,22 +81,28 @@ class CohortRun:
         return self.output_dir
 
     def run(self) -> CohortRun:
-        """Embed every case now (what :func:`embed_many` does); returns this run, finished."""
-        for _ in self:
+        """Embed every case now (what :func:`embed_many` does); returns this run, finished. No consumer code runs
+        between cases, so the first Ctrl-C always finishes the current case and stops."""
+        for _ in self._iterate(consumer_code=False):
             pass
         return self
 
     def __iter__(self) -> Iterator[CaseResult]:
+        return self._iterate(consumer_code=True)
+
+    def _iterate(self, consumer_code: bool) -> Iterator[CaseResult]:
         if self.finished:
             return iter(list(self.results))  # a finished run is a list of its results
         if self._started:
             raise UsageError("this CohortRun is being iterated already; call embed_many again to resume")
-        return self._stream()
+        return self._stream(consumer_code)
 
     def __len__(self) -> int:
         return len(self.results)
 
-    def _stream(self) -> Iterator[CaseResult]:
+    def _stream(self, consumer_code: bool) -> Iterator[CaseResult]:
+        """Between results, with ``consumer_code``, SIGINT is the consumer's (``KeyboardInterrupt`` in its code; see
+        :meth:`StopFlag.released`) and SIGTERM stays a stop request for the next case."""
         self._started = True
         self._wall = time.perf_counter()
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +113,7 @@ class CohortRun:
             with StopFlag(second_abandons=True) as stop:
                 try:
                     for result in self._cases(manifest, bar, writes, stop):
-                        with stop.released():  # the consumer's code runs with the consumer's Ctrl-C
+                        with stop.released() if consumer_code else contextlib.nullcontext():
                             yield result
                 except BaseException as error:  # Ctrl-C, an error, the consumer closing the iterator
                     self.interrupted = self.interrupted or isinstance(error, KeyboardInterrupt)
