@@ -51,6 +51,7 @@ def test_embed_writes_what_embed_volume_gives(ct_file, model_dir, tmp_path):
     assert np.allclose(source.spacing, image.GetSpacing()) and np.allclose(source.origin, image.GetOrigin())
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_predict_writes_the_heads_prediction_on_the_input_grid(ct_file, model_dir, tmp_path, capsys):
     """train-head → predict: the label map equals `Head.predict` in Python and has the input CT's geometry."""
     image = sitk.ReadImage(str(ct_file))

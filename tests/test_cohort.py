@@ -84,6 +84,7 @@ def test_discover_names_every_case_once_and_stably(cohort, tmp_path):
         discover([str(cohort / "nothing*.nii.gz")])
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_cohort_run_records_every_case_and_goes_on(cohort, tmp_path, model_dir, capsys):
     out = tmp_path / "out"
     (out).mkdir()
@@ -128,6 +129,7 @@ def test_non_ct_volumes_are_embedded_only_when_allowed(cohort, tmp_path, model_d
     assert done.status == "done" and any("Hounsfield" in w for w in done.warnings)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_rerun_skips_what_is_up_to_date_and_redoes_what_changed(cohort, tmp_path, model_dir):
     out = tmp_path / "out"
     inputs = [str(cohort / "p1" / "ct.nii.gz"), str(cohort / "p2" / "ct.nrrd")]

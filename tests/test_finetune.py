@@ -25,6 +25,7 @@ def _pairs():
     return [(ct[200:300, 200:300, 20:40], labels[200:300, 200:300, 20:40])]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_runs_resumes_exactly_and_loads_back(tmp_path):
     model = coarse_model()
     classes = {5: "liver", 52: "aorta"}
@@ -47,6 +48,7 @@ def test_runs_resumes_exactly_and_loads_back(tmp_path):
     assert checkpoints == [".vox2vec-outputs.json", "step_00000004.pt", "step_00000006.pt"]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_truncated_checkpoint_falls_back_to_the_previous(tmp_path):
     model = coarse_model()
     options = dict(model=model, classes={5: "liver"}, progress=False, **{**FAST, "total_steps": 4})

@@ -24,6 +24,7 @@ def _weight_norm(head) -> float:
     return float(sum(p.detach().square().sum() for n, p in head.module.named_parameters() if n.endswith("weight")))
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_stronger_l2_gives_smaller_weights_and_none_is_the_paper_head(pyramid_and_labels):
     pyramid, labels = pyramid_and_labels
     common = {"classes": SHARED_ORGANS, "steps": 100, "voxels_per_class": 300, "progress": False}
@@ -40,6 +41,7 @@ def test_stronger_l2_gives_smaller_weights_and_none_is_the_paper_head(pyramid_an
 
 
 @pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_auto_picks_the_strength_with_the_lowest_held_out_loss(pyramid_and_labels, kind):
     pyramid, labels = pyramid_and_labels
     head = vox2vec.train_head([(pyramid, labels)], kind=kind, classes=SHARED_ORGANS, steps=100,
@@ -97,6 +99,7 @@ def _plain_logistic_regression(features: torch.Tensor, targets: torch.Tensor, we
     return raw.float(), (bias.detach().double() - raw @ mean).float()
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_levers_off_are_the_paper_head_a_hand_written_logistic_regression(pyramid_and_labels):
     """With every lever off (the default, or each set to its off value) train_head is plain logistic regression
     on the same sampled voxels: checked against the loop above, from the same seed and initial weights."""
@@ -125,6 +128,7 @@ def test_levers_off_are_the_paper_head_a_hand_written_logistic_regression(pyrami
 
 
 @pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_feature_dropout_changes_the_head_and_is_seeded(pyramid_and_labels, kind):
     pyramid, labels = pyramid_and_labels
     plain = vox2vec.train_head([(pyramid, labels)], kind=kind, **LEVER_COMMON)
@@ -139,6 +143,7 @@ def test_feature_dropout_changes_the_head_and_is_seeded(pyramid_and_labels, kind
     assert prediction.array.max() > 0
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_levels_zero_the_other_levels_and_keep_the_layout(pyramid_and_labels):
     pyramid, labels = pyramid_and_labels
     head = vox2vec.train_head([(pyramid, labels)], levels=[0, 1], **LEVER_COMMON)
@@ -148,6 +153,7 @@ def test_levels_zero_the_other_levels_and_keep_the_layout(pyramid_and_labels):
     assert head.predict(pyramid, output="volume").array.max() > 0
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_components_per_level_confine_each_level_to_its_principal_directions(pyramid_and_labels):
     pyramid, labels = pyramid_and_labels
     plain = vox2vec.train_head([(pyramid, labels)], **LEVER_COMMON)
@@ -188,6 +194,7 @@ def small_ct_pair():
     return crop(ct, *box), crop(labels, *box), tiny_model(base_channels=2, num_scales=3, spacing=(2.0, 2.0, 4.0))
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_augmented_copies_are_seeded_intensity_changes_on_the_same_grid(small_ct_pair):
     ct, _, _ = small_ct_pair
     original = vox2vec.load_volume(ct)
@@ -206,6 +213,7 @@ def test_augmented_copies_are_seeded_intensity_changes_on_the_same_grid(small_ct
         assert np.corrcoef(copy.array.ravel(), clipped.ravel())[0, 1] > 0.9
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_augmented_copies_add_their_voxels_to_training(small_ct_pair):
     ct, labels, model = small_ct_pair
     common = {**LEVER_COMMON, "model": model, "seed": 2}
@@ -245,6 +253,7 @@ def test_levers_that_do_not_fit_the_data_are_refused(pyramid_and_labels):
                            components_per_level=2)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_a_head_training_config_is_the_same_fit_as_its_keywords(pyramid_and_labels):
     from vox2vec.probing import HeadTrainingConfig
 
@@ -264,6 +273,7 @@ def test_a_head_training_config_is_the_same_fit_as_its_keywords(pyramid_and_labe
         HeadTrainingConfig(kind="lin", steps=0)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_train_head_takes_the_shared_runtime(pyramid_and_labels):
     """runtime= and the old keywords are one thing (resolve_runtime): the same fit, and a field given both ways
     differently is refused before any scan is read."""

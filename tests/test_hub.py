@@ -76,6 +76,7 @@ print(sum(p.numel() for p in model.parameters()))
         assert torch.equal(again.backbone.state_dict()[key], value)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_corrupt_download_is_removed_and_reported(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     payload = _original_checkpoint(FPN3d(1, 16, 6), tmp_path)
@@ -100,6 +101,7 @@ def test_wrong_size_is_reported(tmp_path, monkeypatch):
         load_pretrained("sized-test", local_files_only=True)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
     path = tmp_path / "small.pt"
     torch.save(FPN3d(1, 8, 6).state_dict(), path)

@@ -81,6 +81,7 @@ def check_seg(seg_path, nifti_path, names: dict[int, str]) -> int:
     return sum(counted.values())
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_head_prediction_round_trips_through_dicom_seg(tmp_path):
     scanner_series(crop(read_image(ct_path("ts_abdomen_dicom20")), *BOX), tmp_path / "series")
     model = tiny_model(base_channels=2, num_scales=3)

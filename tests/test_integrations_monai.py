@@ -74,6 +74,7 @@ def test_label_on_another_grid_is_refused(abdomen_files, tmp_path):
             {"image": str(abdomen_files["image"]), "label": str(other)})
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_monai_features_and_logits_equal_vox2vecs_own(abdomen_files):
     """One window: sliding_window_inference(Vox2VecNet) == embed_volume levels and Head.logits (fp32)."""
     model = vox2vec.load_pretrained("fpn-ct-mini")
@@ -115,6 +116,7 @@ def _batches(files, model):
 
 
 @pytest.mark.parametrize("freeze", ["none", "encoder", "backbone"])
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_monai_training_changes_weights_and_lowers_the_loss(abdomen_files, freeze):
     base = tiny_model(base_channels=4, num_scales=4, seed=2)
     before = {k: v.clone() for k, v in base.state_dict().items()}

@@ -35,6 +35,7 @@ def test_heads_match_original_layouts():
 
 
 @pytest.mark.parametrize("shape", ["(1,1,128,128,32)", "(1,1,100,100,30)_non_divisible_example"])
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_pyramid_shapes_match_reference(shape):
     expected = REFERENCE["pyramid_output_shapes_eval_mode"][shape]
     size = [int(n) for n in shape.split(")")[0].strip("(").split(",")]

@@ -145,6 +145,7 @@ def test_point_outside_the_ct_names_world_mm_and_voxel_indices(abdomen):
 
 
 # -- the PNG ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_show_writes_marked_png_with_three_panels_per_row_and_the_point_where_it_should_be(abdomen, model, tmp_path):
     folder, volume, pyramid = abdomen
     labels = volume.with_array((volume.array > 200).astype(np.uint8) + 2 * ((volume.array > -150)

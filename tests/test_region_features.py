@@ -99,6 +99,7 @@ def test_point_features_match_the_pyramid(scan, pyramid):
         point_features(pyramid, [[1e4, 0, 0]])
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_features_command_csv_parquet_points_and_lists(scan, tmp_path):
     model = tmp_path / "model"
     tiny_model(2, 4).save_pretrained(model)

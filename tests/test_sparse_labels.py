@@ -56,6 +56,7 @@ def test_bad_requests_are_refused():
         sparse_labels(uses_255, count=2)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_a_head_trained_on_four_slices_segments_the_other_slices():
     ct, labels = chest_training_pair()
     classes = {5: "liver", 32: "vertebrae", 33: "vertebrae"}

@@ -33,6 +33,7 @@ def test_a_grid_that_fits_one_fast_tile_is_one_forward_pass_of_the_padded_grid(a
         torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]])
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_several_fast_tiles_follow_the_stitching_rule_of_the_paper_windows(chest_crop, monkeypatch):
     """A small memory budget forces several tiles; every cell still comes from the tile where it is most central."""
     model = tiny_model(base_channels=2, num_scales=4)
@@ -88,6 +89,7 @@ def test_tiling_is_checked_before_any_work(tmp_path):
                                     runtime=Runtime(tiling="fast"))
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_the_command_line_tiling_is_the_api_tiling_and_is_recorded(abdomen_crop, tmp_path):
     import SimpleITK as sitk
 
@@ -106,6 +108,7 @@ def test_the_command_line_tiling_is_the_api_tiling_and_is_recorded(abdomen_crop,
     assert paper.meta["tiling"] == "paper" and tuple(paper.meta["window"]) == (128, 128, 32)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_a_cohort_rerun_with_another_tiling_embeds_again(abdomen_crop, tmp_path):
     import SimpleITK as sitk
 

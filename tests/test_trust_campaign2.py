@@ -139,6 +139,7 @@ def test_eval_refuses_a_label_map_on_another_grid_before_any_ct_is_embedded(tmp_
 
 
 # -- silently wrong -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_pretrain_prepare_skips_a_label_map_among_its_inputs(tmp_path):
     ct, labels = abdomen(size=(96, 96, 20))
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))

@@ -137,6 +137,7 @@ def sparse_pair():
     return pyramid, sparse_labels(labels, count=4).to_sitk(), model
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_sparse_map_without_ignore_label_is_refused_not_learned_as_class_255(sparse_pair):
     pyramid, sparse, model = sparse_pair
     expected = (r"^the label maps hold 255, the value sparse_labels writes for unlabelled voxels, but ignore_label is "

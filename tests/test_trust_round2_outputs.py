@@ -347,6 +347,7 @@ def evaluate(root, out, model, **options):
                             head_options={"steps": 20}, progress=False, **options)
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_eval_rerun_with_another_model_is_refused_and_the_model_is_recorded(small_dataset, tmp_path):
     first, second = tiny_model(seed=0), tiny_model(seed=1)
     out = tmp_path / "results"
@@ -375,6 +376,7 @@ def test_eval_refuses_a_results_file_it_did_not_write(small_dataset, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["results.md"]
 
 
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_eval_with_label_sets_that_differ(small_dataset, tmp_path):
     from vox2vec.probing.evaluate import evaluate_dataset
 

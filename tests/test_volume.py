@@ -14,6 +14,7 @@ from vox2vec import InputError, load_volume
 
 
 @pytest.mark.parametrize("name", CT_NAMES)
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
 def test_path_read_keeps_geometry(name):
     volume = load_volume(ct_path(name))
     image = read_image(ct_path(name))
