@@ -38,6 +38,15 @@ def cases(tmp_path) -> list[Path]:
     return paths
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Ctrl-C as in an interactive Python (KeyboardInterrupt), whatever the parent left: a shell without job control
+    starts background jobs with SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _temporary_files(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".vox2vec-outputs.json"]
 
@@ -143,7 +152,7 @@ def test_a_stop_while_a_write_is_under_way_finishes_it_and_starts_nothing_new(ca
         _assert_equals_embed_volume(out / result.output, case, model)
 
 
-def test_ctrl_c_twice_while_a_write_is_under_way_records_that_write_and_resumes(cases, tmp_path):
+def test_ctrl_c_twice_while_a_write_is_under_way_records_that_write_and_resumes(cases, tmp_path, python_ctrl_c):
     out, model = tmp_path / "out", tiny_model(2, 4)
     hook = _SignalsDuringSecondEmbedding(signal.SIGINT, signal.SIGINT)  # the second abandons at once
     handle = model.backbone.register_forward_pre_hook(hook)
@@ -208,7 +217,7 @@ def test_the_writer_raises_its_job_s_exception_in_the_caller_and_holds_one_job_a
         closed.close()  # a job that succeeded is not reported
 
 
-def test_a_ctrl_c_while_waiting_for_a_write_leaves_it_pending_to_collect():
+def test_a_ctrl_c_while_waiting_for_a_write_leaves_it_pending_to_collect(python_ctrl_c):
     writes = BackgroundWriter()
     release = threading.Event()
     writes.submit(lambda: release.wait(10) and "written")
@@ -224,7 +233,7 @@ def test_a_ctrl_c_while_waiting_for_a_write_leaves_it_pending_to_collect():
     writes.close()
 
 
-def test_a_consumer_holding_a_half_read_run_keeps_its_own_ctrl_c(cases, tmp_path):
+def test_a_consumer_holding_a_half_read_run_keeps_its_own_ctrl_c(cases, tmp_path, python_ctrl_c):
     """Between results the consumer's code runs: Ctrl-C there is its KeyboardInterrupt (not a stop flag nobody checks
     while the run waits, possibly for ever, for the consumer to come back); the run's own handler is back once the
     consumer resumes it, and a KeyboardInterrupt in the consumer's code still leaves the run whole and resumable."""
@@ -241,3 +250,23 @@ def test_a_consumer_holding_a_half_read_run_keeps_its_own_ctrl_c(cases, tmp_path
     assert signal.getsignal(signal.SIGINT) is before and _temporary_files(out) == []
     resumed = embed_many(cases, out, model=model, workers=0, progress=False)
     assert _statuses(resumed)[:2] == ["skipped", "skipped"] and "done" in _statuses(resumed)
+
+
+def test_a_signal_the_process_was_started_with_ignored_stays_ignored():
+    """A background job of a shell without job control starts with SIGINT ignored: a run does not take it back (the
+    starter's choice stands, as Python's own Ctrl-C handling does), while SIGTERM still stops it."""
+    from vox2vec._signals import StopFlag
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopFlag() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

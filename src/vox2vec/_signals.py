@@ -17,7 +17,8 @@ class StopFlag:
     """Set by SIGTERM/SIGINT; a loop checks :attr:`requested` between units of work (a training step, a case).
 
     With ``second_abandons``, a second signal raises ``KeyboardInterrupt`` at once (abandon the current unit; our
-    writes are atomic, so nothing half-written is left). Handlers are installed only in the main thread.
+    writes are atomic, so nothing half-written is left). Handlers are installed only in the main thread, and not for
+    a signal the process was started with ignored.
     """
 
     def __init__(self, second_abandons: bool = False) -> None:
@@ -27,6 +28,8 @@ class StopFlag:
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored by whoever started us (a background job's SIGINT, nohup-style): it stays ignored
             with contextlib.suppress(ValueError):  # not the main thread
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -225,6 +225,7 @@ def write_nnunet_plans(dataset: int | str | os.PathLike, model: Any = "fpn-ct", 
     names = (f"{plans_name}.json", f"{plans_name}_init.pth")
     model_files = [model] if isinstance(model, (str, os.PathLike)) and os.path.exists(model) else []
     check_output_dir(folder, files=names, inputs=[*inputs, *model_files], overwrite=overwrite)
+    model = resolve_model(model)  # loaded once, for the plans and the weights
     plans = vox2vec_plans(source, dataset_json, model, plans_name=plans_name, patch_size=patch_size)
     weights = initial_weights(model)
     with atomic_path(folder / names[1]) as tmp:
