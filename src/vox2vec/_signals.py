@@ -44,19 +44,19 @@ class StopFlag:
             signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def released(self, signals: frozenset[int] = frozenset({signal.SIGINT})) -> Iterator[None]:
-        """Give ``signals`` (by default SIGINT) back to their previous handlers for a while — around a generator's
+    def released(self) -> Iterator[None]:
+        """Give SIGINT back to its previous handler for a while — around a generator's
         ``yield``, so that while the consumer's code runs (or if it keeps a half-read iterator and never comes back)
         Ctrl-C is the consumer's ``KeyboardInterrupt``, not a flag nobody checks; ours again when the generator
         resumes. SIGTERM, a scheduler's request, stays a stop at the next boundary (a second one still abandons)."""
-        given = {sig: handler for sig, handler in self._previous.items() if sig in signals}
-        for sig, handler in given.items():
-            signal.signal(sig, handler)
+        if signal.SIGINT not in self._previous:  # ignored from the start, or not the main thread: nothing is ours
+            yield
+            return
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
         try:
             yield
         finally:
-            for sig in given:
-                signal.signal(sig, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
 
 
 def ignore_stop_signals(*_: Any) -> None:
