@@ -64,6 +64,7 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
     start = time.perf_counter()
     prepared = model.preprocessor(CT)
     preprocess = time.perf_counter() - start
+    grid_shape = prepared.grid.shape
     if CONFIGS[name] is None:
         level0 = sliding_window_head(prepared.image, model.backbone, lambda pyramid: pyramid[0],
                                      precision="fp32", batch_size=1, progress=False)
@@ -73,16 +74,17 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
         total = time.perf_counter() - start
     else:
         options = CONFIGS[name]
+        del prepared  # the peak RSS is embed_volume's own, not that of a second copy of the CT kept here
         start = time.perf_counter()  # end to end from the file path, preprocessing included
         pyramid = vox2vec.embed_volume(CT, model=model, progress=False, **options)
         total = time.perf_counter() - start
         meta = pyramid.meta
         tiles = Tiles(meta["tiling"], tuple(meta["window"]), tuple(meta["stride"]))
-        windows = len(plan_windows(prepared.grid.shape, tiles, pyramid.num_levels)[0])
+        windows = len(plan_windows(pyramid.shape, tiles, pyramid.num_levels)[0])
         pyramid.save(out_dir / f"{name}.safetensors")
     compute = total - preprocess
     return {
-        "config": name, "options": CONFIGS[name], "model_grid": list(prepared.grid.shape), "windows": windows,
+        "config": name, "options": CONFIGS[name], "model_grid": list(grid_shape), "windows": windows,
         "tile": None if CONFIGS[name] is None else meta["window"],
         "total_s": round(total, 2), "preprocess_s": round(preprocess, 2), "windows_per_s": round(windows / compute, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

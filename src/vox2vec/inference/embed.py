@@ -127,9 +127,8 @@ def _embed_with(
     """The stitched levels on the runtime's device, or ``None`` when a fast tile ran out of GPU memory."""
     device, mode = runtime.torch_device, runtime.resolved_precision
     shape = tuple(int(n) for n in image.shape)
-    plans, padded_shape = plan_windows(shape, tiles, len(channels))
-    padded = torch.zeros(padded_shape, dtype=torch.float32, device=device)
-    padded[: shape[0], : shape[1], : shape[2]] = image.to(device)
+    plans, _ = plan_windows(shape, tiles, len(channels))
+    image = image.to(device=device, dtype=torch.float32)  # no copy on the CPU; tiles are cut (and padded) from it
     levels = [
         torch.empty((c, *(math.ceil(n / 2**i) for n in shape)), dtype=dtype, device=device)
         for i, c in enumerate(channels)
@@ -140,7 +139,7 @@ def _embed_with(
         while queue:
             batch, queue = queue[:batch_size], queue[batch_size:]
             can_retry = tiles.tiling == "fast" or batch_size > 1
-            outputs = _forward_or_none(backbone, padded, batch, tiles.window, mode, device, can_retry)
+            outputs = _forward_or_none(backbone, image, batch, tiles.window, mode, device, can_retry)
             if outputs is None:  # out of GPU memory
                 if tiles.tiling == "fast":
                     return None  # the caller plans smaller tiles
@@ -158,7 +157,7 @@ def _embed_with(
 
 
 def _forward_or_none(
-    backbone: nn.Module, padded: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
+    backbone: nn.Module, image: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
     device: torch.device, can_retry: bool,
 ) -> list[torch.Tensor] | None:
     """The pyramid of a batch of windows, or ``None`` when CUDA ran out of memory and smaller work can retry.
@@ -166,7 +165,7 @@ def _forward_or_none(
     The exception is dropped before returning, so the activations its traceback kept alive can be freed.
     """
     try:
-        return _forward(backbone, padded, batch, window, mode, device)
+        return _forward(backbone, image, batch, window, mode, device)
     except torch.cuda.OutOfMemoryError:
         if not can_retry:
             raise
@@ -174,12 +173,13 @@ def _forward_or_none(
 
 
 def _forward(
-    backbone: nn.Module, padded: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
+    backbone: nn.Module, image: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    crops = torch.stack([
-        padded[tuple(slice(s, s + w) for s, w in zip(plan.start, window))] for plan in batch
-    ])[:, None]
+    crops = torch.zeros((len(batch), 1, *window), dtype=image.dtype, device=device)
+    for crop, plan in zip(crops, batch):  # beyond the grid's far end a tile reads zeros (the padding)
+        inside = tuple(slice(s, min(s + w, n)) for s, w, n in zip(plan.start, window, image.shape))
+        crop[(0, *(slice(0, max(0, r.stop - r.start)) for r in inside))] = image[inside]
     crops = crops.contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode(), autocast(mode, device):
         return backbone(crops)

@@ -2,9 +2,9 @@
 
 A CT whose model grid is far larger than the machine (a header declaring 1200³ voxels, a 0.2 mm spacing) would
 otherwise be refused by the kernel's OOM killer or a CUDA error halfway through. The estimate counts what
-:func:`~vox2vec.inference.embed.embed_image` certainly holds: the padded input (fp32), the stitched pyramid (in its
-storage type) and one window's (or fast tile's) output levels (fp32) — a lower bound, so a refusal is never a
-false alarm.
+:func:`~vox2vec.inference.embed.embed_image` certainly holds: the input image (fp32), the stitched pyramid (in its
+storage type) and one window's (or fast tile's) zero-padded input and output levels (fp32) — a lower bound, so a
+refusal is never a false alarm.
 """
 
 from __future__ import annotations
@@ -24,27 +24,27 @@ __all__ = ["EmbeddingMemory", "check_embedding_fits", "embedding_memory"]
 
 @dataclass(frozen=True)
 class EmbeddingMemory:
-    """Bytes of the padded input, the stitched pyramid and one window's output levels."""
+    """Bytes of the input image, the stitched pyramid and one window's input and output levels."""
 
-    padded: int
+    image: int
     pyramid: int
     window: int
 
     @property
     def working(self) -> int:
         """What the embedding device holds at least (one window per pass: CUDA halves the batch down to one)."""
-        return self.padded + self.pyramid + self.window
+        return self.image + self.pyramid + self.window
 
 
 def embedding_memory(shape: Sequence[int], channels: Sequence[int], tiles: Tiles,
                      dtype: torch.dtype) -> EmbeddingMemory:
     """The memory embedding a grid of ``shape`` in ``tiles`` needs (see the module docstring); arithmetic only."""
-    padded = [size for _, size in tiles.layout(shape, len(channels))]
     window = tiles.window
     itemsize = torch.empty((), dtype=dtype).element_size()
     pyramid = sum(c * math.prod(math.ceil(int(n) / 2**i) for n in shape) for i, c in enumerate(channels))
     outputs = sum(c * math.prod(math.ceil(int(w) / 2**i) for w in window) for i, c in enumerate(channels))
-    return EmbeddingMemory(4 * math.prod(padded), itemsize * pyramid, 4 * outputs)
+    return EmbeddingMemory(4 * math.prod(int(n) for n in shape), itemsize * pyramid,
+                           4 * (math.prod(window) + outputs))
 
 
 def check_embedding_fits(memory: EmbeddingMemory, shape: Sequence[int], device: torch.device) -> None:
