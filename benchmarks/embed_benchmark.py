@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,9 +41,15 @@ CONFIGS = {
     "overlap0.25": {"overlap": 0.25},
     "fast": {"tiling": "fast"},
     "fast-fp32": {"tiling": "fast", "precision": "fp32"},
+    # the compiled engine, first with an empty inductor cache (compiling included), then with the cache it left
+    "fast-compile-cold": {"tiling": "fast", "engine": "compile"},
+    "fast-compile": {"tiling": "fast", "engine": "compile"},
+    "fast-fp32-compile-cold": {"tiling": "fast", "precision": "fp32", "engine": "compile"},
+    "fast-fp32-compile": {"tiling": "fast", "precision": "fp32", "engine": "compile"},
     "naive": None,
 }
-SAME_PRECISION_PAPER = {"fast": "default", "fast-fp32": "fp32", "overlap0.25": "default"}
+SAME_PRECISION_PAPER = {"fast": "default", "fast-fp32": "fp32", "overlap0.25": "default",
+                        "fast-compile": "default", "fast-fp32-compile": "fp32"}
 
 
 def _model(name: str | None = None):
@@ -57,6 +65,7 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
     import vox2vec
     from vox2vec.inference import sliding_window_head
     from vox2vec.inference.embed import plan_windows
+    from vox2vec.inference.runtime import RUNTIME_FIELDS
     from vox2vec.inference.tiling import Tiles
     from vox2vec.inference.windows import original_starts
 
@@ -76,7 +85,10 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
         options = CONFIGS[name]
         del prepared  # the peak RSS is embed_volume's own, not that of a second copy of the CT kept here
         start = time.perf_counter()  # end to end from the file path, preprocessing included
-        pyramid = vox2vec.embed_volume(CT, model=model, progress=False, **options)
+        fields = {key: value for key, value in options.items() if key in RUNTIME_FIELDS}
+        runtime = vox2vec.Runtime(progress=False, **fields)
+        others = {key: value for key, value in options.items() if key not in RUNTIME_FIELDS}
+        pyramid = vox2vec.embed_volume(CT, model=model, runtime=runtime, **others)
         total = time.perf_counter() - start
         meta = pyramid.meta
         tiles = Tiles(meta["tiling"], tuple(meta["window"]), tuple(meta["stride"]))
@@ -88,6 +100,8 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
         "tile": None if CONFIGS[name] is None else meta["window"],
         "total_s": round(total, 2), "preprocess_s": round(preprocess, 2), "windows_per_s": round(windows / compute, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        # the largest child (inductor's compile workers), for the compiled engine
+        "peak_rss_child_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
     }
 
 
@@ -142,10 +156,14 @@ def main() -> None:
     results = {"machine": platform.platform(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "model": args.model or "random FPN3d(1, 16, 6)", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        # the compiled runs' own inductor cache: empty for the "-cold" ones, then what they left
+        environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         for name in args.only or list(CONFIGS):
             model = ["--model", args.model] if args.model else []
+            if name.endswith("-cold"):
+                shutil.rmtree(Path(tmp) / "inductor", ignore_errors=True)
             output = subprocess.run([sys.executable, __file__, "--worker", name, "--out", tmp, *model],
-                                    capture_output=True, text=True, check=True).stdout
+                                    capture_output=True, text=True, check=True, env=environment).stdout
             run = json.loads(output.strip().splitlines()[-1])
             results["runs"].append(run)
             print(run, flush=True)

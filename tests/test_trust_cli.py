@@ -214,15 +214,17 @@ MODEL_COMMANDS = {  # every command that runs a model, with the arguments it nee
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_every_model_command_takes_the_shared_runtime_options(command):
-    """--model --device --precision --batch-size --no-progress --overwrite parse to the same Runtime everywhere."""
+    """--model --device --precision --batch-size --tiling --engine --no-progress --overwrite parse to the same
+    Runtime everywhere."""
     from vox2vec.cli import build_parser
     from vox2vec.cli._common import runtime_of
 
     argv = [command, *MODEL_COMMANDS[command], "--model", "m", "--device", "cpu", "--precision", "fp32",
-            "--batch-size", "3", "--no-progress", "--overwrite"]
+            "--batch-size", "3", "--tiling", "fast", "--engine", "compile", "--no-progress", "--overwrite"]
     args = build_parser(command).parse_args(argv)
     assert args.model == "m" and args.overwrite is True
-    assert runtime_of(args) == vox2vec.Runtime(device="cpu", precision="fp32", batch_size=3, progress=False)
+    assert runtime_of(args) == vox2vec.Runtime(device="cpu", precision="fp32", batch_size=3, progress=False,
+                                               tiling="fast", engine="compile")
     defaults = build_parser(command).parse_args([command, *MODEL_COMMANDS[command]])
     assert runtime_of(defaults) == vox2vec.Runtime()  # the defaults are Runtime's own
 

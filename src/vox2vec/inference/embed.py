@@ -106,7 +106,8 @@ def embed_image_tiled(
     channels = [int(c) for c in backbone.channels]
     shape = tuple(int(n) for n in image.shape)
     tiles = plan_tiles(shape, channels, runtime.tiling, mode, device, window, overlap)
-    backbone = inference_copy(backbone, device, channels_last=device.type != "mps")
+    backbone = inference_copy(backbone, device, channels_last=device.type != "mps",
+                              compiled=runtime.engine == "compile")
     while True:
         check_embedding_fits(embedding_memory(shape, channels, tiles, dtype), shape, device)
         levels = _embed_with(image, backbone, runtime, tiles, channels, dtype)

@@ -16,6 +16,8 @@ import weakref
 import torch
 from torch import nn
 
+from vox2vec.inference.engine import compile_for_inference
+
 __all__ = ["inference_copy"]
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, nn.Module]]] = weakref.WeakKeyDictionary()
@@ -35,17 +37,20 @@ def _already_placed(module: nn.Module, device: torch.device, channels_last: bool
     return all(t.device == device for t in (*module.parameters(), *module.buffers()))
 
 
-def inference_copy(module: nn.Module, device: torch.device, *, channels_last: bool = False) -> nn.Module:
-    """``module`` ready for inference on ``device`` (eval mode; channels-last 3-D weights if asked), never mutating it.
+def inference_copy(module: nn.Module, device: torch.device, *, channels_last: bool = False,
+                   compiled: bool = False) -> nn.Module:
+    """``module`` ready for inference on ``device`` (eval mode; channels-last 3-D weights if asked; compiled by
+    :func:`~vox2vec.inference.engine.compile_for_inference` if asked), never mutating it.
 
-    Returns the module itself when it is already in eval mode on that device and no format change is asked for;
-    otherwise a cached copy, refreshed when the original's weights change.
+    Returns the module itself when it is already in eval mode on that device and no format change or compilation
+    is asked for; otherwise a cached copy, refreshed when the original's weights change — so a model is compiled
+    once per process, not once per CT.
     """
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if _already_placed(module, device, channels_last):
+    if not compiled and _already_placed(module, device, channels_last):
         return module
-    key = (str(device), channels_last)
+    key = (str(device), channels_last, compiled)
     signature = _state_signature(module)
     with _LOCK:
         cached = _CACHE.get(module, {}).get(key)
@@ -56,6 +61,8 @@ def inference_copy(module: nn.Module, device: torch.device, *, channels_last: bo
         placed = placed.to(memory_format=torch.channels_last_3d)
     for parameter in placed.parameters():
         parameter.requires_grad_(False)
+    if compiled:
+        placed = compile_for_inference(placed)
     with _LOCK:
         _CACHE.setdefault(module, {})[key] = (signature, placed)
     return placed

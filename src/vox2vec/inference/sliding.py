@@ -64,7 +64,7 @@ def sliding_window_head(
     per_axis = [original_starts(n, w, w - 2 * t) for n, w, t in zip(padded_shape, window, trims)]
     starts = list(itertools.product(*per_axis))
     output: torch.Tensor | None = None
-    backbone = inference_copy(backbone, device)
+    backbone = inference_copy(backbone, device, compiled=runtime.engine == "compile")
     if isinstance(head, nn.Module):  # a head built on the CPU runs beside the backbone, on a copy
         head = inference_copy(head, device)
     for i in tqdm(range(0, len(starts), batch_size), desc="windows", disable=not progress):
