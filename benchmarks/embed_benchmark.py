@@ -116,7 +116,7 @@ def run_one(name: str, out_dir: Path, model_name: str | None = None) -> dict:
         "total_s": round(total, 2), "first_embedding_s": first, "preprocess_s": round(preprocess, 2),
         "windows_per_s": round(windows / compute, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        # the largest child (inductor's compile workers), for the compiled engine
+        # the largest child process that has finished (the compiled engine's C++ compiler runs)
         "peak_rss_child_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
     }
 

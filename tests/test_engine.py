@@ -1,15 +1,18 @@
-"""The compiled engine: the same pyramid as eager (to float tolerance), compiled once per model and process, the
-caller's model untouched, and refused before any work where it cannot run."""
+"""The compiled engine: the same pyramid as eager (to float tolerance), compiled once per model, process and input
+shape, the caller's model untouched, and refused before any work where it cannot run."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 
 from conftest import randomise_batchnorm, tiny_model
 from vox2vec import ArgumentError, DeviceError, Runtime, embed_volume
+from vox2vec.inference import sliding_window_head
+from vox2vec.inference.engine import check_engine_usable
 from vox2vec.inference.placement import inference_copy
 
 
@@ -17,26 +20,35 @@ def _runtime(**fields) -> Runtime:
     return Runtime(device="cpu", precision="fp32", progress=False, **fields)
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.slow  # compiles the tiny backbone (seconds)
 @pytest.mark.parametrize("tiling", ["fast", "paper"])
-def test_the_compiled_engine_gives_the_eager_pyramid(abdomen_crop, tiling):
+def test_the_compiled_engine_gives_the_eager_pyramid_and_compiles_once(abdomen_crop, tiling):
     model = tiny_model(base_channels=2, num_scales=4)
     randomise_batchnorm(model.backbone)  # freezing folds batch norms into the convolutions: make them matter
     before = copy.deepcopy(model.backbone.state_dict())
     crop = abdomen_crop[:96, :80, :20]
     eager = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling), dtype=torch.float32)
+    graphs = _compiled_graphs()
     compiled = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling, engine="compile"),
                             dtype=torch.float32)
+    assert _compiled_graphs() > graphs  # it did compile (dynamo did not fall back to eager)
     for level_eager, level_compiled in zip(eager.levels, compiled.levels, strict=True):
         torch.testing.assert_close(level_compiled, level_eager, rtol=1e-4, atol=1e-4)
+    graphs = _compiled_graphs()
+    again = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling, engine="compile"), dtype=torch.float32)
+    assert _compiled_graphs() == graphs  # the same model and tile shape: nothing compiles a second time
+    assert all(torch.equal(a, b) for a, b in zip(again.levels, compiled.levels, strict=True))
     after = model.backbone.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # the caller's weights, untouched
-    assert not any(isinstance(m, torch.nn.Module) and type(m).__name__ == "_FrozenCompiled"
-                   for m in model.backbone.modules())
 
 
-@pytest.mark.slow
-def test_a_model_is_compiled_once_per_process_and_again_when_its_weights_change():
+def test_a_model_gets_a_new_compiled_copy_when_its_weights_change():
     model = tiny_model(base_channels=2, num_scales=3)
     cpu = torch.device("cpu")
     first = inference_copy(model.backbone, cpu, compiled=True)
@@ -52,9 +64,34 @@ def test_an_unknown_engine_is_refused_with_the_choices():
         Runtime(engine="jit")
 
 
-def test_compiling_without_a_cpp_compiler_is_refused_before_the_ct_is_read(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+@pytest.fixture
+def no_cpp_compiler(tmp_path, monkeypatch):
+    """A PATH without a compiler, and inductor's memory of the one it found earlier in this process cleared."""
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
+    cpp_builder.cpp_compiler_search.cache_clear()
+    yield
+    cpp_builder.cpp_compiler_search.cache_clear()  # searched again, on the real PATH, by the next test that compiles
+
+
+def test_compiling_without_a_cpp_compiler_is_refused_before_the_ct_is_read(tmp_path, no_cpp_compiler):
     missing = tmp_path / "not_read.nii.gz"  # reading it would fail differently: the refusal must come first
     with pytest.raises(DeviceError, match=r"needs a C\+\+ compiler .* engine='eager'"):
         embed_volume(missing, model=tiny_model(), runtime=_runtime(engine="compile"))
+    model = tiny_model()
+    with pytest.raises(DeviceError, match=r"needs a C\+\+ compiler"):  # the paper's protocol, called directly
+        sliding_window_head(torch.zeros(40, 40, 16), model.backbone, lambda pyramid: pyramid[0],
+                            runtime=_runtime(engine="compile"))
+
+
+def test_compiling_where_torch_cannot_is_refused_naming_the_fix(monkeypatch):
+    with pytest.raises(DeviceError, match=r"runs on the CPU and on CUDA GPUs, not on mps.*engine='eager'"):
+        check_engine_usable("compile", torch.device("mps"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton"
+                        else real_find_spec(name, *a))
+    with pytest.raises(DeviceError, match=r"needs Triton .* pip install triton"):
+        check_engine_usable("compile", torch.device("cuda"))
+    check_engine_usable("eager", torch.device("mps"))  # eager needs nothing

@@ -123,3 +123,27 @@ def test_voxel_wise_forward_is_the_module_on_one_voxel_pyramids(head_type, train
     torch.testing.assert_close(head.forward_voxels(rows), twin(pyramid)[:, :, 0, 0, 0], atol=1e-5, rtol=1e-5)
     for a, b in zip(head.buffers(), twin.buffers()):  # running statistics updated alike in training mode
         torch.testing.assert_close(a, b)
+
+
+def test_the_backbone_is_the_published_function_bit_for_bit_and_in_its_gradients():
+    """The decoder adds in place and frees encoder maps early (memory); values must not move by a single bit, and
+    autograd must see the same function (the in-place add is on a fresh tensor no backward needs)."""
+    from conftest import randomise_batchnorm
+
+    torch.manual_seed(1)
+    model = FPN3d(1, 4, 4)
+    randomise_batchnorm(model)
+    model.eval()
+    x = torch.rand(2, 1, 20, 18, 9)
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), _reference_forward(model.state_dict(), x, 4)))
+    ours_input = x.clone().requires_grad_()
+    ref_input = x.clone().requires_grad_()
+    weights = [torch.rand_like(level) for level in _reference_forward(model.state_dict(), x, 4)]
+    sum((w * level).sum() for w, level in zip(weights, model(ours_input))).backward()
+    parameters = dict(model.named_parameters())
+    state = {name: t.detach().clone().requires_grad_(name in parameters) for name, t in model.state_dict().items()}
+    sum((w * level).sum() for w, level in zip(weights, _reference_forward(state, ref_input, 4))).backward()
+    torch.testing.assert_close(ours_input.grad, ref_input.grad, rtol=1e-5, atol=1e-6)
+    for name, parameter in parameters.items():
+        torch.testing.assert_close(parameter.grad, state[name].grad, rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.errors import InputError
+from vox2vec.inference.engine import check_engine_usable
 from vox2vec.inference.memory import check_embedding_fits, embedding_memory
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast, storage_dtype
@@ -103,6 +104,7 @@ def embed_image_tiled(
     check_image(image)
     dtype = storage_dtype(dtype)
     device, mode = runtime.torch_device, runtime.resolved_precision
+    check_engine_usable(runtime.engine, device)
     channels = [int(c) for c in backbone.channels]
     shape = tuple(int(n) for n in image.shape)
     tiles = plan_tiles(shape, channels, runtime.tiling, mode, device, window, overlap)
@@ -140,7 +142,9 @@ def _embed_with(
         while queue:
             batch, queue = queue[:batch_size], queue[batch_size:]
             can_retry = tiles.tiling == "fast" or batch_size > 1
-            outputs = _forward_or_none(backbone, image, batch, tiles.window, mode, device, can_retry)
+            # a compiled backbone gets full batches only (zero windows pad the last): a smaller one would compile again
+            crops = _crops(image, batch, tiles.window, batch_size if runtime.engine == "compile" else len(batch))
+            outputs = _forward_or_none(backbone, crops, mode, device, can_retry)
             if outputs is None:  # out of GPU memory
                 if tiles.tiling == "fast":
                     return None  # the caller plans smaller tiles
@@ -158,30 +162,31 @@ def _embed_with(
 
 
 def _forward_or_none(
-    backbone: nn.Module, image: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
-    device: torch.device, can_retry: bool,
+    backbone: nn.Module, crops: torch.Tensor, mode: str, device: torch.device, can_retry: bool,
 ) -> list[torch.Tensor] | None:
     """The pyramid of a batch of windows, or ``None`` when CUDA ran out of memory and smaller work can retry.
 
     The exception is dropped before returning, so the activations its traceback kept alive can be freed.
     """
     try:
-        return _forward(backbone, image, batch, window, mode, device)
+        return _forward(backbone, crops, mode, device)
     except torch.cuda.OutOfMemoryError:
         if not can_retry:
             raise
     return None
 
 
-def _forward(
-    backbone: nn.Module, image: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], mode: str,
-    device: torch.device,
-) -> list[torch.Tensor]:
-    crops = torch.zeros((len(batch), 1, *window), dtype=image.dtype, device=device)
-    for crop, plan in zip(crops, batch):  # beyond the grid's far end a tile reads zeros (the padding)
+def _crops(image: torch.Tensor, batch: list[_WindowPlan], window: Sequence[int], count: int) -> torch.Tensor:
+    """The (count, 1, *window) input of one forward pass: the batch's tiles, zeros beyond the grid's far end and in
+    the ``count - len(batch)`` padding windows."""
+    crops = torch.zeros((count, 1, *window), dtype=image.dtype, device=image.device)
+    for crop, plan in zip(crops, batch):
         inside = tuple(slice(s, min(s + w, n)) for s, w, n in zip(plan.start, window, image.shape))
         crop[(0, *(slice(0, max(0, r.stop - r.start)) for r in inside))] = image[inside]
+    return crops
+
+
+def _forward(backbone: nn.Module, crops: torch.Tensor, mode: str, device: torch.device) -> list[torch.Tensor]:
     crops = crops.contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode(), autocast(mode, device):
         return backbone(crops)
-

@@ -15,6 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sysconfig
+import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,29 +37,48 @@ def check_engine(engine: Any) -> str | None:
     return f"engine must be one of {', '.join(repr(e) for e in ENGINES)}, got {engine!r}"
 
 
-def _cpp_compiler() -> str | None:
-    """The C++ compiler inductor would use on the CPU (``$CXX``, else ``g++``/``c++``/``clang++`` on the PATH)."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((found for name in candidates if (found := shutil.which(name))), None)
+def _cpu_compile_problem() -> str | None:
+    """Why inductor could not build CPU kernels here (no C++ compiler it would use, no Python headers), or None."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()  # inductor's own search: $CXX, else g++ (the ones it will use)
+    except exc.InvalidCxxCompiler:
+        return ("needs a C++ compiler (torch.compile builds C++ kernels) and inductor found none ($CXX, g++): "
+                "install one (e.g. apt install g++)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return ("needs Python's C headers (Python.h, which the compiled kernels include): install them (e.g. apt "
+                "install python3-dev)")
+    return None
 
 
 def check_engine_usable(engine: str, device: torch.device) -> None:
     """Refuse, before any work, an engine this machine cannot run on ``device`` (naming the fix)."""
     if engine == "eager":
         return
-    fix = "or use engine='eager' (the default; --engine eager)"
-    if device.type == "cpu" and _cpp_compiler() is None:
-        raise DeviceError("engine='compile' on the CPU needs a C++ compiler (torch.compile builds C++ kernels), and "
-                          "none was found ($CXX, g++, c++, clang++): install one (e.g. apt install g++), " + fix)
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise DeviceError("engine='compile' on a GPU needs Triton (it comes with PyTorch's CUDA wheels): "
-                          "pip install triton, " + fix)
+    fix = "; or use engine='eager' (the default; --engine eager)"
     if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"engine='compile' runs on the CPU and on CUDA GPUs, not on {device.type}; " + fix)
+        raise DeviceError(f"engine='compile' runs on the CPU and on CUDA GPUs, not on {device.type}{fix}")
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise DeviceError("engine='compile' on a GPU needs Triton (it comes with PyTorch's CUDA wheels): pip "
+                              "install triton" + fix)
+        if not any(shutil.which(name) for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang"))):
+            raise DeviceError("engine='compile' on a GPU needs a C compiler (Triton builds its launcher with it): "
+                              "install one (e.g. apt install gcc)" + fix)
+        return
+    problem = _cpu_compile_problem()
+    if problem:
+        raise DeviceError(f"engine='compile' on the CPU {problem}{fix}")
 
 
 class _FrozenCompiled(nn.Module):
-    """A module compiled by inductor with freezing (its parameters treated as constants), for inference only."""
+    """A module compiled by inductor with freezing (its parameters treated as constants), for inference only.
+
+    Freezing is an inductor setting read while a new input shape compiles; it is process-wide, so every call runs
+    under the setting and a lock (calls through compiled modules do not interleave with each other's compiling).
+    Attributes of the wrapped module are at ``.module``.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -66,8 +88,11 @@ class _FrozenCompiled(nn.Module):
     def forward(self, *args: Any) -> Any:
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):  # read when a new input shape compiles
+        with _FREEZING_LOCK, inductor_config.patch(freezing=True):
             return self.compiled(*args)
+
+
+_FREEZING_LOCK = threading.Lock()
 
 
 def compile_for_inference(module: nn.Module) -> nn.Module:

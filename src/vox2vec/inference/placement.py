@@ -44,7 +44,7 @@ def inference_copy(module: nn.Module, device: torch.device, *, channels_last: bo
 
     Returns the module itself when it is already in eval mode on that device and no format change or compilation
     is asked for; otherwise a cached copy, refreshed when the original's weights change — so a model is compiled
-    once per process, not once per CT.
+    once per process and device (and again per input shape), not once per CT.
     """
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

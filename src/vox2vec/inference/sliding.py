@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vox2vec.errors import ArgumentError, InputError
+from vox2vec.inference.engine import check_engine_usable
 from vox2vec.inference.placement import inference_copy
 from vox2vec.inference.precision import Precision, autocast
 from vox2vec.inference.runtime import Runtime, resolve_runtime
@@ -53,6 +54,7 @@ def sliding_window_head(
     check_image(image)
     window, overlap = check_window(window, overlap)
     device = runtime.torch_device
+    check_engine_usable(runtime.engine, device)
     batch_size = runtime.windows_per_pass
     mode = runtime.resolved_precision
     progress = runtime.progress
@@ -70,6 +72,8 @@ def sliding_window_head(
     for i in tqdm(range(0, len(starts), batch_size), desc="windows", disable=not progress):
         batch = starts[i : i + batch_size]
         crops = torch.stack([padded[tuple(slice(s, s + w) for s, w in zip(st, window))] for st in batch])[:, None]
+        if runtime.engine == "compile" and len(batch) < batch_size:  # a smaller batch would compile again
+            crops = torch.cat([crops, crops.new_zeros((batch_size - len(batch), *crops.shape[1:]))])
         with torch.inference_mode(), autocast(mode, device):
             logits = head(backbone(crops)).float()
         if output is None:

@@ -111,7 +111,8 @@ def evaluate_dataset(
     the classes every fold can train (present in its training cases); the others are named in a warning.
     ``runtime`` (or ``device``/``precision``/``batch_size``/``progress``) says where the model runs.
     """
-    runtime = resolve_runtime(runtime, device=device, precision=precision, batch_size=batch_size, progress=progress)
+    runtime = resolve_runtime(runtime, device=device, precision=precision, batch_size=batch_size,
+                              progress=progress).checked()  # a wrong device or engine fails before any work
     unknown = set(setups) - set(SETUPS)
     if unknown:
         raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
