@@ -56,8 +56,9 @@ LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
      "original grid by the images layer); the pyramid file format (`pyramid_io.py`)",
      ["1", "3"]),
     ("8", "inference", ["inference/"],
-     "device and precision choices, the `Runtime`, inference copies that never touch the caller's module, window "
-     "planning, sliding-window embedding, per-window head evaluation, a CT or a pyramid → a pyramid",
+     "device and precision choices, the `Runtime`, the engine (eager or compiled), inference copies that never "
+     "touch the caller's module, window planning, sliding-window embedding, per-window head evaluation, a CT or a "
+     "pyramid → a pyramid",
      ["1", "2", "3", "4", "5", "6", "7"]),
     ("9", "probing", ["probing/"],
      "`train_head`, `Head` (predict on the original grid), the head losses, `finetune`, Dice, the k-fold "
