@@ -66,11 +66,11 @@ def test_out_of_memory_retries_the_same_windows_in_smaller_batches(abdomen_crop,
     reference = embed_image(image, model.backbone, window=(32, 32, 16), batch_size=1, progress=False)
     real_forward, sizes = embed._forward, []
 
-    def forward_with_a_small_memory(backbone, padded, batch, *args):
-        sizes.append(len(batch))
-        if len(batch) > 2:
+    def forward_with_a_small_memory(backbone, crops, *args):
+        sizes.append(len(crops))  # windows in this forward pass
+        if len(crops) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_forward(backbone, padded, batch, *args)
+        return real_forward(backbone, crops, *args)
 
     monkeypatch.setattr(embed, "_forward", forward_with_a_small_memory)
     levels = embed_image(image, model.backbone, window=(32, 32, 16), batch_size=8, progress=False)
