@@ -79,14 +79,18 @@ def _reference_forward(state: dict, x: torch.Tensor, num_scales: int) -> list[to
     return outs[::-1]
 
 
-def test_backbone_computes_the_published_function():
+def _backbone_and_input(seed: int) -> tuple[FPN3d, torch.Tensor]:
+    """A small eval-mode FPN3d with random batch-norm statistics, and an input of odd size (ceil-mode pooling)."""
     from conftest import randomise_batchnorm
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = FPN3d(1, 4, 4)
     randomise_batchnorm(model)
-    model.eval()
-    x = torch.rand(2, 1, 20, 18, 9)
+    return model.eval(), torch.rand(2, 1, 20, 18, 9)
+
+
+def test_backbone_computes_the_published_function():
+    model, x = _backbone_and_input(0)
     with torch.inference_mode():
         ours = model(x)
         ref = _reference_forward(model.state_dict(), x, 4)
@@ -128,13 +132,7 @@ def test_voxel_wise_forward_is_the_module_on_one_voxel_pyramids(head_type, train
 def test_the_backbone_is_the_published_function_bit_for_bit_and_in_its_gradients():
     """The decoder adds in place and frees encoder maps early (memory); values must not move by a single bit, and
     autograd must see the same function (the in-place add is on a fresh tensor no backward needs)."""
-    from conftest import randomise_batchnorm
-
-    torch.manual_seed(1)
-    model = FPN3d(1, 4, 4)
-    randomise_batchnorm(model)
-    model.eval()
-    x = torch.rand(2, 1, 20, 18, 9)
+    model, x = _backbone_and_input(1)
     with torch.inference_mode():
         assert all(torch.equal(a, b) for a, b in zip(model(x), _reference_forward(model.state_dict(), x, 4)))
     ours_input = x.clone().requires_grad_()
