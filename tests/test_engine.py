@@ -76,6 +76,7 @@ def no_cpp_compiler(tmp_path, monkeypatch):
     cpp_builder.cpp_compiler_search.cache_clear()  # searched again, on the real PATH, by the next test that compiles
 
 
+@pytest.mark.slow  # imports inductor (about a second or more alone): not in the quick loop
 def test_compiling_without_a_cpp_compiler_is_refused_before_the_ct_is_read(tmp_path, no_cpp_compiler):
     missing = tmp_path / "not_read.nii.gz"  # reading it would fail differently: the refusal must come first
     with pytest.raises(DeviceError, match=r"needs a C\+\+ compiler .* engine='eager'"):
