@@ -161,8 +161,8 @@ def finetune(
     Writes the result as ``output_dir/backbone`` (read by :func:`vox2vec.load_pretrained`) and ``output_dir/head``
     (read by :func:`vox2vec.load_head`). ``overrides`` replace single :class:`FinetuneConfig` fields.
     ``runtime``: the device, the training precision (or ``config.precision``; fp16 is refused) and progress.
-    ``runtime.batch_size`` does not apply: fine-tuning runs no sliding-window pass, and its training batch is
-    ``FinetuneConfig.batch_size`` (patches per step).
+    ``runtime.batch_size``, ``tiling`` and ``engine`` do not apply: fine-tuning runs no sliding-window pass (its
+    training batch is ``FinetuneConfig.batch_size``, patches per step), and training steps always run eager.
     """
     runtime = resolve_runtime(runtime, device=device, progress=progress)
     config = _checked_config(config, overrides)
