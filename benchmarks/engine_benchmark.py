@@ -1,4 +1,4 @@
-"""Benchmark: one FPN3d forward on the CPU through PyTorch, ``torch.compile``, ONNX Runtime and OpenVINO.
+"""Benchmark: one FPN3d forward on the CPU through PyTorch, ``torch.compile``, AOTInductor, ONNX Runtime and OpenVINO.
 
 Answers issue 20's question "does a dedicated CPU inference runtime earn a ``vox2vec[cpu-fast]`` extra?" with
 numbers: seconds per forward (median of the timed runs after a warm-up), Mvoxel/s, the process's peak RSS, and the
@@ -17,7 +17,9 @@ volume's minimum where the tile is larger than the volume. Backbones: ``official
 seeded random weights (the paper's architecture), ``mini`` = the bundled ``fpn-ct-mini`` (``FPN3d(1, 8, 5)``, its
 trained weights). Every (engine, backbone, tile) runs in its own process, so its peak RSS is its own; ONNX
 Runtime and OpenVINO workers do not import torch (``engine_rss_gib`` is the growth after the imports). The ONNX
-export (dynamic spatial axes) is made once per backbone and cached in ``scratch/engine_cache``. Features: per
+export (dynamic spatial axes) is made once per backbone and cached in ``scratch/engine_cache``; so is each
+AOTInductor package (one per engine, backbone and tile shape: compiled with freezing in its own process, which is
+timed; the worker only loads it — what a new process would do with a package cached beside the weights). Features: per
 level, 20000 random cells (all cells when fewer), the same cells for every engine. Results go to
 ``benchmarks/results/engine_<machine>.json`` (``--quick`` to ``scratch/engine_quick.json``) and a Markdown table.
 """
@@ -55,6 +57,9 @@ ENGINES = {
     "ort-fp32": ("ort", "fp32", 2), "ort-fp32-t1": ("ort", "fp32", 1),
     "ov-fp32": ("ov", "f32", 2), "ov-default": ("ov", None, 2),
     "ov-fp32-t1": ("ov", "f32", 1), "ov-default-t1": ("ov", None, 1),
+    # AOTInductor: compiled ahead of time (with freezing) into a package a new process loads instead of compiling;
+    # bf16: the weights cast to bf16 (as OpenVINO's hint does), bf16-autocast: the traced model runs under autocast
+    "aoti-fp32": ("aoti", "fp32", 2), "aoti-bf16": ("aoti", "bf16", 2), "aoti-bf16-autocast": ("aoti", "autocast", 2),
 }
 REFERENCE = "torch-fp32"
 CELLS = 20000
@@ -151,6 +156,57 @@ def _ov_runner(onnx_path: Path, hint: str | None, threads: int, shape: tuple[int
     return run, lambda out: [level[0] for level in out], info
 
 
+def _aoti_runner(package: Path, precision: str, threads: int):
+    """Load an AOTInductor package (made by :func:`package_aoti` in another process): no compiling here."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runner = torch._inductor.aoti_load_package(str(package))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def run(tile: np.ndarray) -> list[np.ndarray]:
+        x = torch.from_numpy(tile)[None, None].to(dtype).contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            return runner(x)
+
+    return run, lambda out: [level[0].float().numpy() for level in out], {"torch": torch.__version__}
+
+
+def aoti_package_path(engine: str, model: str, tile: str) -> Path:
+    return CACHE / f"{engine}_{model}_{tile}.pt2"
+
+
+def package_aoti(engine: str, model: str, tile: str) -> float:
+    """Export the backbone for one tile shape and compile it ahead of time with freezing, cached; seconds it took."""
+    import torch
+
+    precision = ENGINES[engine][1]
+    net = _torch_backbone(model).to(memory_format=torch.channels_last_3d)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    net = net.to(dtype)
+
+    class Traced(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+                return tuple(self.inner(x))
+
+    example = torch.zeros(1, 1, *TILES[tile], dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+    start = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(Traced(net).eval(), (example,))
+    path = aoti_package_path(engine, model, tile)
+    partial = path.with_suffix(".part.pt2")
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs={"freezing": True})
+    partial.rename(path)
+    return time.perf_counter() - start
+
+
 def _type_name(value) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
 
@@ -205,10 +261,16 @@ def _build(engine: str, model: str, shape: tuple[int, ...]):
     family, precision, threads = ENGINES[engine]
     if family.startswith(("torch", "compile")):
         return _torch_runner(model, precision, threads, None if family == "torch" else family)
+    if family == "aoti":
+        return _aoti_runner(aoti_package_path(engine, model, _tile_name(shape)), precision, threads)
     onnx_path = CACHE / f"{model}.onnx"  # made by the parent's --export process, so no torch here
     if family == "ort":
         return _ort_runner(onnx_path, threads)
     return _ov_runner(onnx_path, precision, threads, shape)
+
+
+def _tile_name(shape: tuple[int, ...]) -> str:
+    return next(name for name, size in TILES.items() if tuple(size) == tuple(shape))
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -357,6 +419,22 @@ def exports(jobs: list[tuple[str, str, str]]) -> dict[str, float]:
     return seconds
 
 
+def aoti_packages(jobs: list[tuple[str, str, str]], pause: list[int]) -> dict[str, dict]:
+    """Compile each AOTInductor package a job needs, once, in its own process (``pause`` stopped meanwhile);
+    seconds and size per package."""
+    made = {}
+    for engine, model, tile in jobs:
+        path = aoti_package_path(engine, model, tile)
+        if ENGINES[engine][0] != "aoti" or path.exists():
+            continue
+        with paused(pause):
+            done = subprocess.run([sys.executable, __file__, "--package", engine, "--model", model, "--tile", tile],
+                                  capture_output=True, text=True, check=True)
+        made[path.stem] = {"compile_s": round(float(done.stdout.strip().splitlines()[-1]), 1),
+                           "package_mib": round(path.stat().st_size / 2**20, 1)}
+    return made
+
+
 def run_job(job: tuple[str, str, str], repeats: int, pause: list[int], quiet_wait: float) -> dict:
     engine, model, tile = job
     command = [sys.executable, __file__, "--worker", engine, "--model", model, "--tile", tile,
@@ -414,7 +492,8 @@ def merged(old: dict, new: dict) -> dict:
     later = {"runs": sorted(map(list, map(key, new["runs"]))), "repeats": new["repeats"],
              "quiet_wait_s": new["quiet_wait_s"], "paused_pids": new["paused_pids"]}
     exported = {**old.get("onnx_export_s", {}), **new["onnx_export_s"]}
-    return {**old, "runs": runs, "onnx_export_s": exported,
+    packages = {**old.get("aoti_packages", {}), **new["aoti_packages"]}
+    return {**old, "runs": runs, "onnx_export_s": exported, "aoti_packages": packages,
             "later_invocations": [*old.get("later_invocations", []), later]}
 
 
@@ -452,9 +531,13 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pids", default="", help=argparse.SUPPRESS)
     parser.add_argument("--export", choices=list(MODELS), help=argparse.SUPPRESS)
+    parser.add_argument("--package", choices=[e for e in ENGINES if ENGINES[e][0] == "aoti"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export:
         print(export_onnx(args.export))
+        return
+    if args.package:
+        print(package_aoti(args.package, args.model[0], args.tile[0]))
         return
     repeats = args.repeats or (1 if args.quick else 3)
     if args.worker:
@@ -471,8 +554,10 @@ def main() -> None:
         jobs = [j for j in jobs if (j[0], j[1], TILES[j[2]]) not in done]
     prepare_inputs(sorted({tile for _, _, tile in jobs}))
     export_s = exports(jobs)
+    packages = aoti_packages(jobs, pause)
     results = {"cpu": cpu_name(), "machine": platform.platform(), "cpus": os.cpu_count(), "repeats": repeats,
-               "quiet_wait_s": args.quiet_wait, "onnx_export_s": export_s, "paused_pids": pause,
+               "quiet_wait_s": args.quiet_wait, "onnx_export_s": export_s, "aoti_packages": packages,
+               "paused_pids": pause,
                "input": "centre crop of rider_lung_chest on fpn-ct-mini's grid", "runs": []}
     for job in jobs:
         run = run_job(job, repeats, pause, args.quiet_wait)
