@@ -9,7 +9,9 @@ batched, cuDNN autotuning on), GPU time and end to end from the array to a pyram
 the original-grid resampling are not included), plus the cosine similarity of the default features to strict fp32.
 Pre-training: the paper's configuration (10 pairs of 128×128×32, 1024 voxels per pair) end to end with data loading
 and augmentation, seconds per step. ``embed_fast``: the same CT with ``tiling="fast"`` (GPU time, end to end, per-level
-cosine to the paper tiling over body voxels). Every section resets the peak-memory counter and reports its own peak.
+cosine to the paper tiling over body voxels). ``embed_compiled``: both tilings with ``engine="compile"`` — the
+first CT (compiling included), the same CT again, per-level cosine to eager. Every section resets the peak-memory
+counter and reports its own peak.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import vox2vec
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT.parent / "shared" / "data" / "ct" / "rider_lung_chest" / "ct.nii.gz"
+COMPILED_SECTION_S = 120  # what the compiled engine's section needs at least (two tile shapes to compile)
 
 
 def export(folder: Path) -> None:
@@ -116,6 +119,27 @@ def _embedding_fast(folder: Path, device: torch.device) -> dict:
             "per_level_cosine_vs_paper": cosines}
 
 
+def _embedding_compiled(folder: Path, device: torch.device) -> dict:
+    """``engine="compile"`` (inductor → Triton) for both tilings, bf16: the first CT (compiling included), the same
+    CT again (compiled), and per-level cosine to eager over body voxels (issue 20)."""
+    ct = _prepared_volume(folder)
+    torch.manual_seed(0)
+    model = vox2vec.Vox2VecModel().eval()
+    torch.backends.cudnn.benchmark = True
+    results = {}
+    for tiling in ("fast", "paper"):
+        runtime = vox2vec.Runtime(device=device, progress=False, tiling=tiling, engine="compile")
+        eager = vox2vec.embed_volume(ct, model=model, runtime=runtime.replace(engine="eager"))
+        with _Section(device) as first:
+            vox2vec.embed_volume(ct, model=model, runtime=runtime)
+        with _Section(device) as again:
+            pyramid = vox2vec.embed_volume(ct, model=model, runtime=runtime)
+        results[tiling] = {"first_end_to_end_s": first.seconds, "again_end_to_end_s": again.seconds,
+                           "peak_gib": again.peak_gib,
+                           "per_level_cosine_vs_eager": per_level_cosine(pyramid, eager, body_voxels(pyramid))}
+    return results
+
+
 def _pretraining(folder: Path, device: torch.device) -> dict:
     from vox2vec.pretrain import load_config, train
 
@@ -147,11 +171,21 @@ def _tests(junit: Path | None) -> dict | None:
     return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")} | {"failed": failed}
 
 
-def run(folder: Path, output: Path, junit: Path | None) -> dict:
+def run(folder: Path, output: Path, junit: Path | None, budget_s: float) -> dict:
+    """Every section in turn, the JSON rewritten after each; the compiled engine's section (last: it compiles) only
+    when at least :data:`COMPILED_SECTION_S` of ``budget_s`` are left."""
     device = torch.device("cuda")
+    start = time.monotonic()
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "cuda_tests": _tests(junit)}
-    for name, section in (("embed", _embedding), ("embed_fast", _embedding_fast), ("pretrain", _pretraining)):
+    sections = (("embed", _embedding), ("embed_fast", _embedding_fast), ("pretrain", _pretraining),
+                ("embed_compiled", _embedding_compiled))
+    for name, section in sections:
+        left = budget_s - (time.monotonic() - start)
+        if name == "embed_compiled" and left < COMPILED_SECTION_S:
+            results[name] = {"skipped": f"{left:.0f} s of the {budget_s:.0f} s budget left"}
+            output.write_text(json.dumps(results, indent=2))
+            continue
         try:
             results[name] = section(folder, device)
         except Exception as error:  # noqa: BLE001 - one failing section must not lose the other's figures
@@ -168,8 +202,11 @@ if __name__ == "__main__":
     group.add_argument("--run", type=Path)
     parser.add_argument("--output", type=Path, help="the JSON (default: <run folder>/gpu_results.json)")
     parser.add_argument("--junit", type=Path, help="JUnit XML of pytest -m cuda, summarised into the JSON")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds this run may take (benchmarks/gpu.sh: its timeout); the compiled section "
+                             "is skipped when too little is left")
     args = parser.parse_args()
     if args.export:
         export(args.export)
     else:
-        run(args.run, args.output or args.run / "gpu_results.json", args.junit)
+        run(args.run, args.output or args.run / "gpu_results.json", args.junit, args.budget)
