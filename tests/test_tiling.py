@@ -48,12 +48,17 @@ def test_several_fast_tiles_follow_the_stitching_rule_of_the_paper_windows(chest
 @pytest.mark.parametrize("shape", [(295, 286, 147), (512, 512, 236), (200, 180, 60), (40, 30, 20), (17, 300, 9)])
 @pytest.mark.parametrize("num_levels", [4, 6])
 @pytest.mark.parametrize("budget", [600_000, 4_200_000, 10**9])
-def test_fast_tiles_cover_the_grid_with_a_context_margin_and_less_work(shape, num_levels, budget):
+@pytest.mark.parametrize("sides", [None, "compiled"])
+def test_fast_tiles_cover_the_grid_with_a_context_margin_and_less_work(shape, num_levels, budget, sides):
     coarsest = 2 ** (num_levels - 1)
-    tiles = tiling.fast_tiles(shape, num_levels, budget)
+    tiles = tiling.fast_tiles(shape, num_levels, budget, sides=sides)
     smallest_possible = math.prod(min(coarsest * math.ceil(n / coarsest), 2 * tiling.FAST_MARGIN + coarsest)
                                   for n in shape)
     assert math.prod(tiles.window) <= max(budget, smallest_possible)
+    if sides == "compiled":  # one shape per budget, shrunk to fixed lengths along the axes the grid is shorter than
+        full = tiling.compiled_tile_shape(num_levels, budget, 32)
+        assert tiles.sides == "compiled" and math.prod(full) <= max(budget, (2 * tiling.FAST_MARGIN + coarsest) ** 3)
+        assert all(w == f or w in tiling.COMPILED_TILE_SIDES for w, f in zip(tiles.window, full))
     paper = tiling.paper_tiles((128, 128, 32), 0.5, num_levels)
     assert tiles.voxels(shape, num_levels) <= paper.voxels(shape, num_levels)
     for size, window, stride, (starts, padded) in zip(shape, tiles.window, tiles.stride,
@@ -74,6 +79,20 @@ def test_fast_tiles_take_the_least_work_the_budget_allows():
     tiles = tiling.fast_tiles((295, 286, 147), 6, 4_200_000)
     assert tiles.window == (128, 160, 160) and tiles.voxels((295, 286, 147), 6) == 6 * 128 * 160 * 160
     assert tiling.fast_tiles((295, 286, 147), 6, 10**9).window == (320, 288, 160)  # one tile when it fits
+
+
+def test_compiled_fast_tiles_give_grids_of_different_sizes_one_tile_shape():
+    # the pre-training CTs' grids on the paper model's 1 × 1 × 2 mm (rider, lung2, lung1), 6 levels, the CPU's bf16
+    # budget: free sides give each its own tile shape; compiled fast tiles give them two, for more work
+    grids = [(295, 286, 147), (321, 295, 151), (292, 217, 118)]
+    free = [tiling.fast_tiles(g, 6, 4_200_000) for g in grids]
+    fixed = [tiling.fast_tiles(g, 6, 4_200_000, sides="compiled") for g in grids]
+    assert len({t.window for t in free}) == 3
+    assert [t.window for t in fixed] == [(160, 160, 160), (160, 160, 160), (160, 160, 128)]  # 160³ ≤ 4.2 M < 192³
+    work = sum(t.voxels(g, 6) for t, g in zip(fixed, grids)) / sum(t.voxels(g, 6) for t, g in zip(free, grids))
+    assert 1 <= work < 2
+    assert tiling.fast_tiles((40, 30, 20), 4, 10**9, sides="compiled").window == (64, 32, 32)  # one tile: ≥ the grid
+    assert fixed[0].record()["tile_sides"] == "compiled" and "tile_sides" not in free[0].record()
 
 
 def test_tiling_is_checked_before_any_work(tmp_path):
@@ -123,6 +142,29 @@ def test_a_cohort_rerun_with_another_tiling_embeds_again(abdomen_crop, tmp_path)
     assert FeaturePyramid.load(written).meta["tiling"] == "fast"
     assert [r.status for r in vox2vec.embed_many([ct], out, **options, tiling="fast")] == ["skipped"]
     assert [r.status for r in vox2vec.embed_many([ct], out, **options)] == ["done"]
+
+
+@pytest.mark.slow  # compiles the tiny backbone (seconds)
+def test_a_cohort_rerun_with_the_other_engine_embeds_again_only_where_the_tiles_differ(abdomen_crop, tmp_path):
+    """Fast tiles differ between the engines (fixed shapes when compiled), so their pyramids do; paper windows do
+    not (compiled equals eager to float tolerance), so a paper-tiled pyramid stays up to date."""
+    import SimpleITK as sitk
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(abdomen_crop[:96, :80, :20], str(ct))
+    model_dir = tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+    options = dict(model=str(model_dir), workers=0, progress=False, precision="fp32")
+    fast, paper = tmp_path / "fast", tmp_path / "paper"
+    assert [r.status for r in vox2vec.embed_many([ct], fast, **options, tiling="fast")] == ["done"]
+    compiled = dict(options, tiling="fast", runtime=Runtime(engine="compile"))
+    assert [r.status for r in vox2vec.embed_many([ct], fast, **compiled)] == ["done"]
+    [written] = fast.glob("*.safetensors")
+    assert FeaturePyramid.load(written).meta["tile_sides"] == "compiled"
+    assert [r.status for r in vox2vec.embed_many([ct], fast, **compiled)] == ["skipped"]
+    assert [r.status for r in vox2vec.embed_many([ct], fast, **options, tiling="fast")] == ["done"]
+    assert [r.status for r in vox2vec.embed_many([ct], paper, **options)] == ["done"]
+    assert [r.status for r in vox2vec.embed_many([ct], paper, **options, runtime=Runtime(engine="compile"))] == [
+        "skipped"]
 
 
 def test_a_head_applies_only_to_features_of_the_tiling_it_was_trained_on(abdomen_crop, tmp_path):

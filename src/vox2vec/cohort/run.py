@@ -44,6 +44,7 @@ from vox2vec.cohort.settings import Shard, Storage
 from vox2vec.errors import InputError, UsageError
 from vox2vec.inference.ct_to_pyramid import embed_prepared
 from vox2vec.inference.runtime import Runtime
+from vox2vec.inference.tiling import fast_tile_sides
 from vox2vec.outputs import is_ours
 
 __all__ = ["CohortRun"]
@@ -181,8 +182,8 @@ class CohortRun:
         return {"input": case.key, "input_fingerprint": fingerprint, "storage": asdict(self.storage)}
 
     def _up_to_date_meta(self, case: CaseInput) -> dict[str, Any] | None:
-        """The pyramid's meta when its output is complete and matches the input, model, tiling and storage; else
-        None."""
+        """The pyramid's meta when its output is complete and matches the input, model, tiling (and fast tiles'
+        sides) and storage; else None."""
         if case.problem:
             return None
         meta = complete_pyramid_meta(self._output(case))
@@ -190,6 +191,8 @@ class CohortRun:
             return None
         if meta.get("tiling", "paper") != self.runtime.tiling:  # pyramids from before tilings were paper-tiled
             return None
+        if self.runtime.tiling == "fast" and meta.get("tile_sides") != fast_tile_sides(self.runtime.engine):
+            return None  # fast tiles planned for the other engine: other tiles, other features
         if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
             return None
         cohort = meta.get("cohort", {})

@@ -107,7 +107,7 @@ def embed_image_tiled(
     check_engine_usable(runtime.engine, device)
     channels = [int(c) for c in backbone.channels]
     shape = tuple(int(n) for n in image.shape)
-    tiles = plan_tiles(shape, channels, runtime.tiling, mode, device, window, overlap)
+    tiles = plan_tiles(shape, channels, runtime.tiling, mode, device, window, overlap, runtime.engine)
     backbone = inference_copy(backbone, device, channels_last=device.type != "mps",
                               compiled=runtime.engine == "compile")
     while True:
@@ -116,7 +116,7 @@ def embed_image_tiled(
         if levels is not None:
             return [level.to(output_device) for level in levels], tiles
         torch.cuda.empty_cache()  # after the failed pass's tensors (held by its traceback) are gone
-        smaller = fast_tiles(shape, len(channels), math.prod(tiles.window) // 2)
+        smaller = fast_tiles(shape, len(channels), math.prod(tiles.window) // 2, sides=tiles.sides)
         if smaller == tiles:
             raise InputError(f"embedding a {'×'.join(map(str, shape))} grid ran out of memory on {device} even with "
                              f"the smallest fast tiles {tiles.window}; free GPU memory or use tiling='paper'")

@@ -76,7 +76,8 @@ class _FrozenCompiled(nn.Module):
     """A module compiled by inductor with freezing (its parameters treated as constants), for inference only.
 
     Freezing is an inductor setting read while a new input shape compiles; it is process-wide, so every call runs
-    under the setting and a lock (calls through compiled modules do not interleave with each other's compiling).
+    under the setting and a lock (calls through compiled modules do not interleave with each other's compiling),
+    and under a recompile limit of :data:`COMPILED_SHAPES_LIMIT` shapes instead of torch's 8.
     Attributes of the wrapped module are at ``.module``.
     """
 
@@ -86,13 +87,17 @@ class _FrozenCompiled(nn.Module):
         self.compiled = torch.compile(module, dynamic=False)
 
     def forward(self, *args: Any) -> Any:
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        with _FREEZING_LOCK, inductor_config.patch(freezing=True):
+        with (_FREEZING_LOCK, inductor_config.patch(freezing=True),
+              dynamo_config.patch(recompile_limit=COMPILED_SHAPES_LIMIT)):
             return self.compiled(*args)
 
 
 _FREEZING_LOCK = threading.Lock()
+COMPILED_SHAPES_LIMIT = 32  # compiled graphs of one backbone (tile shapes; torch's default is 8) before dynamo runs
+#                             further shapes eager, with a warning: each holds the frozen weights
 
 
 def compile_for_inference(module: nn.Module) -> nn.Module:

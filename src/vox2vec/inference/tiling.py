@@ -6,7 +6,10 @@
 * ``"fast"`` — as few, as large tiles as the memory budget allows, laid out to follow the grid (the tile shape is
   chosen per axis so the padded extent stays close to the grid), overlapping by at least :data:`FAST_MARGIN` voxels
   of context on every inner edge. A grid that fits in one tile is embedded in one forward pass of the backbone on
-  the zero-padded grid — exactly.
+  the zero-padded grid — exactly. Under the compiled engine fast tiles have one shape per memory budget (shrunk to
+  a few fixed lengths along an axis the grid is shorter than), so that CTs of different sizes share tile shapes,
+  and with them what was compiled, at somewhat more work per CT; a pyramid records them as
+  ``tile_sides="compiled"``.
 
 Both are :class:`Tiles` (a window and a stride per axis) stitched by the same rule
 (:func:`~vox2vec.inference.windows.level_owners`: each cell from the tile where it is farthest from an inner edge).
@@ -14,6 +17,7 @@ Both are :class:`Tiles` (a window and a stride per axis) stitched by the same ru
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -28,8 +32,9 @@ from vox2vec.inference.windows import aligned_starts, aligned_stride, check_wind
 from vox2vec.modeling.fpn import forward_bytes
 
 __all__ = [
-    "CPU_TILE_BYTES", "FAST_MARGIN", "TILINGS", "Tiles", "check_tiling", "check_tiling_request",
-    "fast_tile_voxels", "fast_tiles", "model_windows", "paper_tiles", "plan_tiles",
+    "COMPILED_TILE_SIDES", "CPU_TILE_BYTES", "FAST_MARGIN", "TILINGS", "Tiles", "check_tiling",
+    "check_tiling_request", "compiled_fast_tiles", "compiled_tile_shape", "fast_tile_sides", "fast_tile_voxels",
+    "fast_tiles", "model_windows", "paper_tiles", "plan_tiles",
 ]
 
 TILINGS = ("paper", "fast")
@@ -37,6 +42,9 @@ FAST_MARGIN = 16  # voxels of context kept beyond every inner tile edge (level-0
 CPU_TILE_BYTES = 1 << 30  # a CPU tile's activations: larger tiles do not run faster per voxel there, they only
 #                           save margins, and peak memory stays bounded (≈ 2 GiB for the paper's model)
 CUDA_TILE_SHARE = 0.5  # share of the GPU's free memory one tile's activations may take
+COMPILED_TILE_SIDES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # half-octave steps: what a compiled fast
+#   tile shrinks to along an axis the grid is shorter than
+MAX_COMPILED_SIDE = 1024
 PAPER_WINDOW = (128, 128, 32)
 PAPER_OVERLAP = 0.5
 
@@ -48,10 +56,12 @@ class Tiles:
     tiling: str
     window: tuple[int, int, int]
     stride: tuple[int, int, int]
+    sides: str | None = None  # fast tiles: None, sides chosen freely; "compiled", from COMPILED_TILE_SIDES
 
     def record(self) -> dict[str, Any]:
         """What a pyramid's metadata keeps of how it was tiled."""
-        return {"tiling": self.tiling, "window": list(self.window), "stride": list(self.stride)}
+        record = {"tiling": self.tiling, "window": list(self.window), "stride": list(self.stride)}
+        return record if self.sides is None else {**record, "tile_sides": self.sides}
 
     def layout(self, shape: Sequence[int], num_levels: int) -> list[tuple[list[int], int]]:
         """Per axis: the tile starts and the padded size."""
@@ -112,9 +122,10 @@ def _axis_choices(size: int, num_levels: int, overlap: int) -> list[tuple[int, i
     return choices
 
 
-def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: int | None = None) -> Tiles:
+def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: int | None = None,
+               sides: str | None = None) -> Tiles:
     """The tiles with the least backbone work whose volume is at most ``max_voxels``, overlapping by ``2·margin``
-    (default :data:`FAST_MARGIN`).
+    (default :data:`FAST_MARGIN`); with ``sides="compiled"``, :func:`compiled_fast_tiles` instead.
 
     Each axis is cut into ``n`` equal tiles (a multiple of the coarsest cell, ``2^(num_levels-1)``); among all
     ``(n_x, n_y, n_z)`` whose tile fits, the one with the fewest voxels of work wins (ties: fewer tiles). When even
@@ -122,6 +133,8 @@ def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: i
     """
     coarsest = 2 ** (num_levels - 1)
     overlap = coarsest * math.ceil(2 * (FAST_MARGIN if margin is None else margin) / coarsest)
+    if sides == "compiled":
+        return compiled_fast_tiles(shape, num_levels, max_voxels, overlap)
     per_axis = [_axis_choices(int(n), num_levels, overlap) for n in shape]
     best_key, best, smallest = None, None, None
     for combo in itertools.product(*per_axis):
@@ -132,6 +145,45 @@ def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: i
             best_key, best = (count * tile, count), combo
     chosen = best or smallest
     return Tiles("fast", tuple(c[1] for c in chosen), tuple(c[2] for c in chosen))  # type: ignore[arg-type]
+
+
+def compiled_fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, overlap: int) -> Tiles:
+    """Fast tiles of a few fixed shapes, so that CTs of different sizes share what the compiled engine compiled.
+
+    The tile is :func:`compiled_tile_shape` (the budget's most efficient tile for a large grid); along an axis the
+    grid is not longer than it, one tile of the shortest :data:`COMPILED_TILE_SIDES` length that covers the grid
+    there. More work than :func:`fast_tiles`' free shapes (docs/benchmarks.md), no compiling per CT."""
+    coarsest = 2 ** (num_levels - 1)
+    windows, strides = [], []
+    for size, side in zip(shape, compiled_tile_shape(num_levels, max_voxels, overlap)):
+        fits = [length for length in COMPILED_TILE_SIDES if length % coarsest == 0 and size <= length < side]
+        window = fits[0] if fits else side
+        windows.append(window)
+        strides.append(window if size <= window else window - overlap)
+    return Tiles("fast", tuple(windows), tuple(strides), "compiled")  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_tile_shape(num_levels: int, max_voxels: int, overlap: int) -> tuple[int, int, int]:
+    """The tile of at most ``max_voxels`` (sides multiples of the coarsest cell, at most 1024) that wastes the least
+    on overlaps over a large grid: the largest share of its voxels, ``Π (side − overlap) / side``, outside the
+    overlap (ties: the larger tile), its sides in decreasing order (CT grids are shortest along the last axis)."""
+    coarsest = 2 ** (num_levels - 1)
+    smallest = overlap + coarsest
+    best_key, best = None, (smallest, smallest, smallest)
+    for a in range(smallest, MAX_COMPILED_SIDE + 1, coarsest):
+        for b in range(a, MAX_COMPILED_SIDE + 1, coarsest):
+            c = min(MAX_COMPILED_SIDE, coarsest * (max_voxels // (a * b) // coarsest))
+            if c < b:
+                break  # b only grows
+            key = (math.prod((side - overlap) / side for side in (a, b, c)), a * b * c)
+            if best_key is None or key > best_key:
+                best_key, best = key, (c, b, a)
+    return best
+def fast_tile_sides(engine: str) -> str | None:
+    """How fast tiles are shaped under ``engine``: from a few fixed shapes when compiled (a new tile shape means
+    compiling again), freely otherwise."""
+    return "compiled" if engine == "compile" else None
 
 
 def fast_tile_voxels(channels: Sequence[int], mode: str, device: torch.device) -> int:
@@ -149,13 +201,14 @@ def fast_tile_voxels(channels: Sequence[int], mode: str, device: torch.device) -
 
 def plan_tiles(
     shape: Sequence[int], channels: Sequence[int], tiling: str, mode: str, device: torch.device,
-    window: Sequence[int] | None = None, overlap: float | None = None,
+    window: Sequence[int] | None = None, overlap: float | None = None, engine: str = "eager",
 ) -> Tiles:
     """The tiles for embedding a grid of ``shape``: the paper's ``window``/``overlap`` (defaults 128 × 128 × 32,
-    0.5), or fast tiles sized to ``device``'s memory (a window or overlap with them is refused: they are planned)."""
+    0.5), or fast tiles sized to ``device``'s memory (a window or overlap with them is refused: they are planned),
+    their sides fixed lengths under the compiled ``engine``."""
     check_tiling_request(tiling, window, overlap)
     num_levels = len(channels)
     if tiling == "paper":
         return paper_tiles(PAPER_WINDOW if window is None else window,
                            PAPER_OVERLAP if overlap is None else overlap, num_levels)
-    return fast_tiles(shape, num_levels, fast_tile_voxels(channels, mode, device))
+    return fast_tiles(shape, num_levels, fast_tile_voxels(channels, mode, device), sides=fast_tile_sides(engine))
