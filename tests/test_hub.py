@@ -127,6 +127,19 @@ def test_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
         load_pretrained("fpn-ct")
 
 
+def test_an_unreachable_hub_is_reported_as_such_not_as_offline_mode(tmp_path):
+    """Online, not cached, and the Hub cannot be reached (a closed local port stands for no network): the error says
+    the Hub was not reached, not that downloading is disabled."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "empty"), HF_HUB_ETAG_TIMEOUT="2",
+               HF_HUB_DOWNLOAD_TIMEOUT="2")
+    code = ("import vox2vec\ntry:\n    vox2vec.load_pretrained('fpn-ct')\nexcept vox2vec.InputError as error:\n"
+            "    print('ERROR:', error)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERROR: could not reach the Hugging Face Hub (http://127.0.0.1:9)" in run.stdout, run.stdout + run.stderr
+    assert "disabled" not in run.stdout and "Traceback" not in run.stderr
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model(base_channels=2, num_scales=4)
     x = torch.rand(1, 1, 16, 16, 8)

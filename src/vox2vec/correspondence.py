@@ -152,11 +152,11 @@ def match(
     runtime = resolve_runtime(runtime, progress=progress).checked()
     if any(not isinstance(x, FeaturePyramid) and not is_saved_pyramid(x) for x in (source, target)):
         model = resolve_model(DEFAULT_MODEL if model is None else model)  # a CT to embed: loaded once for both
-    source = as_pyramid(source, model, runtime=runtime)
-    target = as_pyramid(target, model, runtime=runtime)
+    source, target = _pyramids(source, target, model, runtime)
     for pyramid in (source, target):
         pyramid.check_complete("matching")
     _check_same_backbone(source, target)
+    _check_same_tiling(source.meta, target.meta, "embed both with the same tiling")
     level = min(3, target.num_levels - 1) if coarse_level is None else coarse_level
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < target.num_levels:
         raise InputError(f"coarse_level must be a level of the pyramid, 0…{target.num_levels - 1}, got {level!r}")
@@ -175,6 +175,29 @@ def match(
     world = target.grid.index_to_world(voxels_array.reshape(-1, 3)).reshape(voxels_array.shape)
     world[np.isnan(scores_array)] = np.nan
     return Matches(array, world, scores_array, voxels_array)
+
+
+def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[FeaturePyramid, FeaturePyramid]:
+    """Both sides as pyramids: given pyramids first, so that a CT is embedded only with their tiling."""
+    given = {i: as_pyramid(x, model, runtime=runtime) for i, x in enumerate((source, target))
+             if isinstance(x, FeaturePyramid) or is_saved_pyramid(x)}
+    for side, pyramid in given.items():
+        if len(given) < 2:  # the other side is a CT, about to be embedded with runtime.tiling
+            tiling = pyramid.meta.get("tiling", "paper")
+            metas = [pyramid.meta, {"tiling": runtime.tiling}]
+            _check_same_tiling(*(metas if side == 0 else metas[::-1]),
+                               f"embed the CT with Runtime(tiling={tiling!r}) (--tiling {tiling})")
+    pair = [given[i] if i in given else as_pyramid(x, model, runtime=runtime) for i, x in enumerate((source, target))]
+    return pair[0], pair[1]
+
+
+def _check_same_tiling(a: dict[str, Any], b: dict[str, Any], fix: str) -> None:
+    """Features of different tilings differ (deep levels most: docs/benchmarks.md, Tilings), and so would the
+    matches — refused, as a head refuses features of another tiling (pyramids from before tilings: paper)."""
+    tilings = [meta.get("tiling", "paper") for meta in (a, b)]
+    if tilings[0] != tilings[1]:
+        raise InputError(f"the source's features are {tilings[0]}-tiled and the target's {tilings[1]}-tiled; "
+                         f"matching across tilings finds the wrong points: {fix}")
 
 
 def _check_same_backbone(a: FeaturePyramid, b: FeaturePyramid) -> None:

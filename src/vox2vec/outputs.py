@@ -201,18 +201,20 @@ def _check_not_an_input(path: Path, inputs: list[Path], what: str, ours: bool) -
                               "replace part of the input — choose another output path")
 
 
-def _check_writable(path: Path, what: str) -> None:
-    """The nearest existing ancestor of ``path`` must be a folder we can create files in."""
+def _check_writable(path: Path, what: str, shown: Path | None = None) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder we can create files in; errors name ``shown``
+    (default ``path``)."""
+    shown = path if shown is None else shown
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
+        raise OutputError(f"cannot write {what} {shown}: {ancestor} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".vox2vec-write-test-", dir=ancestor)
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise OutputError(f"cannot write {what} {path}: the folder {ancestor} is not writable ({reason})") from None
+        raise OutputError(f"cannot write {what} {shown}: the folder {ancestor} is not writable ({reason})") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -287,5 +289,5 @@ def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inpu
         if target.exists() and not overwrite and not ours:
             raise OutputError(f"{target} already exists and was not written by vox2vec (or was changed since); "
                               f"{hint}")
-    _check_writable(path / "_", what)
+    _check_writable(path / "_", what, shown=path)  # a file in the folder: the folder itself, or where it will be made
     return path

@@ -104,8 +104,8 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = 
                             "device's memory; 2–3× faster on a CPU, level-0 features within cosine 0.99)")
     group.add_argument("--engine", default="eager", choices=ENGINES,
                        help="how the backbone's forward passes run: eager (default; PyTorch as it is) or compile "
-                            "(torch.compile with freezing: about 2× faster per forward on a CPU after 15–25 s of "
-                            "compiling per new tile shape; for large or many CTs)")
+                            "(torch.compile with freezing: up to 2× faster per forward on a CPU, after 15–45 s of "
+                            "compiling per new tile shape; for long cohorts of large CTs)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

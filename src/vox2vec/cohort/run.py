@@ -44,7 +44,7 @@ from vox2vec.cohort.settings import Shard, Storage
 from vox2vec.errors import InputError, UsageError
 from vox2vec.inference.ct_to_pyramid import embed_prepared
 from vox2vec.inference.runtime import Runtime
-from vox2vec.inference.tiling import fast_tile_sides
+from vox2vec.inference.tiling import tiled_as_planned
 from vox2vec.outputs import is_ours
 
 __all__ = ["CohortRun"]
@@ -189,10 +189,8 @@ class CohortRun:
         meta = complete_pyramid_meta(self._output(case))
         if meta is None or meta.get("fingerprint") != self.model_fingerprint:
             return None
-        if meta.get("tiling", "paper") != self.runtime.tiling:  # pyramids from before tilings were paper-tiled
+        if not tiled_as_planned(meta, self.runtime.tiling, self.runtime.engine):  # other tiles, other features
             return None
-        if self.runtime.tiling == "fast" and meta.get("tile_sides") != fast_tile_sides(self.runtime.engine):
-            return None  # fast tiles planned for the other engine: other tiles, other features
         if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
             return None
         cohort = meta.get("cohort", {})

@@ -126,10 +126,17 @@ def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir: 
                                     local_files_only=local_files_only))
     except LocalEntryNotFoundError:
         where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
-        raise InputError(
-            f"{repo_id}/{filename} at revision {revision or 'main'} is not in {where} and downloading is "
-            "disabled (offline mode or local_files_only); run `vox2vec download` once with network access, "
-            "or unset HF_HUB_OFFLINE"
+        if local_files_only:
+            raise InputError(
+                f"{repo_id}/{filename} at revision {revision or 'main'} is not in {where} and downloading is "
+                "disabled (HF_HUB_OFFLINE or local_files_only); run `vox2vec download` once with network access, "
+                "or unset HF_HUB_OFFLINE"
+            ) from None
+        raise InputError(  # huggingface_hub says "not found locally" for a Hub it could not reach, too
+            f"could not reach the Hugging Face Hub ({os.environ.get('HF_ENDPOINT') or 'huggingface.co'}) to "
+            f"download {repo_id}/{filename} at revision {revision or 'main'}, and it is not in {where}; check your "
+            "network or proxy, or run `vox2vec download` on a machine with network access and copy its cache "
+            "(HF_HUB_CACHE) here"
         ) from None
     except Exception as error:  # repository not found, no network, HTTP errors …
         lines = str(error).strip().splitlines()

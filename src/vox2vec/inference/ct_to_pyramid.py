@@ -112,7 +112,7 @@ def as_pyramid(
     :data:`DEFAULT_MODEL`, ``"fpn-ct"``) on ``runtime``. A pyramid is never re-embedded: whether it fits a head or
     another pyramid is the caller's check (the fingerprint in ``pyramid.meta``).
     """
-    runtime = resolve_runtime(runtime)  # a bad runtime is refused whatever the source
+    runtime = resolve_runtime(runtime).checked()  # a bad runtime is refused whatever the source
     if isinstance(source, FeaturePyramid):
         return source
     if is_saved_pyramid(source):

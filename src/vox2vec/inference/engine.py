@@ -3,9 +3,9 @@
 * ``"eager"`` — the default: PyTorch as it is (oneDNN, channels-last, autocast).
 * ``"compile"`` — ``torch.compile`` (inductor) with *freezing*: batch norms folded into the convolutions, weights
   prepacked for oneDNN, the element-wise work fused. On the 2-core Intel Xeon of docs/benchmarks.md a fast tile
-  runs about 2.4× faster in bf16 and 1.6× in fp32, at cosine ≥ 0.9999 to eager; but the first forward pass of
-  each new input shape compiles for 15–25 s (inductor caches what it compiled on disk, so a later process pays
-  less). It pays off on large or many CTs, where the tiles share a shape — not on one small CT.
+  runs about 2.4× faster in bf16 and 1.6× in fp32, at cosine ≥ 0.9999 to eager; on a 2-core AMD EPYC without
+  AMX only 1.0–1.5× in bf16. The first forward pass of each new input shape compiles (15–25 s on that Xeon, ≈ 45 s
+  on that EPYC). It pays off on long cohorts of large CTs whose tiles share a shape — not on one small CT.
 
 Only inference uses it: training steps (pre-training, fine-tuning) always run eager.
 """

@@ -47,9 +47,9 @@ class Runtime:
       default: the 128 × 128 × 32 windows at overlap 0.5 the model was trained and evaluated with) or ``"fast"``
       (a few large tiles sized to the device's memory, with a context margin; one pass when the grid fits).
     * ``engine`` — how the backbone's inference forward passes run (:mod:`vox2vec.inference.engine`): ``"eager"``
-      (the default: PyTorch as it is) or ``"compile"`` (``torch.compile`` with freezing: about 2× faster per
-      forward on a CPU, after 15–25 s of compiling per new tile shape; for large or many CTs). Training steps
-      always run eager.
+      (the default: PyTorch as it is) or ``"compile"`` (``torch.compile`` with freezing: on a CPU with AMX about
+      2× faster per forward after 15–25 s of compiling per new tile shape, 1.0–1.5× without AMX; for long cohorts
+      of large CTs). Training steps always run eager.
     """
 
     device: torch.device | str | int | None = None
@@ -103,6 +103,9 @@ class Runtime:
 
     def replace(self, **changes: Any) -> Runtime:
         """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - set(RUNTIME_FIELDS))
+        if unknown:
+            raise ArgumentError(f"unknown runtime field(s) {', '.join(unknown)}; known: {', '.join(RUNTIME_FIELDS)}")
         return dataclasses.replace(self, **changes)
 
     def checked(self) -> Runtime:

@@ -34,7 +34,7 @@ from vox2vec.modeling.fpn import forward_bytes
 __all__ = [
     "COMPILED_TILE_SIDES", "CPU_TILE_BYTES", "FAST_MARGIN", "TILINGS", "Tiles", "check_tiling",
     "check_tiling_request", "compiled_fast_tiles", "compiled_tile_shape", "fast_tile_sides", "fast_tile_voxels",
-    "fast_tiles", "model_windows", "paper_tiles", "plan_tiles",
+    "fast_tiles", "model_windows", "paper_tiles", "plan_tiles", "tiled_as_planned",
 ]
 
 TILINGS = ("paper", "fast")
@@ -180,10 +180,21 @@ def compiled_tile_shape(num_levels: int, max_voxels: int, overlap: int) -> tuple
             if best_key is None or key > best_key:
                 best_key, best = key, (c, b, a)
     return best
+
+
 def fast_tile_sides(engine: str) -> str | None:
     """How fast tiles are shaped under ``engine``: from a few fixed shapes when compiled (a new tile shape means
     compiling again), freely otherwise."""
     return "compiled" if engine == "compile" else None
+
+
+def tiled_as_planned(meta: dict[str, Any], tiling: str, engine: str) -> bool:
+    """Whether a pyramid's recorded tiling (``meta``) is what ``tiling`` under ``engine`` plans: the same tiling and,
+    for fast tiles, the same kind of tile shapes — so a stored pyramid may stand for a new embedding (pyramids from
+    before tilings were paper-tiled)."""
+    if meta.get("tiling", "paper") != tiling:
+        return False
+    return tiling != "fast" or meta.get("tile_sides") == fast_tile_sides(engine)
 
 
 def fast_tile_voxels(channels: Sequence[int], mode: str, device: torch.device) -> int:

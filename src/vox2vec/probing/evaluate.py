@@ -18,8 +18,10 @@ from vox2vec.errors import InputError, OutputError
 from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.inference.tiling import fast_tile_sides, tiled_as_planned
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
+from vox2vec.probing.finetune import check_finetune_settings
 from vox2vec.probing.metrics import dice_scores
 from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
 from vox2vec.writers import write_json
@@ -27,6 +29,7 @@ from vox2vec.writers import write_json
 __all__ = ["RUN_RECORD", "SETUPS", "evaluate_dataset", "find_cases", "kfold", "markdown_table", "summarise"]
 
 SETUPS = ("linear", "nonlinear", "finetune", "from-scratch")
+TRAINING_SETUPS = ("finetune", "from-scratch")  # trained end to end: no pyramids, the fine-tuning settings apply
 RUN_RECORD = "run.json"  # the record of what produced a results folder
 
 
@@ -116,16 +119,18 @@ def evaluate_dataset(
     unknown = set(setups) - set(SETUPS)
     if unknown:
         raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
-    output_dir = check_output_dir(output_dir, files=(RUN_RECORD, "results.json", "results.md"), inputs=[root],
-                                  overwrite=overwrite, what="results folder")
+    if set(setups) & set(TRAINING_SETUPS):  # fp16 or a bad schedule: refused now, not after the other setups ran
+        check_finetune_settings(runtime, None, finetune_options)
     cases = find_cases(root)
     splits = kfold(len(cases), folds, seed)
+    output_dir = check_output_dir(output_dir, files=_output_files(setups, len(splits), cases), inputs=[root],
+                                  overwrite=overwrite, what="results folder")
     class_map = _dataset_classes(cases, classes, splits)
     net = resolve_model(model)
-    record = _run_record(net, cases, class_map, folds, seed, head_options, finetune_options)
+    record = _run_record(net, cases, class_map, folds, seed, head_options, finetune_options, runtime)
     fresh = _previous_results_differ(output_dir, record, overwrite)
     write_json(record, output_dir / RUN_RECORD)
-    pyramids = _PyramidCache(output_dir / "pyramids", net, runtime)
+    pyramids = _PyramidCache(output_dir / "pyramids", net, runtime, overwrite)
     for setup in setups:
         for fold, test_index in enumerate(tqdm(splits, desc=setup, disable=not runtime.progress)):
             result_path = output_dir / "folds" / f"{setup}_fold{fold}.json"
@@ -145,15 +150,30 @@ def evaluate_dataset(
     return summary
 
 
+def _output_files(setups: Sequence[str], folds: int, cases: list[tuple[str, Path, Path]]) -> list[str]:
+    """Every file an evaluation writes into its folder (checked before any compute): the summary, one result per
+    setup and fold, and the cached pyramid of each case for the setups that embed."""
+    names = [RUN_RECORD, "results.json", "results.md"]
+    names += [f"folds/{setup}_fold{fold}.json" for setup in setups for fold in range(folds)]
+    if set(setups) - set(TRAINING_SETUPS):
+        names += [f"pyramids/{case}.safetensors" for case, _, _ in cases]
+    return names
+
+
 def _run_record(net: Any, cases: list[tuple[str, Path, Path]], class_map: ClassMap, folds: int, seed: int,
-                head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`)."""
+                head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None,
+                runtime: Runtime) -> dict[str, Any]:
+    """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`); the
+    tiling only when it is not the paper's (so that records from before tilings still match)."""
+    tiles = {} if runtime.tiling == "paper" else {"tiling": runtime.tiling}
+    if runtime.tiling == "fast" and fast_tile_sides(runtime.engine):
+        tiles["tile_sides"] = fast_tile_sides(runtime.engine)
     return json.loads(json.dumps({
         "vox2vec": vox2vec_version(), "model": net.config.name, "model_fingerprint": net.fingerprint(),
         "cases": {case: [str(image), str(labels)] for case, image, labels in cases},
         "classes": {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)},
         "folds": folds, "seed": seed, "head_options": dict(head_options or {}),
-        "finetune_options": dict(finetune_options or {}),
+        "finetune_options": dict(finetune_options or {}), **tiles,
     }, default=str))
 
 
@@ -219,8 +239,8 @@ class _PyramidCache:
     """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``, reused only
     when vox2vec wrote it, unchanged, with this model)."""
 
-    def __init__(self, folder: Path, net: Any, runtime: Runtime) -> None:
-        self.folder, self.net, self.runtime = folder, net, runtime
+    def __init__(self, folder: Path, net: Any, runtime: Runtime, overwrite: bool = False) -> None:
+        self.folder, self.net, self.runtime, self.overwrite = folder, net, runtime, overwrite
 
     def __call__(self, case: str, image: Path):
         from vox2vec.features import FeaturePyramid
@@ -229,11 +249,16 @@ class _PyramidCache:
         path = self.folder / f"{case}.safetensors"
         if is_ours(path):
             pyramid = FeaturePyramid.load(path)
-            if pyramid.meta.get("fingerprint") == self.net.fingerprint():
+            if self._made_here(pyramid.meta):
                 return pyramid
         pyramid = embed_volume(image, model=self.net, runtime=self.runtime.replace(progress=False))
-        pyramid.save(path)
+        pyramid.save(path, overwrite=self.overwrite)
         return pyramid
+
+    def _made_here(self, meta: dict[str, Any]) -> bool:
+        """Whether a cached pyramid is what this runtime would embed: the same model and tiling (and fast tiles)."""
+        return (meta.get("fingerprint") == self.net.fingerprint()
+                and tiled_as_planned(meta, self.runtime.tiling, self.runtime.engine))
 
 
 def _fit(setup: str, train: list[tuple[str, Path, Path]], net: Any, class_map: ClassMap, pyramids: _PyramidCache,

@@ -29,7 +29,7 @@ from vox2vec.training_checkpoints import load_latest_checkpoint, save_checkpoint
 from vox2vec.volume import load_volume
 from vox2vec.writers import write_json
 
-__all__ = ["finetune", "FinetuneConfig", "sample_patches"]
+__all__ = ["check_finetune_settings", "finetune", "FinetuneConfig", "sample_patches"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,14 @@ def _checked_config(config: FinetuneConfig | None, overrides: Mapping[str, Any])
     return config
 
 
+def check_finetune_settings(runtime: Runtime, config: FinetuneConfig | None = None,
+                            overrides: Mapping[str, Any] | None = None) -> tuple[FinetuneConfig, str]:
+    """The schedule and the training precision a fine-tuning run on ``runtime`` would use, every setting checked
+    (fp16 refused) — for callers that must refuse bad settings before work of their own (``evaluate_dataset``)."""
+    config = _checked_config(config, overrides or {})
+    return config, training_precision(_training_precision(runtime, config), runtime.torch_device)
+
+
 def finetune(
     data: Iterable[tuple[Any, Any]],
     output_dir: str | Path,
@@ -165,10 +173,9 @@ def finetune(
     training batch is ``FinetuneConfig.batch_size``, patches per step), and training steps always run eager.
     """
     runtime = resolve_runtime(runtime, device=device, progress=progress)
-    config = _checked_config(config, overrides)
+    config, mode = check_finetune_settings(runtime, config, overrides)
     output_dir = Path(output_dir)
     device = runtime.torch_device
-    mode = training_precision(_training_precision(runtime, config), device)
     pairs = list(data)
     if not pairs:
         raise InputError("the training set is empty: pass at least one (CT, label map) pair")

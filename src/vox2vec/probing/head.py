@@ -81,15 +81,16 @@ class Head:
             raise InputError("this head does not know its backbone: pass model= to predict")
         is_pyramid = isinstance(data, FeaturePyramid) or is_saved_pyramid(data)
         if not is_pyramid:
-            self._check_tiling(runtime.tiling)  # before the CT is embedded
+            self.check_tiling(runtime.tiling)  # before the CT is embedded
         pyramid = as_pyramid(data, backbone, runtime=runtime)
         check_same_backbone([("this head was trained on features", self.backbone), ("the features", pyramid.meta)],
                             "embed with the head's backbone")
-        self._check_tiling(pyramid.meta.get("tiling", "paper"))  # pyramids from before tilings were paper-tiled
+        self.check_tiling(pyramid.meta.get("tiling", "paper"))  # pyramids from before tilings were paper-tiled
         return pyramid
 
-    def _check_tiling(self, given: str) -> None:
-        """A head applies to features of the tiling it was trained on (heads from before tilings: paper)."""
+    def check_tiling(self, given: str) -> None:
+        """Refuse features of tiling ``given`` unless this head was trained on that tiling (heads from before tilings:
+        paper) — callers that will embed a CT for the head check it first."""
         trained = self.backbone.get("tiling", "paper")
         if trained != "mixed" and given != trained:
             raise InputError(f"this head was trained on {trained}-tiled features, but these are {given}-tiled; a "

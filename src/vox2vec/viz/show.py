@@ -44,14 +44,16 @@ def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any 
         point = point[0]
     from vox2vec.volume import load_volume
 
-    volume = load_volume(ct)
-    if point is not None:
-        point_to_index(volume.grid, point)  # a point outside the CT fails before any embedding
-    check_picture_size(volume.grid, 2 + (head is not None) + (point is not None), width)
     if isinstance(head, (str, os.PathLike)):
         from vox2vec.probing import load_head
 
         head = load_head(head)
+    if head is not None and pyramid is None:
+        head.check_tiling(runtime.tiling)  # the CT will be embedded for it: a head of another tiling fails first
+    volume = load_volume(ct)
+    if point is not None:
+        point_to_index(volume.grid, point)  # a point outside the CT fails before any embedding
+    check_picture_size(volume.grid, 2 + (head is not None) + (point is not None), width)
     backbone = model or (head.model or head.backbone.get("name") if head is not None else None)
     pyramid = as_pyramid(volume if pyramid is None else pyramid, backbone, runtime=runtime)
     picture = build_picture(volume, pyramid, point=point, head=head, similarity=point is not None,
