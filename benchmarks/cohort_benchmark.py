@@ -163,8 +163,8 @@ def main() -> None:
         shutil.rmtree(loop_dir, ignore_errors=True)
         loop_dir.mkdir(parents=True)
         started, peak, codes = time.perf_counter(), 0.0, []
-        for case in cases:
-            out = loop_dir / (case.name[:-7] + ".safetensors")
+        for case in cases:  # the full CTs are all ct.nii.gz: their folder names them
+            out = loop_dir / f"{case.parent.name}_{case.name[:-7]}.safetensors"
             run = timed(vox2vec_command("embed", "-i", str(case), "-o", str(out), *common))
             peak, codes = max(peak, run["peak_rss_mb"]), codes + [run["returncode"]]
         record(f"loop of single `vox2vec embed`{setting}", {"seconds": time.perf_counter() - started,

@@ -145,7 +145,7 @@ def test_fast_tiles_on_cuda_are_one_pass_and_match_the_cpu(chest):
         torch.testing.assert_close(x, y, atol=2e-3, rtol=2e-3)
 
 
-def test_the_compiled_engine_on_cuda_gives_the_eager_pyramid(chest):
+def test_the_compiled_engine_on_cuda_gives_the_eager_pyramid(chest, monkeypatch):
     """``engine="compile"`` on a GPU (inductor → Triton kernels): where the machine can run it, the same pyramid as
     eager in strict fp32 for both tilings, and the caller's model stays on the CPU; where it cannot (no Triton, no C
     compiler), the refusal before any work names the fix."""
@@ -160,11 +160,16 @@ def test_the_compiled_engine_on_cuda_gives_the_eager_pyramid(chest):
     corner = np.ascontiguousarray(chest.array[:96, :96, :32])  # the block's first corner: the same origin
     block = vox2vec.Volume(corner, vox2vec.Grid(corner.shape, chest.grid.spacing, chest.grid.origin,
                                                 chest.grid.direction))
+    from vox2vec.inference import tiling as tiling_module
+
     for tiling in ("fast", "paper"):
         runtime = vox2vec.Runtime(device="cuda", precision="fp32", tiling=tiling, progress=False)
-        eager = vox2vec.embed_volume(block, model=model, runtime=runtime, dtype=torch.float32)
+        with monkeypatch.context() as patch:  # eager on the tiles the compiled engine plans (its fixed tile sides)
+            patch.setattr(tiling_module, "fast_tile_sides", lambda engine: "compiled")
+            eager = vox2vec.embed_volume(block, model=model, runtime=runtime, dtype=torch.float32)
         compiled = vox2vec.embed_volume(block, model=model, runtime=runtime.replace(engine="compile"),
                                         dtype=torch.float32)
+        assert compiled.meta["window"] == eager.meta["window"]
         for x, y in zip(compiled.levels, eager.levels, strict=True):
             torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
     _untouched(model.backbone, training=False)

@@ -56,7 +56,7 @@ def test_fast_tiles_cover_the_grid_with_a_context_margin_and_less_work(shape, nu
                                   for n in shape)
     assert math.prod(tiles.window) <= max(budget, smallest_possible)
     if sides == "compiled":  # one shape per budget, shrunk to fixed lengths along the axes the grid is shorter than
-        full = tiling.compiled_tile_shape(num_levels, budget, 32)
+        full = tiling.compiled_tile_shape(num_levels, 1 << (budget.bit_length() - 1), 32)  # budget: a power of 2
         assert tiles.sides == "compiled" and math.prod(full) <= max(budget, (2 * tiling.FAST_MARGIN + coarsest) ** 3)
         assert all(w == f or w in tiling.COMPILED_TILE_SIDES for w, f in zip(tiles.window, full))
     paper = tiling.paper_tiles((128, 128, 32), 0.5, num_levels)
@@ -93,6 +93,17 @@ def test_compiled_fast_tiles_give_grids_of_different_sizes_one_tile_shape():
     assert 1 <= work < 2
     assert tiling.fast_tiles((40, 30, 20), 4, 10**9, sides="compiled").window == (64, 32, 32)  # one tile: ≥ the grid
     assert fixed[0].record()["tile_sides"] == "compiled" and "tile_sides" not in free[0].record()
+
+
+def test_compiled_fast_tiles_keep_their_shape_while_the_budget_moves_with_free_memory():
+    # a GPU's budget is a share of its free memory, which moves from CT to CT: within a factor of two it must not
+    # change the tile shape (each new shape compiles again), while free tiles follow it
+    budgets = [4_194_304, 4_500_000, 5_300_000, 6_100_000, 7_000_000, 8_388_607]
+    fixed = {tiling.fast_tiles((295, 286, 147), 6, b, sides="compiled").window for b in budgets}
+    free = {tiling.fast_tiles((295, 286, 147), 6, b).window for b in budgets}
+    assert fixed == {(160, 160, 160)} and len(free) > 1
+    halved = tiling.fast_tiles((295, 286, 147), 6, 4_194_303, sides="compiled").window
+    assert math.prod(halved) <= 4_194_303 // 2 + 1  # just under the power of two: the next smaller shape
 
 
 def test_tiling_is_checked_before_any_work(tmp_path):

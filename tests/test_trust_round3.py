@@ -40,12 +40,32 @@ def test_an_evaluation_refuses_a_file_it_did_not_write_before_any_work(dataset, 
     assert not (out / "run.json").exists()  # refused before anything was written
 
 
+def test_an_evaluation_refuses_a_file_where_its_subfolder_goes_before_any_work(dataset, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "folds").write_text("not a folder")
+    with pytest.raises(OutputError, match="folds is a file, not a folder"):
+        evaluate_dataset(dataset, out, model=tiny_model(), setups=("linear",), folds=2, progress=False)
+    assert (out / "folds").read_text() == "not a folder" and not (out / "run.json").exists()
+
+
 def test_an_evaluation_refuses_fp16_fine_tuning_before_the_other_setups_run(dataset, tmp_path):
     out = tmp_path / "results"
     with pytest.raises(ArgumentError, match="fp16 training is not supported"):
         evaluate_dataset(dataset, out, model=tiny_model(), setups=("linear", "finetune"), folds=2, progress=False,
                          precision="fp16")
     assert not out.exists()
+
+
+def test_an_evaluation_checks_the_fine_tuning_config_it_is_given_and_accepts_finetunes_own_keywords(dataset,
+                                                                                                  tmp_path):
+    from vox2vec.probing.finetune import FinetuneConfig
+
+    bad = {"resume": False, "config": FinetuneConfig(total_steps=0)}  # resume: finetune()'s keyword, not a setting
+    with pytest.raises(InputError, match="invalid finetune settings"):
+        evaluate_dataset(dataset, tmp_path / "results", model=tiny_model(), setups=("finetune",), folds=2,
+                         progress=False, finetune_options=bad)
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_picture_with_a_head_of_another_tiling_is_refused_before_the_ct_is_read(abdomen_crop, tmp_path):

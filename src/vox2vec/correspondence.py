@@ -193,7 +193,9 @@ def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[F
 
 def _check_same_tiling(a: dict[str, Any], b: dict[str, Any], fix: str) -> None:
     """Features of different tilings differ (deep levels most: docs/benchmarks.md, Tilings), and so would the
-    matches — refused, as a head refuses features of another tiling (pyramids from before tilings: paper)."""
+    matches — refused, as a head refuses features of another tiling (pyramids from before tilings: paper). Fast
+    tiles of other sides (eager's fitted ones, the compiled engine's fixed ones) are one tiling here, as for heads:
+    they differ like any two fast tilings, within fast's measured fidelity."""
     tilings = [meta.get("tiling", "paper") for meta in (a, b)]
     if tilings[0] != tilings[1]:
         raise InputError(f"the source's features are {tilings[0]}-tiled and the target's {tilings[1]}-tiled; "

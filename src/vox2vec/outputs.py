@@ -284,6 +284,10 @@ def check_output_dir(path: str | os.PathLike, *, files: Iterable[str] = (), inpu
         target = path / name
         if target.is_dir():
             raise OutputError(f"cannot write {target}: a folder of that name is in the way")
+        for parent in target.relative_to(path).parents:  # a subfolder it goes into (folds/, pyramids/, …)
+            if (path / parent).exists() and not (path / parent).is_dir():
+                raise OutputError(f"cannot write {target}: {path / parent} is a file, not a folder; move it away or "
+                                  "choose another output folder")
         ours = written_by_vox2vec(target)
         _check_not_an_input(target, sources, f"{what} file", ours)
         if target.exists() and not overwrite and not ours:

@@ -126,7 +126,9 @@ def _hub_download(repo_id: str, filename: str, revision: str | None, cache_dir: 
                                     local_files_only=local_files_only))
     except LocalEntryNotFoundError:
         where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
-        if local_files_only:
+        from huggingface_hub import constants
+
+        if local_files_only or constants.HF_HUB_OFFLINE:  # huggingface_hub reads HF_HUB_OFFLINE once, at import
             raise InputError(
                 f"{repo_id}/{filename} at revision {revision or 'main'} is not in {where} and downloading is "
                 "disabled (HF_HUB_OFFLINE or local_files_only); run `vox2vec download` once with network access, "

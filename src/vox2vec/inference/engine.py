@@ -90,8 +90,10 @@ class _FrozenCompiled(nn.Module):
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        with (_FREEZING_LOCK, inductor_config.patch(freezing=True),
-              dynamo_config.patch(recompile_limit=COMPILED_SHAPES_LIMIT)):
+        # torch ≥ 2.7 calls dynamo's limit recompile_limit; older releases (pyproject allows ≥ 2.1) cache_size_limit
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        limit = {name: COMPILED_SHAPES_LIMIT}
+        with _FREEZING_LOCK, inductor_config.patch(freezing=True), dynamo_config.patch(**limit):
             return self.compiled(*args)
 
 

@@ -150,12 +150,15 @@ def fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, margin: i
 def compiled_fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, overlap: int) -> Tiles:
     """Fast tiles of a few fixed shapes, so that CTs of different sizes share what the compiled engine compiled.
 
-    The tile is :func:`compiled_tile_shape` (the budget's most efficient tile for a large grid); along an axis the
-    grid is not longer than it, one tile of the shortest :data:`COMPILED_TILE_SIDES` length that covers the grid
-    there. More work than :func:`fast_tiles`' free shapes (docs/benchmarks.md), no compiling per CT."""
+    The tile is :func:`compiled_tile_shape` for ``max_voxels`` rounded down to a power of two (so that a budget that
+    moves with free memory, as a GPU's does from CT to CT, keeps its shape); along an axis the grid is not longer
+    than it, one tile of the shortest :data:`COMPILED_TILE_SIDES` length below the tile's side that covers the grid
+    there, else the tile's side. More work than :func:`fast_tiles`' free shapes (docs/benchmarks.md), no compiling
+    per CT of a size seen before."""
     coarsest = 2 ** (num_levels - 1)
+    budget = 1 << (max(1, max_voxels).bit_length() - 1)
     windows, strides = [], []
-    for size, side in zip(shape, compiled_tile_shape(num_levels, max_voxels, overlap)):
+    for size, side in zip(shape, compiled_tile_shape(num_levels, budget, overlap)):
         fits = [length for length in COMPILED_TILE_SIDES if length % coarsest == 0 and size <= length < side]
         window = fits[0] if fits else side
         windows.append(window)
@@ -167,7 +170,8 @@ def compiled_fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, 
 def compiled_tile_shape(num_levels: int, max_voxels: int, overlap: int) -> tuple[int, int, int]:
     """The tile of at most ``max_voxels`` (sides multiples of the coarsest cell, at most 1024) that wastes the least
     on overlaps over a large grid: the largest share of its voxels, ``Π (side − overlap) / side``, outside the
-    overlap (ties: the larger tile), its sides in decreasing order (CT grids are shortest along the last axis)."""
+    overlap (ties: the larger tile), its sides in decreasing order (CT grids are shortest along the last axis). A
+    budget below the smallest useful tile (``overlap`` + one coarsest cell per side) gets that tile."""
     coarsest = 2 ** (num_levels - 1)
     smallest = overlap + coarsest
     best_key, best = None, (smallest, smallest, smallest)

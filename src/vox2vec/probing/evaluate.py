@@ -120,7 +120,9 @@ def evaluate_dataset(
     if unknown:
         raise InputError(f"unknown setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
     if set(setups) & set(TRAINING_SETUPS):  # fp16 or a bad schedule: refused now, not after the other setups ran
-        check_finetune_settings(runtime, None, finetune_options)
+        options = dict(finetune_options or {})
+        options.pop("resume", None)  # finetune()'s own keywords, not settings of its schedule
+        check_finetune_settings(runtime, options.pop("config", None), options)
     cases = find_cases(root)
     splits = kfold(len(cases), folds, seed)
     output_dir = check_output_dir(output_dir, files=_output_files(setups, len(splits), cases), inputs=[root],
@@ -237,7 +239,7 @@ def _labels_on_ct_grid(image: Path, labels: Path) -> Any:
 
 class _PyramidCache:
     """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``, reused only
-    when vox2vec wrote it, unchanged, with this model)."""
+    when vox2vec wrote it, unchanged, with this model and this runtime's tiling)."""
 
     def __init__(self, folder: Path, net: Any, runtime: Runtime, overwrite: bool = False) -> None:
         self.folder, self.net, self.runtime, self.overwrite = folder, net, runtime, overwrite

@@ -90,7 +90,8 @@ class Head:
 
     def check_tiling(self, given: str) -> None:
         """Refuse features of tiling ``given`` unless this head was trained on that tiling (heads from before tilings:
-        paper) — callers that will embed a CT for the head check it first."""
+        paper) — callers that will embed a CT for the head check it first. Fast tiles of other sides (eager's
+        fitted ones, the compiled engine's fixed ones) are one tiling: a head trained on either applies to both."""
         trained = self.backbone.get("tiling", "paper")
         if trained != "mixed" and given != trained:
             raise InputError(f"this head was trained on {trained}-tiled features, but these are {given}-tiled; a "
