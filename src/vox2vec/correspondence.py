@@ -150,8 +150,6 @@ def match(
     if problems:
         raise InputError(problems[0])
     runtime = resolve_runtime(runtime, progress=progress).checked()
-    if any(not isinstance(x, FeaturePyramid) and not is_saved_pyramid(x) for x in (source, target)):
-        model = resolve_model(DEFAULT_MODEL if model is None else model)  # a CT to embed: loaded once for both
     source, target = _pyramids(source, target, model, runtime)
     for pyramid in (source, target):
         pyramid.check_complete("matching")
@@ -178,16 +176,20 @@ def match(
 
 
 def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[FeaturePyramid, FeaturePyramid]:
-    """Both sides as pyramids: given pyramids first, so that a CT is embedded only with their tiling."""
-    given = {i: as_pyramid(x, model, runtime=runtime) for i, x in enumerate((source, target))
-             if isinstance(x, FeaturePyramid) or is_saved_pyramid(x)}
-    for side, pyramid in given.items():
-        if len(given) < 2:  # the other side is a CT, about to be embedded with runtime.tiling
-            tiling = pyramid.meta.get("tiling", "paper")
-            metas = [pyramid.meta, {"tiling": runtime.tiling}]
-            _check_same_tiling(*(metas if side == 0 else metas[::-1]),
-                               f"embed the CT with Runtime(tiling={tiling!r}) (--tiling {tiling})")
-    pair = [given[i] if i in given else as_pyramid(x, model, runtime=runtime) for i, x in enumerate((source, target))]
+    """Both sides as pyramids: the model loaded once for the CTs, and a given pyramid read first, so that a CT on
+    the other side is refused before it is embedded with a tiling the pyramid does not have."""
+    sides = (source, target)
+    given = [i for i, x in enumerate(sides) if isinstance(x, FeaturePyramid) or is_saved_pyramid(x)]
+    if len(given) == 2:
+        return as_pyramid(source, runtime=runtime), as_pyramid(target, runtime=runtime)
+    model = resolve_model(DEFAULT_MODEL if model is None else model)
+    pair = {i: as_pyramid(sides[i], runtime=runtime) for i in given}
+    if given:  # one pyramid; the CT on the other side is about to be embedded with runtime.tiling
+        side, tiling = given[0], pair[given[0]].meta.get("tiling", "paper")
+        metas = [pair[side].meta, {"tiling": runtime.tiling}]
+        _check_same_tiling(*(metas if side == 0 else metas[::-1]),
+                           f"embed the CT with Runtime(tiling={tiling!r}) (--tiling {tiling})")
+    pair.update({i: as_pyramid(x, model, runtime=runtime) for i, x in enumerate(sides) if i not in pair})
     return pair[0], pair[1]
 
 

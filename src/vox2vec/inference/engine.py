@@ -85,15 +85,17 @@ class _FrozenCompiled(nn.Module):
         super().__init__()
         self.module = module
         self.compiled = torch.compile(module, dynamic=False)
+        import torch._dynamo.config as dynamo_config
+
+        # torch ≥ 2.7 calls dynamo's limit recompile_limit; older releases (pyproject allows ≥ 2.1) cache_size_limit
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        self._recompile_limit = {name: COMPILED_SHAPES_LIMIT}
 
     def forward(self, *args: Any) -> Any:
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        # torch ≥ 2.7 calls dynamo's limit recompile_limit; older releases (pyproject allows ≥ 2.1) cache_size_limit
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        limit = {name: COMPILED_SHAPES_LIMIT}
-        with _FREEZING_LOCK, inductor_config.patch(freezing=True), dynamo_config.patch(**limit):
+        with _FREEZING_LOCK, inductor_config.patch(freezing=True), dynamo_config.patch(**self._recompile_limit):
             return self.compiled(*args)
 
 

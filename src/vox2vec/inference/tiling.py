@@ -34,7 +34,7 @@ from vox2vec.modeling.fpn import forward_bytes
 __all__ = [
     "COMPILED_TILE_SIDES", "CPU_TILE_BYTES", "FAST_MARGIN", "TILINGS", "Tiles", "check_tiling",
     "check_tiling_request", "compiled_fast_tiles", "compiled_tile_shape", "fast_tile_sides", "fast_tile_voxels",
-    "fast_tiles", "model_windows", "paper_tiles", "plan_tiles", "tiled_as_planned",
+    "fast_tiles", "model_windows", "paper_tiles", "plan_tiles", "tiled_as_planned", "tiling_record",
 ]
 
 TILINGS = ("paper", "fast")
@@ -44,7 +44,6 @@ CPU_TILE_BYTES = 1 << 30  # a CPU tile's activations: larger tiles do not run fa
 CUDA_TILE_SHARE = 0.5  # share of the GPU's free memory one tile's activations may take
 COMPILED_TILE_SIDES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # half-octave steps: what a compiled fast
 #   tile shrinks to along an axis the grid is shorter than
-MAX_COMPILED_SIDE = 1024
 PAPER_WINDOW = (128, 128, 32)
 PAPER_OVERLAP = 0.5
 
@@ -168,16 +167,17 @@ def compiled_fast_tiles(shape: Sequence[int], num_levels: int, max_voxels: int, 
 
 @functools.lru_cache(maxsize=64)
 def compiled_tile_shape(num_levels: int, max_voxels: int, overlap: int) -> tuple[int, int, int]:
-    """The tile of at most ``max_voxels`` (sides multiples of the coarsest cell, at most 1024) that wastes the least
+    """The tile of at most ``max_voxels`` (sides multiples of the coarsest cell, at most the largest
+    of :data:`COMPILED_TILE_SIDES`) that wastes the least
     on overlaps over a large grid: the largest share of its voxels, ``Π (side − overlap) / side``, outside the
     overlap (ties: the larger tile), its sides in decreasing order (CT grids are shortest along the last axis). A
     budget below the smallest useful tile (``overlap`` + one coarsest cell per side) gets that tile."""
-    coarsest = 2 ** (num_levels - 1)
+    coarsest, largest = 2 ** (num_levels - 1), COMPILED_TILE_SIDES[-1]
     smallest = overlap + coarsest
     best_key, best = None, (smallest, smallest, smallest)
-    for a in range(smallest, MAX_COMPILED_SIDE + 1, coarsest):
-        for b in range(a, MAX_COMPILED_SIDE + 1, coarsest):
-            c = min(MAX_COMPILED_SIDE, coarsest * (max_voxels // (a * b) // coarsest))
+    for a in range(smallest, largest + 1, coarsest):
+        for b in range(a, largest + 1, coarsest):
+            c = min(largest, coarsest * (max_voxels // (a * b) // coarsest))
             if c < b:
                 break  # b only grows
             key = (math.prod((side - overlap) / side for side in (a, b, c)), a * b * c)
@@ -192,13 +192,19 @@ def fast_tile_sides(engine: str) -> str | None:
     return "compiled" if engine == "compile" else None
 
 
+def tiling_record(tiling: str, engine: str) -> dict[str, str]:
+    """What a pyramid records of the tiles ``tiling`` under ``engine`` plans, besides their windows
+    (:meth:`Tiles.record`): the tiling and, for the compiled engine's fast tiles, their kind of sides."""
+    sides = fast_tile_sides(engine) if tiling == "fast" else None
+    return {"tiling": tiling} if sides is None else {"tiling": tiling, "tile_sides": sides}
+
+
 def tiled_as_planned(meta: dict[str, Any], tiling: str, engine: str) -> bool:
-    """Whether a pyramid's recorded tiling (``meta``) is what ``tiling`` under ``engine`` plans: the same tiling and,
-    for fast tiles, the same kind of tile shapes — so a stored pyramid may stand for a new embedding (pyramids from
-    before tilings were paper-tiled)."""
-    if meta.get("tiling", "paper") != tiling:
-        return False
-    return tiling != "fast" or meta.get("tile_sides") == fast_tile_sides(engine)
+    """Whether a pyramid's recorded tiling (``meta``) is what ``tiling`` under ``engine`` plans
+    (:func:`tiling_record`), so that a stored pyramid may stand for a new embedding (pyramids from before tilings
+    were paper-tiled)."""
+    planned = tiling_record(tiling, engine)
+    return meta.get("tiling", "paper") == tiling and meta.get("tile_sides") == planned.get("tile_sides")
 
 
 def fast_tile_voxels(channels: Sequence[int], mode: str, device: torch.device) -> int:

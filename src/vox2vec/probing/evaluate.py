@@ -18,7 +18,7 @@ from vox2vec.errors import InputError, OutputError
 from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.tiling import fast_tile_sides, tiled_as_planned
+from vox2vec.inference.tiling import tiled_as_planned, tiling_record
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.finetune import check_finetune_settings
@@ -167,9 +167,7 @@ def _run_record(net: Any, cases: list[tuple[str, Path, Path]], class_map: ClassM
                 runtime: Runtime) -> dict[str, Any]:
     """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`); the
     tiling only when it is not the paper's (so that records from before tilings still match)."""
-    tiles = {} if runtime.tiling == "paper" else {"tiling": runtime.tiling}
-    if runtime.tiling == "fast" and fast_tile_sides(runtime.engine):
-        tiles["tile_sides"] = fast_tile_sides(runtime.engine)
+    tiles = {} if runtime.tiling == "paper" else tiling_record(runtime.tiling, runtime.engine)
     return json.loads(json.dumps({
         "vox2vec": vox2vec_version(), "model": net.config.name, "model_fingerprint": net.fingerprint(),
         "cases": {case: [str(image), str(labels)] for case, image, labels in cases},
