@@ -192,3 +192,48 @@ def test_matching_saved_pyramids_needs_no_model(small_ct, model, tmp_path):
     point = pyramid.grid.index_to_world(np.array([[20, 20, 3]]))
     found = vox2vec.match(point, path, pyramid, model="no-such-model")
     np.testing.assert_allclose(found.matched[0, 0], point[0], atol=1e-6)
+
+
+def test_a_field_set_at_its_default_still_counts_as_given(small_ct, model, tmp_path):
+    """``Runtime(precision="auto")`` says "auto"; a keyword saying otherwise is a clash, not a silent override. The
+    same value twice is one setting, and what a runtime was given survives copies, pickling and device checks."""
+    import pickle
+
+    missing = tmp_path / "not_read.nii.gz"
+    with pytest.raises(ArgumentError, match="^precision given both in runtime= and as a keyword argument, with "
+                                            "different values"):
+        embed_volume(missing, model, runtime=Runtime(precision="auto"), precision="bf16")
+    with pytest.raises(ArgumentError, match="tiling given both"):
+        embed_many([missing], tmp_path / "out", model=model, runtime=Runtime(tiling="paper"), tiling="fast")
+    with pytest.raises(InputError, match="not_read.nii.gz"):  # the same value twice: on to the missing CT
+        embed_volume(missing, model, runtime=Runtime(tiling="paper"), tiling="paper")
+    runtime = Runtime(precision="auto", tiling="fast")
+    assert Runtime().given == frozenset() and runtime.given == {"precision", "tiling"}
+    assert pickle.loads(pickle.dumps(runtime)).given == runtime.given
+    assert runtime.checked().given == runtime.given and runtime.replace(batch_size=2).given == runtime.given | {
+        "batch_size"}
+    assert Runtime() == Runtime(tiling="paper")  # equal settings are equal runtimes, given or not
+
+
+def test_a_tiling_asked_of_a_saved_pyramid_it_does_not_have_is_refused(small_ct, model, tmp_path, capsys):
+    """A pyramid is never re-embedded, so ``--tiling fast`` on a paper-tiled pyramid would silently mean nothing —
+    refused before the pyramid is read, naming both tilings; left out (or the pyramid's own), it is used as it is."""
+    from vox2vec.cli import main
+
+    pyramid = embed_volume(small_ct, model, runtime=Runtime(progress=False, precision="fp32"))
+    path = pyramid.save(tmp_path / "ct.safetensors")
+    point = pyramid.grid.index_to_world(np.array([[20, 20, 3]]))
+    for source in (path, pyramid):
+        with pytest.raises(InputError, match=r"holds features embedded with paper tiling, but tiling 'fast' was "
+                                             r"asked for.*Runtime\(tiling='fast'\)"):
+            vox2vec.point_features(source, point, runtime=Runtime(tiling="fast"))
+        for runtime in (Runtime(), Runtime(tiling="paper")):
+            table = vox2vec.point_features(source, point, runtime=runtime)
+            np.testing.assert_allclose(table.rows[0][-pyramid.channels[0] - sum(pyramid.channels[1:]):],
+                                       pyramid.at_world(point)[0].numpy(), rtol=1e-3, atol=1e-3)
+    points, out = tmp_path / "points.csv", tmp_path / "matches.csv"
+    points.write_text("name,x,y,z\np," + ",".join(map(str, point[0])) + "\n")
+    argv = ["match", "--source", str(path), "--target", str(path), "--points", str(points), "-o", str(out)]
+    assert main([*argv, "--tiling", "fast", "--no-progress"]) == 2 and not out.exists()
+    assert "holds features embedded with paper tiling, but tiling 'fast' was asked for" in capsys.readouterr().err
+    assert main([*argv, "--no-progress"]) == 0 and out.exists()  # no tiling asked: the pyramids as they are

@@ -90,10 +90,13 @@ def test_matching_refuses_features_of_two_tilings(abdomen_crop, tmp_path):
     with pytest.raises(InputError, match="source's features are paper-tiled and the target's fast-tiled"):
         vox2vec.match(point, paper, fast)
     missing = tmp_path / "not_read.nii.gz"  # a CT to embed for a pyramid of another tiling: refused before reading
-    with pytest.raises(InputError, match=r"the target's paper-tiled.*Runtime\(tiling='paper'\)"):
+    with pytest.raises(InputError, match=r"the given pyramid holds features embedded with paper tiling, but tiling "
+                                         r"'fast' was asked for.*leave the tiling out"):
         vox2vec.match(point, missing, paper, model=model, runtime=fp32.replace(tiling="fast"))
     same = vox2vec.match(point, paper, embed_volume(abdomen_crop, model=model, runtime=fp32))
     np.testing.assert_allclose(same.matched[:, 0], point, atol=1e-6)  # one tiling: the point finds itself
+    untold = vox2vec.match(point, abdomen_crop, fast, model=model, runtime=fp32)  # no tiling given: the pyramid's
+    np.testing.assert_allclose(untold.matched[:, 0], point, atol=1e-6)
 
 
 def test_an_output_folder_that_cannot_be_made_is_named_as_given(tmp_path):

@@ -184,8 +184,9 @@ def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[F
         return as_pyramid(source, runtime=runtime), as_pyramid(target, runtime=runtime)
     model = resolve_model(DEFAULT_MODEL if model is None else model)
     pair = {i: as_pyramid(sides[i], runtime=runtime) for i in given}
-    if given:  # one pyramid; the CT on the other side is about to be embedded with runtime.tiling
+    if given:  # one pyramid; the CT on the other side is embedded with its tiling unless another was given
         side, tiling = given[0], pair[given[0]].meta.get("tiling", "paper")
+        runtime = runtime.default_for(tiling=tiling)
         metas = [pair[side].meta, {"tiling": runtime.tiling}]
         _check_same_tiling(*(metas if side == 0 else metas[::-1]),
                            f"embed the CT with Runtime(tiling={tiling!r}) (--tiling {tiling})")

@@ -93,16 +93,16 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, model: str | None = 
                        help=model_help or f"model name, directory or .pt file (default: {model})")
     group.add_argument("--device", type=device, default=None,
                        help="cpu, cuda, cuda:1, mps … (default: the first CUDA GPU if there is one, else the CPU)")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+    group.add_argument("--precision", default=None, choices=PRECISIONS,
                        help="autocast of the backbone (default auto: bf16 on CUDA and on CPUs with native bf16, "
                             "else fp32)")
     group.add_argument("--batch-size", type=positive_int, default=None,
                        help="windows per forward pass of the backbone (default: by device, CPU 1, CUDA 8)")
-    group.add_argument("--tiling", default="paper", choices=TILINGS,
+    group.add_argument("--tiling", default=None, choices=TILINGS,
                        help="how a CT is cut into tiles for the backbone: paper (default; the 128×128×32 windows at "
                             "overlap 0.5 the model was trained with) or fast (a few large tiles sized to the "
                             "device's memory; 2–3× faster on a CPU, level-0 features within cosine 0.99)")
-    group.add_argument("--engine", default="eager", choices=ENGINES,
+    group.add_argument("--engine", default=None, choices=ENGINES,
                        help="how the backbone's forward passes run: eager (default; PyTorch as it is) or compile "
                             "(torch.compile with freezing: up to 2× faster per forward on a CPU, after 15–45 s of "
                             "compiling per new tile shape; for long cohorts of large CTs)")
@@ -114,11 +114,14 @@ def add_overwrite(parser: argparse.ArgumentParser, help: str = OVERWRITE_HELP) -
 
 
 def runtime_of(args: argparse.Namespace) -> Any:
-    """The command's :class:`vox2vec.Runtime`, from the shared options."""
+    """The command's :class:`vox2vec.Runtime`, from the shared options: only those on the command line count as given
+    (:attr:`vox2vec.Runtime.given`), so that an option never silently means nothing and an option left out may
+    follow its context (a head's tiling)."""
     from vox2vec.inference.runtime import Runtime
 
-    return Runtime(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                   progress=not args.no_progress, tiling=args.tiling, engine=args.engine)
+    options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+               "progress": False if args.no_progress else None, "tiling": args.tiling, "engine": args.engine}
+    return Runtime(**{name: value for name, value in options.items() if value is not None})
 
 
 def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:

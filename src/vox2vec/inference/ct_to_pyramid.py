@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vox2vec.configured_model import Vox2VecModel
+from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.embed import embed_image_tiled
@@ -17,9 +18,10 @@ from vox2vec.inference.precision import Precision, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.tiling import check_tiling_request, model_windows
 from vox2vec.preprocessing import PreprocessedVolume
+from vox2vec.pyramid_io import read_pyramid_meta
 from vox2vec.volume import check_ct_source
 
-__all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "embed_prepared", "embed_volume"]
+__all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "check_pyramid_tiling", "embed_prepared", "embed_volume"]
 
 DEFAULT_MODEL = "fpn-ct"  # the documented default of every entry point that embeds a CT
 PYRAMID_SUFFIX = ".safetensors"
@@ -94,6 +96,17 @@ def is_saved_pyramid(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(PYRAMID_SUFFIX)
 
 
+def check_pyramid_tiling(meta: dict[str, Any], runtime: Runtime, name: str) -> None:
+    """Refuse an already embedded pyramid (``meta``, pyramids from before tilings: paper) when ``runtime`` was given
+    a tiling it does not have: the option would silently mean nothing, and the features would not be what it
+    asked for."""
+    recorded = meta.get("tiling", "paper")
+    if "tiling" in runtime.given and runtime.tiling != recorded:
+        raise InputError(f"{name} holds features embedded with {recorded} tiling, but tiling {runtime.tiling!r} was "
+                         "asked for; a pyramid is never re-embedded — leave the tiling out (--tiling) to use it as "
+                         f"it is, or embed the CT again with Runtime(tiling={runtime.tiling!r})")
+
+
 def as_pyramid(
     source: Any,
     model: Any = None,
@@ -110,12 +123,15 @@ def as_pyramid(
     anything :func:`embed_volume` reads (a path, DICOM folder, ``SimpleITK.Image``, nibabel image, ``Volume``, or an
     array with ``spacing`` and ``axis_order``) — embedded with ``model`` (a name, path or loaded model; ``None``:
     :data:`DEFAULT_MODEL`, ``"fpn-ct"``) on ``runtime``. A pyramid is never re-embedded: whether it fits a head or
-    another pyramid is the caller's check (the fingerprint in ``pyramid.meta``).
+    another pyramid is the caller's check (the fingerprint in ``pyramid.meta``); a tiling the runtime was given
+    (:attr:`Runtime.given`) that the pyramid does not have is refused rather than silently ignored.
     """
     runtime = resolve_runtime(runtime).checked()  # a bad runtime is refused whatever the source
     if isinstance(source, FeaturePyramid):
+        check_pyramid_tiling(source.meta, runtime, "the given pyramid")
         return source
     if is_saved_pyramid(source):
+        check_pyramid_tiling(read_pyramid_meta(source) or {}, runtime, os.fspath(source))  # before it is read
         return FeaturePyramid.load(source)
     check_ct_source(source)  # before the model is resolved (which may mean a download)
     return embed_volume(source, DEFAULT_MODEL if model is None else model, runtime=runtime, spacing=spacing,

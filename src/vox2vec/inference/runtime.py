@@ -4,12 +4,17 @@ engine.
 One frozen value, one meaning per field, resolved in one place — so ``device=None`` means the same thing in
 ``embed_volume``, ``train_head``, ``match`` and ``vox2vec show``. Entry points take ``runtime=Runtime(...)``; the
 keyword arguments (``device=``, ``precision=``, ``batch_size=``, ``progress=``, ``tiling=``) still work and are merged
-through :func:`resolve_runtime`, which refuses a field given both ways.
+through :func:`resolve_runtime`, which refuses a field given both ways with different values.
+
+A runtime knows which fields its caller set (:attr:`Runtime.given`) — ``Runtime(precision="auto")`` sets precision,
+``Runtime()`` does not — so a setting given twice is caught even at its default value, and a setting that cannot
+apply (a tiling asked of an already embedded pyramid) is refused rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,21 @@ __all__ = ["RUNTIME_FIELDS", "Runtime", "resolve_runtime"]
 RUNTIME_FIELDS = ("device", "precision", "batch_size", "progress", "tiling", "engine")
 
 
+def _records_given_fields(cls: type) -> type:
+    """Wrap a dataclass's ``__init__`` so that each instance keeps the names of the fields its caller passed
+    (positionally or by keyword) in ``_given``; the fields themselves, equality and hashing are unchanged."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        generated(self, *args, **kwargs)
+        object.__setattr__(self, "_given", frozenset(RUNTIME_FIELDS[:len(args)]) | frozenset(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_records_given_fields
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a model runs.
@@ -50,6 +70,9 @@ class Runtime:
       (the default: PyTorch as it is) or ``"compile"`` (``torch.compile`` with freezing: on a CPU with AMX about
       2× faster per forward after 15–25 s of compiling per new tile shape, 1.0–1.5× without AMX; for long cohorts
       of large CTs). Training steps always run eager.
+
+    :attr:`given` names the fields set explicitly (here or by :meth:`replace`); the others are defaults that a
+    caller's context may fill in (a head's own tiling, the tiling of a pyramid a CT is matched with).
     """
 
     device: torch.device | str | int | None = None
@@ -87,6 +110,18 @@ class Runtime:
         return found
 
     @property
+    def given(self) -> frozenset[str]:
+        """The fields its caller set explicitly, even at their default values (``Runtime(tiling="paper")`` sets
+        tiling; ``Runtime()`` sets nothing)."""
+        return self.__dict__.get("_given", frozenset())
+
+    def default_for(self, **fallbacks: Any) -> Runtime:
+        """This runtime with the fields it was not given taken from ``fallbacks`` (what the context implies, e.g.
+        ``tiling=`` a head's own), still counted as not given."""
+        chosen = {name: value for name, value in fallbacks.items() if name not in self.given}
+        return self._copy(self.given, **chosen) if chosen else self
+
+    @property
     def torch_device(self) -> torch.device:
         """The resolved device, checked against this machine (a clear error listing what it has)."""
         return pick_device(self.device)
@@ -102,24 +137,31 @@ class Runtime:
         return self.batch_size if self.batch_size is not None else default_batch_size(self.torch_device)
 
     def replace(self, **changes: Any) -> Runtime:
-        """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - set(RUNTIME_FIELDS))
-        if unknown:
-            raise ArgumentError(f"unknown runtime field(s) {', '.join(unknown)}; known: {', '.join(RUNTIME_FIELDS)}")
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again); the changed fields count as given."""
+        return self._copy(self.given | frozenset(changes), **changes)
 
     def checked(self) -> Runtime:
         """This runtime with its device resolved and checked now (and the engine usable there) — call it before any
-        work starts."""
+        work starts. Resolving the device does not make it given."""
         device = self.torch_device
         check_engine_usable(self.engine, device)
-        return self.replace(device=device)
+        return self._copy(self.given, device=device)
+
+    def _copy(self, given: frozenset[str], **changes: Any) -> Runtime:
+        """A validated copy with ``changes`` whose :attr:`given` is ``given``."""
+        unknown = sorted(set(changes) - set(RUNTIME_FIELDS))
+        if unknown:
+            raise ArgumentError(f"unknown runtime field(s) {', '.join(unknown)}; known: {', '.join(RUNTIME_FIELDS)}")
+        copy = dataclasses.replace(self, **changes)
+        object.__setattr__(copy, "_given", given)
+        return copy
 
 
 def resolve_runtime(runtime: Runtime | None = None, **legacy: Any) -> Runtime:
     """``runtime`` merged with an entry point's older keyword arguments (``device=…`` etc.; ``None`` = not given).
 
-    A field given both in ``runtime`` and as a keyword is refused: one place says where the work runs.
+    A field given both in ``runtime`` (:attr:`Runtime.given`, even at its default) and as a keyword with another
+    value is refused: one place says where the work runs. Keyword fields count as given.
     """
     unknown = sorted(set(legacy) - set(RUNTIME_FIELDS))
     if unknown:
@@ -129,9 +171,8 @@ def resolve_runtime(runtime: Runtime | None = None, **legacy: Any) -> Runtime:
     given = {name: value for name, value in legacy.items() if value is not None}
     if runtime is None:
         return Runtime(**given)
-    defaults = Runtime()
-    clashes = [name for name in given if getattr(runtime, name) != getattr(defaults, name)]
+    clashes = [name for name, value in given.items() if name in runtime.given and getattr(runtime, name) != value]
     if clashes:
-        raise ArgumentError(f"{', '.join(clashes)} given both in runtime= and as a keyword argument; "
-                            "give each field once (runtime=Runtime(...) is the preferred form)")
+        raise ArgumentError(f"{', '.join(clashes)} given both in runtime= and as a keyword argument, with different "
+                            "values; give each field once (runtime=Runtime(...) is the preferred form)")
     return runtime.replace(**given) if given else runtime

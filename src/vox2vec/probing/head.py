@@ -80,6 +80,7 @@ class Head:
         if backbone is None and not isinstance(data, FeaturePyramid) and not is_saved_pyramid(data):
             raise InputError("this head does not know its backbone: pass model= to predict")
         is_pyramid = isinstance(data, FeaturePyramid) or is_saved_pyramid(data)
+        runtime = self.runtime_for(runtime)
         if not is_pyramid:
             self.check_tiling(runtime.tiling)  # before the CT is embedded
         pyramid = as_pyramid(data, backbone, runtime=runtime)
@@ -87,6 +88,12 @@ class Head:
                             "embed with the head's backbone")
         self.check_tiling(pyramid.meta.get("tiling", "paper"))  # pyramids from before tilings were paper-tiled
         return pyramid
+
+    def runtime_for(self, runtime: Runtime) -> Runtime:
+        """``runtime`` for embedding a CT for this head: a tiling it was not given (:attr:`Runtime.given`) is the one
+        this head was trained on, so that a head trained on fast tiles just works on a CT."""
+        trained = self.backbone.get("tiling", "paper")
+        return runtime if trained == "mixed" else runtime.default_for(tiling=trained)
 
     def check_tiling(self, given: str) -> None:
         """Refuse features of tiling ``given`` unless this head was trained on that tiling (heads from before tilings:

@@ -48,8 +48,10 @@ def show(ct: Any, output: str | os.PathLike, *, model: Any = None, pyramid: Any 
         from vox2vec.probing import load_head
 
         head = load_head(head)
-    if head is not None and pyramid is None:
-        head.check_tiling(runtime.tiling)  # the CT will be embedded for it: a head of another tiling fails first
+    if head is not None:
+        runtime = head.runtime_for(runtime)  # a tiling not given: the head's own
+        if pyramid is None:
+            head.check_tiling(runtime.tiling)  # the CT will be embedded for it: a head of another tiling fails first
     volume = load_volume(ct)
     if point is not None:
         point_to_index(volume.grid, point)  # a point outside the CT fails before any embedding
