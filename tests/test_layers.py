@@ -76,7 +76,8 @@ LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
      "`vox2vec show` PNG (matplotlib, optional extra `viz`, imported lazily)",
      ["1", "2", "3", "4", "5", "6", "7", "8", "9"]),
     ("10", "pre-training", ["pretrain/"],
-     "corpus preparation, pair sampling, augmentation, InfoNCE, the DDP trainer with online probing, export",
+     "corpus preparation, pair sampling, augmentation, InfoNCE, the DDP trainer with online probing, export (one run, "
+     "or a weight soup of seeds)",
      ["1", "2", "3", "4", "5", "6", "7", "8", "9", "9b", "9d"]),
     ("11", "entry points", ["__init__.py", "__main__.py", "demo.py", "cli/", "integrations/"],
      "the offline demo, the command line, the public API, integrations with other tools",

@@ -422,3 +422,41 @@ def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpu
     with pytest.raises(vox2vec.UnknownModelError, match="no-such-model"):
         train(_config(root, tmp_path / "unknown", init_from="no-such-model"), progress=False)
     assert not (tmp_path / "unknown").exists()
+
+
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
+def test_export_averages_seeds_of_one_recipe_from_one_start_and_refuses_anything_else(corpus, tmp_path):
+    """A weight soup: the exported backbone is the mean of the runs' own exports (an oracle that never averages
+    checkpoints), the card says so, and runs that would not average into a model are refused before any file."""
+    from vox2vec.config import ArchitectureConfig, ModelConfig
+    from vox2vec.configured_model import Vox2VecModel
+
+    root, _ = corpus
+    torch.manual_seed(5)
+    Vox2VecModel(ModelConfig(ArchitectureConfig(base_channels=2, num_scales=3), name="start")).save_pretrained(
+        tmp_path / "start")
+    start = str(tmp_path / "start")
+    for seed in (0, 1):
+        train(_config(root, tmp_path / f"seed{seed}", steps=1, checkpoint_every=1, lr=1e-2, seed=seed, init_from=start),
+              progress=False)
+    alone = [vox2vec.load_pretrained(export(tmp_path / f"seed{s}", tmp_path / f"alone{s}")) for s in (0, 1)]
+    soup_dir = export(tmp_path / "seed0", tmp_path / "soup", average_with=tmp_path / "seed1")  # one run, or a list
+    soup = vox2vec.load_pretrained(soup_dir)
+    first, second = (model.backbone.state_dict() for model in alone)
+    assert not torch.equal(first["first_conv.weight"], second["first_conv.weight"])  # two different runs
+    for key, value in soup.backbone.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (first[key] + second[key]) / 2)
+    assert [r["seed"] for r in soup.config.source["averaged_runs"]] == [0, 1]
+    assert "uniform average of 2 runs of this recipe with seeds 0, 1" in (soup_dir / "README.md").read_text()
+
+    one_step = {"steps": 1, "checkpoint_every": 1}
+    train(_config(root, tmp_path / "other_lr", lr=1e-3, seed=1, init_from=start, **one_step), progress=False)
+    train(_config(root, tmp_path / "scratch0", seed=0, **one_step), progress=False)
+    train(_config(root, tmp_path / "scratch1", seed=1, **one_step), progress=False)
+    refusals = {"other_lr": ("seed0", "differ in train.lr"), "seed0": ("seed0", "names one run twice"),
+                "scratch1": ("scratch0", "started from random weights")}
+    for other, (run, message) in refusals.items():
+        with pytest.raises(InputError, match=message):
+            export(tmp_path / run, tmp_path / "refused", average_with=[tmp_path / other])
+        assert not (tmp_path / "refused").exists()

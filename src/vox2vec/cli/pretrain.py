@@ -44,6 +44,9 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--select", default="last", choices=SELECTIONS,
                         help="the newest checkpoint, or the best by online-probe Dice (best_probe.pt)")
+    parser.add_argument("--average-with", nargs="+", default=[], metavar="RUN_DIR",
+                        help="other runs of the same recipe from the same start model (other seeds): their selected "
+                             "checkpoints are averaged with this run's, uniformly (a weight soup)")
     parser.add_argument("--transfer", metavar="MARKDOWN_FILE",
                         help="measured transfer results to put in the model card")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hugging Face repo")
@@ -91,7 +94,8 @@ def _export(args: argparse.Namespace, config: Any) -> None:
             raise InputError(f"--transfer {args.transfer}: could not read it as a Markdown file ({error})") from None
     licence = {"license": args.license} if args.license is not None else {}  # else export's documented default
     out = pretrain.export(run_dir, args.output, name=args.name, data_description=args.data, dtype=dtype,
-                          select=args.select, transfer=transfer, overwrite=args.overwrite, **licence)
+                          select=args.select, transfer=transfer, average_with=args.average_with,
+                          overwrite=args.overwrite, **licence)
     print(f"exported to {out}")
     if args.push_to_hub:
         print(pretrain.push_to_hub(out, args.push_to_hub))

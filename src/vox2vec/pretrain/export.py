@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from vox2vec.errors import ArgumentError, InputError, OutputError
 from vox2vec.hub.pretrained import backbone_entries
 from vox2vec.outputs import changed_since_written
 from vox2vec.pretrain.run_folder import BEST_PROBE_NAME
+from vox2vec.pretrain.soup import average_checkpoints
 from vox2vec.training_checkpoints import load_latest_checkpoint
 
 __all__ = ["CARD", "SELECTIONS", "check_repo_id", "export", "push_to_hub", "select_checkpoint"]
@@ -31,7 +33,7 @@ A vox2vec backbone (`FPN3d(1, {base}, {scales})`, {params:,} parameters, {dim}-d
 contrastively with the `vox2vec.pretrain` pipeline.
 
 * **Data**: {data}
-* **Steps**: {steps} (checkpoint: {select}){start}; batch: {pairs} crop pairs of {patch} from one CT,
+* **Steps**: {steps} (checkpoint: {select}){start}{soup}; batch: {pairs} crop pairs of {patch} from one CT,
   ≤ {voxels} positives per pair
 * **Objective**: symmetric InfoNCE, τ = {temperature}
 * **Input contract**: canonical RAS orientation, crop to voxels ≥ {threshold:g} HU, {spacing} mm, HU window
@@ -77,19 +79,25 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
 
 def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
            license: str = "unknown", data_description: str = "unspecified", dtype: torch.dtype | None = None,
-           select: str = "last", transfer: str | None = None, overwrite: bool = False) -> Path:
+           select: str = "last", transfer: str | None = None,
+           average_with: Sequence[str | os.PathLike] | str | os.PathLike = (), overwrite: bool = False) -> Path:
     """A checkpoint of ``run_dir`` (see :func:`select_checkpoint`) → a directory :func:`vox2vec.load_pretrained`
     reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card. ``license``:
-    what the weights may be used under — "unknown" unless you say (the data's terms decide, not vox2vec's). Files
-    in the folder that vox2vec did not write are left alone, or refused if they carry our names (unless
+    what the weights may be used under — "unknown" unless you say (the data's terms decide, not vox2vec's).
+    ``average_with``: another run (or a list of them) of the same recipe from the same start model (other seeds)
+    whose ``select`` checkpoints are averaged with this one's, uniformly (:mod:`vox2vec.pretrain.soup`). Files in
+    the folder that vox2vec did not write are left alone, or refused if they carry our names (unless
     ``overwrite``)."""
     from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
     from vox2vec.outputs import check_output_dir
 
-    check_output_dir(output_dir, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=[run_dir], overwrite=overwrite,
+    runs = [run_dir, *([average_with] if isinstance(average_with, (str, os.PathLike)) else average_with)]
+    check_output_dir(output_dir, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=runs, overwrite=overwrite,
                      what="model folder")
-    checkpoint = select_checkpoint(run_dir, select)
+    checkpoints = [select_checkpoint(run, select) for run in runs]
+    checkpoint = average_checkpoints(checkpoints, runs) if len(runs) > 1 else checkpoints[0]
     config = checkpoint["config"]
+    seeds = [c["config"]["train"].get("seed") for c in checkpoints]
     arch = ArchitectureConfig(**known_settings(ArchitectureConfig, config["architecture"], "[architecture] setting(s)"))
     pre = PreprocessingConfig(**known_settings(PreprocessingConfig, config["preprocessing"],
                                                "[preprocessing] setting(s)"))
@@ -99,6 +107,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
         "initialised_from": config["train"].get("init_from"),
         "data": data_description,
         "sampling": config["sampling"], "temperature": config["train"]["temperature"],
+        **({"averaged_runs": [{"run": os.fspath(run), "seed": seed} for run, seed in zip(runs, seeds)]}
+           if len(runs) > 1 else {}),
     })
     model = Vox2VecModel(model_config)
     model.backbone.load_state_dict(backbone_entries(checkpoint["model"]))
@@ -108,6 +118,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
         params=sum(p.numel() for p in model.backbone.parameters()), dim=model.embedding_dim, data=data_description,
         steps=checkpoint["step"], select=select,
         start=f", starting from `{config['train']['init_from']}`" if config["train"].get("init_from") else "",
+        soup=(f"; the uniform average of {len(runs)} runs of this recipe with seeds {', '.join(map(str, seeds))}"
+              if len(runs) > 1 else ""),
         transfer=f"\n## Transfer\n\n{transfer.strip()}\n" if transfer else "",
         pairs=config["sampling"]["pairs_per_step"],
         patch="×".join(map(str, config["sampling"]["patch_size"])), voxels=config["sampling"]["max_voxels_per_pair"],
