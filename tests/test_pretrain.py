@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,7 +409,9 @@ def test_init_from_starts_a_fresh_run_from_a_model_and_a_resume_ignores_it(corpu
 
     moved = config.replace(train={"steps": 4, "init_from": str(tmp_path / "gone")})
     train(moved, progress=False)  # a resume continues from its checkpoint: the start model is no longer needed
-    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").exists()
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004.pt")
+    assert resumed["start"] == {"init_from": str(tmp_path / "start"),  # what it really started from, kept
+                                "fingerprint": source.fingerprint()}
 
     wider = _config(root, tmp_path / "wider", init_from=str(tmp_path / "start")).replace(
         architecture={"base_channels": 4})
@@ -454,8 +457,14 @@ def test_export_averages_seeds_of_one_recipe_from_one_start_and_refuses_anything
     train(_config(root, tmp_path / "other_lr", lr=1e-3, seed=1, init_from=start, **one_step), progress=False)
     train(_config(root, tmp_path / "scratch0", seed=0, **one_step), progress=False)
     train(_config(root, tmp_path / "scratch1", seed=1, **one_step), progress=False)
+    torch.manual_seed(6)  # other start weights under the same path
+    Vox2VecModel(ModelConfig(ArchitectureConfig(base_channels=2, num_scales=3), name="start")).save_pretrained(
+        tmp_path / "start", overwrite=True)
+    train(_config(root, tmp_path / "other_start", seed=1, init_from=start, **one_step), progress=False)
+    shutil.copytree(tmp_path / "seed1", tmp_path / "seed1_copy")
     refusals = {"other_lr": ("seed0", "differ in train.lr"), "seed0": ("seed0", "names one run twice"),
-                "scratch1": ("scratch0", "started from random weights")}
+                "scratch1": ("scratch0", "started from random weights"),
+                "other_start": ("seed0", "started from other weights"), "seed1_copy": ("seed1", "has seed 1")}
     for other, (run, message) in refusals.items():
         with pytest.raises(InputError, match=message):
             export(tmp_path / run, tmp_path / "refused", average_with=[tmp_path / other])

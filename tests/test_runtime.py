@@ -237,3 +237,26 @@ def test_a_tiling_asked_of_a_saved_pyramid_it_does_not_have_is_refused(small_ct,
     assert main([*argv, "--tiling", "fast", "--no-progress"]) == 2 and not out.exists()
     assert "holds features embedded with paper tiling, but tiling 'fast' was asked for" in capsys.readouterr().err
     assert main([*argv, "--no-progress"]) == 0 and out.exists()  # no tiling asked: the pyramids as they are
+
+
+def test_a_ct_matched_with_a_fast_pyramid_on_the_command_line_is_embedded_with_its_tiling(small_ct, tmp_path,
+                                                                                          capsys):
+    """No --tiling: the CT follows the saved pyramid's tiling, as in Python. A missing pyramid file with a tiling
+    given is reported as missing, not as a tiling it cannot have."""
+    from vox2vec.cli import main
+
+    model_dir = tiny_model(base_channels=2, num_scales=4).save_pretrained(tmp_path / "model")
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(small_ct.to_sitk(), str(ct))
+    fast = embed_volume(str(ct), str(model_dir), runtime=Runtime(progress=False, tiling="fast"))
+    path = fast.save(tmp_path / "fast.safetensors")
+    point = fast.grid.index_to_world(np.array([[20, 20, 3]]))
+    points, out = tmp_path / "points.csv", tmp_path / "matches.csv"
+    points.write_text("name,x,y,z\np," + ",".join(map(str, point[0])) + "\n")
+    argv = ["match", "-s", str(ct), "-t", str(path), "--points", str(points), "-o", str(out), "--model",
+            str(model_dir), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    matched = np.loadtxt(out, delimiter=",", skiprows=1, usecols=(5, 6, 7))
+    np.testing.assert_allclose(matched, point[0], atol=1e-4)  # the same features: the point finds itself
+    with pytest.raises(InputError, match="no such feature pyramid file"):
+        as_pyramid(tmp_path / "typo.safetensors", runtime=Runtime(tiling="fast"))

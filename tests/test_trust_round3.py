@@ -90,7 +90,7 @@ def test_matching_refuses_features_of_two_tilings(abdomen_crop, tmp_path):
     with pytest.raises(InputError, match="source's features are paper-tiled and the target's fast-tiled"):
         vox2vec.match(point, paper, fast)
     missing = tmp_path / "not_read.nii.gz"  # a CT to embed for a pyramid of another tiling: refused before reading
-    with pytest.raises(InputError, match=r"the given pyramid holds features embedded with paper tiling, but tiling "
+    with pytest.raises(InputError, match=r"the target holds features embedded with paper tiling, but tiling "
                                          r"'fast' was asked for.*leave the tiling out"):
         vox2vec.match(point, missing, paper, model=model, runtime=fp32.replace(tiling="fast"))
     same = vox2vec.match(point, paper, embed_volume(abdomen_crop, model=model, runtime=fp32))

@@ -19,7 +19,7 @@ from vox2vec.errors import ConfigError, InputError
 from vox2vec.modeling import FPN3d, forward_bytes, parameter_count
 from vox2vec.preprocessing import Preprocessor
 
-__all__ = ["Vox2VecModel", "check_backbone_memory", "check_same_backbone"]
+__all__ = ["Vox2VecModel", "check_backbone_memory", "check_same_backbone", "state_fingerprint"]
 
 
 def check_backbone_memory(config: ModelConfig) -> None:
@@ -32,6 +32,15 @@ def check_backbone_memory(config: ModelConfig) -> None:
                f"{arch.num_scales}: {parameters / 1e6:,.0f} M parameters, a {list(config.inference.window)} window)",
                "check architecture in its config.json (fpn-ct has base_channels 16, num_scales 6), or use a "
                "machine with more memory")
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of a state dict's names and bytes."""
+    digest = hashlib.sha256()
+    for key, tensor in state.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class Vox2VecModel(nn.Module):
@@ -78,11 +87,7 @@ class Vox2VecModel(nn.Module):
         state = self.backbone.state_dict()
         versions = tuple((t.data_ptr(), t._version) for t in state.values())
         if self._fingerprint is None or self._fingerprint[0] != versions:
-            digest = hashlib.sha256()
-            for key, tensor in state.items():
-                digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = (versions, digest.hexdigest()[:16])
+            self._fingerprint = (versions, state_fingerprint(state))
         return self._fingerprint[1]
 
     def record(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from vox2vec.configured_model import check_same_backbone
 from vox2vec.errors import InputError
 from vox2vec.features import FeaturePyramid, check_world_points
 from vox2vec.hub import resolve_model
-from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid, is_saved_pyramid
+from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid, check_pyramid_tiling, recorded_tiling
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 
 __all__ = ["CANDIDATES", "Matches", "match"]
@@ -176,22 +176,18 @@ def match(
 
 
 def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[FeaturePyramid, FeaturePyramid]:
-    """Both sides as pyramids: the model loaded once for the CTs, and a given pyramid read first, so that a CT on
-    the other side is refused before it is embedded with a tiling the pyramid does not have."""
-    sides = (source, target)
-    given = [i for i, x in enumerate(sides) if isinstance(x, FeaturePyramid) or is_saved_pyramid(x)]
-    if len(given) == 2:
-        return as_pyramid(source, runtime=runtime), as_pyramid(target, runtime=runtime)
-    model = resolve_model(DEFAULT_MODEL if model is None else model)
-    pair = {i: as_pyramid(sides[i], runtime=runtime) for i in given}
-    if given:  # one pyramid; the CT on the other side is embedded with its tiling unless another was given
-        side, tiling = given[0], pair[given[0]].meta.get("tiling", "paper")
-        runtime = runtime.default_for(tiling=tiling)
-        metas = [pair[side].meta, {"tiling": runtime.tiling}]
-        _check_same_tiling(*(metas if side == 0 else metas[::-1]),
-                           f"embed the CT with Runtime(tiling={tiling!r}) (--tiling {tiling})")
-    pair.update({i: as_pyramid(x, model, runtime=runtime) for i, x in enumerate(sides) if i not in pair})
-    return pair[0], pair[1]
+    """Both sides as pyramids: a tiling given that a given pyramid lacks refused first (naming the side), the model
+    loaded once for the CTs, and a CT beside one pyramid embedded with that pyramid's tiling unless another was
+    given."""
+    sides = {"source": source, "target": target}
+    given = {side: tiling for side, x in sides.items() if (tiling := recorded_tiling(x)) is not None}
+    for side in given:
+        check_pyramid_tiling(sides[side], runtime, f"the {side}")
+    if len(given) == 1:
+        runtime = runtime.default_for(tiling=next(iter(given.values())))
+    if len(given) < 2:
+        model = resolve_model(DEFAULT_MODEL if model is None else model)
+    return as_pyramid(source, model, runtime=runtime), as_pyramid(target, model, runtime=runtime)
 
 
 def _check_same_tiling(a: dict[str, Any], b: dict[str, Any], fix: str) -> None:

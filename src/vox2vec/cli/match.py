@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vox2vec.correspondence import match
     from vox2vec.geometry import check_same_grid
+    from vox2vec.inference.ct_to_pyramid import recorded_tiling
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import read_points, write_table
     from vox2vec.volume import load_volume
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     names, points = read_points(args.points)
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
     runtime = runtime_of(args)
+    tilings = {tiling for ct in (args.source, args.target) if (tiling := recorded_tiling(ct)) is not None}
+    if len(tilings) == 1:  # a CT beside a saved pyramid: embedded with its tiling unless --tiling says otherwise
+        runtime = runtime.default_for(tiling=tilings.pop())
     model = command_model(args.model, [args.source, args.target])
     source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
     if labels is not None:

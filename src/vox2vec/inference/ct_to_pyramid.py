@@ -21,7 +21,8 @@ from vox2vec.preprocessing import PreprocessedVolume
 from vox2vec.pyramid_io import read_pyramid_meta
 from vox2vec.volume import check_ct_source
 
-__all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "check_pyramid_tiling", "embed_prepared", "embed_volume"]
+__all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "check_pyramid_tiling", "embed_prepared", "embed_volume",
+           "recorded_tiling"]
 
 DEFAULT_MODEL = "fpn-ct"  # the documented default of every entry point that embeds a CT
 PYRAMID_SUFFIX = ".safetensors"
@@ -96,15 +97,26 @@ def is_saved_pyramid(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(PYRAMID_SUFFIX)
 
 
-def check_pyramid_tiling(meta: dict[str, Any], runtime: Runtime, name: str) -> None:
-    """Refuse an already embedded pyramid (``meta``, pyramids from before tilings: paper) when ``runtime`` was given
-    a tiling it does not have: the option would silently mean nothing, and the features would not be what it
-    asked for."""
-    recorded = meta.get("tiling", "paper")
-    if "tiling" in runtime.given and runtime.tiling != recorded:
+def recorded_tiling(source: Any) -> str | None:
+    """The tiling a pyramid or saved pyramid was embedded with (pyramids from before tilings: paper), from a saved
+    one's header alone; ``None`` for a CT, or a file whose header cannot be read (reading it reports why)."""
+    if isinstance(source, FeaturePyramid):
+        meta = source.meta
+    elif is_saved_pyramid(source):
+        meta = read_pyramid_meta(source)
+    else:
+        return None
+    return None if meta is None else meta.get("tiling", "paper")
+
+
+def check_pyramid_tiling(source: Any, runtime: Runtime, name: str) -> None:
+    """Refuse an already embedded pyramid (or saved pyramid) ``source`` when ``runtime`` was given a tiling it does
+    not have: the option would silently mean nothing, and the features would not be what it asked for."""
+    recorded = recorded_tiling(source)
+    if recorded is not None and "tiling" in runtime.given and runtime.tiling != recorded:
         raise InputError(f"{name} holds features embedded with {recorded} tiling, but tiling {runtime.tiling!r} was "
                          "asked for; a pyramid is never re-embedded — leave the tiling out (--tiling) to use it as "
-                         f"it is, or embed the CT again with Runtime(tiling={runtime.tiling!r})")
+                         f"it is, or embed its CT again with Runtime(tiling={runtime.tiling!r})")
 
 
 def as_pyramid(
@@ -128,11 +140,13 @@ def as_pyramid(
     """
     runtime = resolve_runtime(runtime).checked()  # a bad runtime is refused whatever the source
     if isinstance(source, FeaturePyramid):
-        check_pyramid_tiling(source.meta, runtime, "the given pyramid")
+        check_pyramid_tiling(source, runtime, "the given pyramid")
         return source
     if is_saved_pyramid(source):
-        check_pyramid_tiling(read_pyramid_meta(source) or {}, runtime, os.fspath(source))  # before it is read
-        return FeaturePyramid.load(source)
+        check_pyramid_tiling(source, runtime, os.fspath(source))  # from its header, before it is read
+        pyramid = FeaturePyramid.load(source)
+        check_pyramid_tiling(pyramid, runtime, os.fspath(source))  # a header that could not be read alone
+        return pyramid
     check_ct_source(source)  # before the model is resolved (which may mean a download)
     return embed_volume(source, DEFAULT_MODEL if model is None else model, runtime=runtime, spacing=spacing,
                         axis_order=axis_order, origin=origin, direction=direction)

@@ -72,7 +72,9 @@ class Runtime:
       of large CTs). Training steps always run eager.
 
     :attr:`given` names the fields set explicitly (here or by :meth:`replace`); the others are defaults that a
-    caller's context may fill in (a head's own tiling, the tiling of a pyramid a CT is matched with).
+    caller's context may fill in (a head's own tiling, the tiling of a pyramid a CT is matched with). Copy with
+    :meth:`replace`: ``dataclasses.replace`` counts every field as given. Equality compares the fields only, so
+    ``Runtime() == Runtime(tiling="paper")`` although only the second insists on the paper tiling.
     """
 
     device: torch.device | str | int | None = None

@@ -80,7 +80,7 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
 def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: str | None = None,
            license: str = "unknown", data_description: str = "unspecified", dtype: torch.dtype | None = None,
            select: str = "last", transfer: str | None = None,
-           average_with: Sequence[str | os.PathLike] | str | os.PathLike = (), overwrite: bool = False) -> Path:
+           average_with: Sequence[str | os.PathLike] | str | os.PathLike | None = (), overwrite: bool = False) -> Path:
     """A checkpoint of ``run_dir`` (see :func:`select_checkpoint`) → a directory :func:`vox2vec.load_pretrained`
     reads, with a model card; ``transfer`` is Markdown with measured transfer results for the card. ``license``:
     what the weights may be used under — "unknown" unless you say (the data's terms decide, not vox2vec's).
@@ -91,6 +91,8 @@ def export(run_dir: str | os.PathLike, output_dir: str | os.PathLike, *, name: s
     from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME
     from vox2vec.outputs import check_output_dir
 
+    if average_with is None:
+        average_with = ()
     runs = [run_dir, *([average_with] if isinstance(average_with, (str, os.PathLike)) else average_with)]
     check_output_dir(output_dir, files=(WEIGHTS_NAME, CONFIG_NAME, "README.md"), inputs=runs, overwrite=overwrite,
                      what="model folder")

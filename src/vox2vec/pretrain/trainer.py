@@ -22,6 +22,7 @@ from torch import nn
 from vox2vec._launch import launch_environment
 from vox2vec._signals import StopFlag, ignore_stop_signals, stop_signals_blocked
 from vox2vec.augment import augment
+from vox2vec.configured_model import state_fingerprint
 from vox2vec.errors import InputError
 from vox2vec.inference.precision import autocast, local_device, training_precision
 from vox2vec.modeling import FPN3d
@@ -33,7 +34,7 @@ from vox2vec.pretrain.sampling import PairDataset, collate_single, open_corpus
 from vox2vec.training_checkpoints import save_checkpoint
 from vox2vec.writers import write_json
 
-__all__ = ["augmentation_seed", "initial_backbone", "train"]
+__all__ = ["augmentation_seed", "initial_backbone", "start_record", "train"]
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -72,6 +73,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     check_run_folder(config, rank, overwrite=overwrite)
     checkpoint = check_resume(config, out / "checkpoints")
     start = None if checkpoint is not None else initial_backbone(config)  # fails before any work
+    origin = checkpoint.get("start") if checkpoint is not None else start_record(config, start)  # kept on resume
     cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
     if rank == 0:
         write_json(config.to_dict(), out / "config.json")
@@ -87,7 +89,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     log = _StepLog(out, rank, step, device)
     bar = tqdm(total=t.steps, initial=step, desc="pre-training", disable=not progress or rank > 0)
     if t.probe_every and rank == 0 and step == 0:  # the baseline: the start model (or the random init) itself
-        _online_probe(model, config, 0, out)
+        _online_probe(model, config, 0, out, origin)
     with StopFlag() as stop, bar, log:
         with stop_signals_blocked():  # workers start with them blocked, then ignore them (ignore_stop_signals)
             batches = iter(loader)
@@ -106,7 +108,7 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
                 log.record(step, loss, grad_norm, positives, batch.case)
             stopping = _all_agree(stop.requested, world, device)
             if rank == 0:
-                _checkpoint_and_probe(model, optimiser, config, step, out, stopping)
+                _checkpoint_and_probe(model, optimiser, config, step, out, stopping, origin)
             if stopping:
                 break
         log.end(step, _checksum(model))
@@ -116,17 +118,26 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
 
 
 def _checkpoint_and_probe(model: nn.Module, optimiser: torch.optim.Optimizer, config: PretrainConfig, step: int,
-                          out: Path, stopping: bool) -> None:
+                          out: Path, stopping: bool, origin: dict[str, Any] | None) -> None:
     """Rank 0 after a step: a checkpoint every ``checkpoint_every`` steps, at the end and when stopping; the online
-    probe every ``probe_every`` steps."""
+    probe every ``probe_every`` steps. Checkpoints carry ``origin`` (:func:`start_record`)."""
     t = config.train
     if step % t.checkpoint_every == 0 or step == t.steps or stopping:
         save_checkpoint(out / "checkpoints", step, {
             "model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-            "config": config.to_dict(),
+            "config": config.to_dict(), "start": origin,
         }, keep=t.keep_checkpoints)
     if t.probe_every and step % t.probe_every == 0:
-        _online_probe(model, config, step, out)
+        _online_probe(model, config, step, out, origin)
+
+
+def start_record(config: PretrainConfig, start: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What a fresh run started from, kept in every checkpoint across resumes (which may drop or change
+    ``train.init_from`` without effect): the ``init_from`` it named and a sha256 of the start weights (``None`` for
+    random init) — so that a weight soup can tell runs from one start model (:mod:`vox2vec.pretrain.soup`)."""
+    if start is None:
+        return {"init_from": None, "fingerprint": None}
+    return {"init_from": config.train.init_from, "fingerprint": state_fingerprint(start)}
 
 
 def initial_backbone(config: PretrainConfig) -> dict[str, torch.Tensor] | None:
@@ -278,7 +289,8 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path) -> float:
+def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, out: Path,
+                  origin: dict[str, Any] | None) -> float:
     """Linear probe of the current backbone: fit on ``probe_ct``, Dice on ``probe_test_ct`` (default: the same CT).
 
     With a test CT of another patient this is the transfer trend of the run; it goes to ``probe.jsonl`` and the
@@ -307,5 +319,5 @@ def _online_probe(model: ContrastiveModel, config: PretrainConfig, step: int, ou
     record_written(out / "probe.jsonl", appendable=True)
     if math.isfinite(report.mean) and report.mean > best:
         save_checkpoint(out, step, {"model": model.state_dict(), "step": step, "config": config.to_dict(),
-                                    "probe": report.to_dict()}, keep=0, name=BEST_PROBE_NAME)
+                                    "start": origin, "probe": report.to_dict()}, keep=0, name=BEST_PROBE_NAME)
     return report.mean
