@@ -236,6 +236,9 @@ def test_a_tiling_asked_of_a_saved_pyramid_it_does_not_have_is_refused(small_ct,
     argv = ["match", "--source", str(path), "--target", str(path), "--points", str(points), "-o", str(out)]
     assert main([*argv, "--tiling", "fast", "--no-progress"]) == 2 and not out.exists()
     assert "holds features embedded with paper tiling, but tiling 'fast' was asked for" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "2", "--engine", "eager", "--no-progress"]) == 2 and not out.exists()
+    assert ("--batch-size --engine only shape how a CT is embedded, and every input here is an already embedded "
+            "pyramid") in capsys.readouterr().err
     assert main([*argv, "--no-progress"]) == 0 and out.exists()  # no tiling asked: the pyramids as they are
 
 

@@ -113,15 +113,27 @@ def add_overwrite(parser: argparse.ArgumentParser, help: str = OVERWRITE_HELP) -
     parser.add_argument("--overwrite", action="store_true", help=help)
 
 
-def runtime_of(args: argparse.Namespace) -> Any:
+EMBEDDING_ONLY_OPTIONS = {"precision": "--precision", "batch_size": "--batch-size", "engine": "--engine"}
+
+
+def runtime_of(args: argparse.Namespace, inputs: Iterable[Any] | None = None) -> Any:
     """The command's :class:`vox2vec.Runtime`, from the shared options: only those on the command line count as given
     (:attr:`vox2vec.Runtime.given`), so that an option never silently means nothing and an option left out may
-    follow its context (a head's tiling)."""
+    follow its context (a head's tiling). ``inputs``: what the command would embed — when every one is a saved
+    pyramid, the options that only shape embedding (:data:`EMBEDDING_ONLY_OPTIONS`) are refused (``--tiling`` is
+    checked against each pyramid by :func:`vox2vec.as_pyramid`)."""
     from vox2vec.inference.runtime import Runtime
 
     options = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
                "progress": False if args.no_progress else None, "tiling": args.tiling, "engine": args.engine}
-    return Runtime(**{name: value for name, value in options.items() if value is not None})
+    runtime = Runtime(**{name: value for name, value in options.items() if value is not None})
+    inputs = list(inputs) if inputs is not None else []
+    unused = [flag for field, flag in EMBEDDING_ONLY_OPTIONS.items() if field in runtime.given]
+    if inputs and unused and all(is_saved_pyramid(source) for source in inputs):
+        raise InputError(f"{' '.join(unused)} only shape how a CT is embedded, and every input here is an already "
+                         f"embedded pyramid (.safetensors), so they would mean nothing; leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out, or give the CT")
+    return runtime
 
 
 def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
     inputs = [args.list, args.points, *[p for job in jobs for p in (job.ct, job.mask) if p], *model_paths(args.model)]
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
-    runtime = runtime_of(args)
+    runtime = runtime_of(args, inputs=[job.ct for job in jobs])
     runtime = runtime.replace(progress=runtime.progress and len(jobs) == 1)  # one bar for a list: the cases'
     model = command_model(args.model, [job.ct for job in jobs])  # loaded once for every case
     table, failed = FeatureTable([], []), 0

@@ -106,7 +106,7 @@ def run_predict(args: argparse.Namespace) -> int:
         check_output_file(args.output, "label-map", inputs=inputs, overwrite=args.overwrite)
     head = load_head(args.head)
     model = args.model or head.backbone.get("name")
-    prediction = head.predict(args.input, model=model, runtime=runtime_of(args))
+    prediction = head.predict(args.input, model=model, runtime=runtime_of(args, inputs=[args.input]))
     if dicom_seg:
         write_dicom_seg(prediction, series, args.output, head.classes, overwrite=args.overwrite)
     else:

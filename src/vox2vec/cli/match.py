@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
     names, points = read_points(args.points)
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
-    runtime = runtime_of(args)
+    runtime = runtime_of(args, inputs=[args.source, args.target])
     tilings = {tiling for ct in (args.source, args.target) if (tiling := recorded_tiling(ct)) is not None}
     if len(tilings) == 1:  # a CT beside a saved pyramid: embedded with its tiling unless --tiling says otherwise
         runtime = runtime.default_for(tiling=tilings.pop())

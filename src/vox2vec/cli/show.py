@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if is_saved_pyramid(args.input):  # a pyramid holds no intensities to draw
         raise InputError(f"{args.input} is a saved feature pyramid, not a CT; show draws the CT: give the CT and "
                          f"the pyramid with --pyramid (vox2vec show CT --pyramid {args.input} -o …)")
-    runtime, pyramid = runtime_of(args), args.pyramid
+    runtime, pyramid = runtime_of(args, inputs=[args.pyramid] if args.pyramid else None), args.pyramid
     if pyramid is not None and args.model is not None:  # never silently another model than --model names
         pyramid = pyramid_of(pyramid, args.model, command_model(args.model, [pyramid]), runtime)
     show(args.input, args.output, model=args.model, pyramid=pyramid, head=args.head, point=args.point,
