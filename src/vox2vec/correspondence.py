@@ -181,8 +181,8 @@ def _pyramids(source: Any, target: Any, model: Any, runtime: Runtime) -> tuple[F
     given."""
     sides = {"source": source, "target": target}
     given = {side: tiling for side, x in sides.items() if (tiling := recorded_tiling(x)) is not None}
-    for side in given:
-        check_pyramid_tiling(sides[side], runtime, f"the {side}")
+    for side, tiling in given.items():
+        check_pyramid_tiling(tiling, runtime, f"the {side}")
     if len(given) == 1:
         runtime = runtime.default_for(tiling=next(iter(given.values())))
     if len(given) < 2:

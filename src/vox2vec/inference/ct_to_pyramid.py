@@ -109,10 +109,10 @@ def recorded_tiling(source: Any) -> str | None:
     return None if meta is None else meta.get("tiling", "paper")
 
 
-def check_pyramid_tiling(source: Any, runtime: Runtime, name: str) -> None:
-    """Refuse an already embedded pyramid (or saved pyramid) ``source`` when ``runtime`` was given a tiling it does
-    not have: the option would silently mean nothing, and the features would not be what it asked for."""
-    recorded = recorded_tiling(source)
+def check_pyramid_tiling(recorded: str | None, runtime: Runtime, name: str) -> None:
+    """Refuse an already embedded pyramid (``name``) of tiling ``recorded`` (:func:`recorded_tiling`; ``None``: not
+    known) when ``runtime`` was given another: the option would silently mean nothing, and the features would not be
+    what it asked for."""
     if recorded is not None and "tiling" in runtime.given and runtime.tiling != recorded:
         raise InputError(f"{name} holds features embedded with {recorded} tiling, but tiling {runtime.tiling!r} was "
                          "asked for; a pyramid is never re-embedded — leave the tiling out (--tiling) to use it as "
@@ -140,12 +140,14 @@ def as_pyramid(
     """
     runtime = resolve_runtime(runtime).checked()  # a bad runtime is refused whatever the source
     if isinstance(source, FeaturePyramid):
-        check_pyramid_tiling(source, runtime, "the given pyramid")
+        check_pyramid_tiling(recorded_tiling(source), runtime, "the given pyramid")
         return source
     if is_saved_pyramid(source):
-        check_pyramid_tiling(source, runtime, os.fspath(source))  # from its header, before it is read
+        recorded = recorded_tiling(source)  # from its header, before the file is read
+        check_pyramid_tiling(recorded, runtime, os.fspath(source))
         pyramid = FeaturePyramid.load(source)
-        check_pyramid_tiling(pyramid, runtime, os.fspath(source))  # a header that could not be read alone
+        if recorded is None:  # a header that could not be read alone
+            check_pyramid_tiling(recorded_tiling(pyramid), runtime, os.fspath(source))
         return pyramid
     check_ct_source(source)  # before the model is resolved (which may mean a download)
     return embed_volume(source, DEFAULT_MODEL if model is None else model, runtime=runtime, spacing=spacing,

@@ -40,12 +40,12 @@ RUNTIME_FIELDS = ("device", "precision", "batch_size", "progress", "tiling", "en
 def _records_given_fields(cls: type) -> type:
     """Wrap a dataclass's ``__init__`` so that each instance keeps the names of the fields its caller passed
     (positionally or by keyword) in ``_given``; the fields themselves, equality and hashing are unchanged."""
-    generated = cls.__init__
+    generated, names = cls.__init__, tuple(field.name for field in dataclasses.fields(cls))
 
     @functools.wraps(generated)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         generated(self, *args, **kwargs)
-        object.__setattr__(self, "_given", frozenset(RUNTIME_FIELDS[:len(args)]) | frozenset(kwargs))
+        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
 
     cls.__init__ = __init__
     return cls
