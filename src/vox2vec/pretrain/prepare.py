@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_directory
 from vox2vec.cohort.inputs import CaseInput, discover
+from vox2vec.cohort.manifest import input_fingerprint
 from vox2vec.config import PreprocessingConfig, known_settings
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.pretrain.sampling import read_manifest
@@ -70,6 +71,7 @@ def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], pa
     if case.problem:
         return {"source": source, "skipped": f"unreadable: {case.problem}"}
     try:
+        fingerprint = input_fingerprint(case.files())  # before reading: a file changed meanwhile is prepared again
         volume = load_volume(case.source)
         not_ct = _not_hounsfield(volume.array)
         if not_ct:  # a label map or an MR among the inputs: never a pre-training case (as in a cohort run)
@@ -91,7 +93,7 @@ def prepare_case(case: CaseInput, target: str, preprocessing: dict[str, Any], pa
         np.save(tmp / "body.npy", body)
         (tmp / "grid.json").write_text(json.dumps(grid.to_dict()))
     return {"source": source, "id": Path(target).name, "shape": list(grid.shape), "spacing": list(grid.spacing),
-            "body_voxels": int(body.sum())}
+            "body_voxels": int(body.sum()), "input_fingerprint": fingerprint}
 
 
 def prepare(
@@ -118,9 +120,14 @@ def prepare(
     output_dir.mkdir(parents=True, exist_ok=True)
     ours = is_ours(output_dir / MANIFEST)
     previous = read_manifest(output_dir) if ours else {"cases": [], "skipped": []}
-    done = {c["source"]: c for c in previous["cases"] if (output_dir / c["id"] / "image.npy").exists()}
-    taken = {c["id"] for c in done.values()} | _foreign_entries(output_dir, {c["id"] for c in done.values()})
     preprocessing = preprocessing or PreprocessingConfig()
+    settings = json.loads(json.dumps(asdict(preprocessing)))  # as the manifest stores them (lists, not tuples)
+    current = {case.key: _fingerprint_or_none(case) for case in found}
+    # a finished case is kept only when neither its input nor the preprocessing changed since (else: prepared again)
+    done = {c["source"]: c for c in previous["cases"] if (output_dir / c["id"] / "image.npy").exists()
+            and previous.get("preprocessing") == settings and c.get("input_fingerprint") is not None
+            and c.get("input_fingerprint") == current.get(c["source"])}
+    taken = {c["id"] for c in done.values()} | _foreign_entries(output_dir, {c["id"] for c in done.values()})
     jobs = []
     for case in found:
         if case.key not in done:
@@ -145,6 +152,16 @@ def prepare(
                 "cases": sorted(cases, key=lambda c: c["id"]), "skipped": skipped}
     write_json(manifest, output_dir / MANIFEST)
     return manifest
+
+
+def _fingerprint_or_none(case: CaseInput) -> dict[str, str] | None:
+    """The input's size-and-time fingerprint now, or None when it cannot be read (it is then prepared again)."""
+    if case.problem:
+        return None
+    try:
+        return input_fingerprint(case.files())
+    except OSError:
+        return None
 
 
 def _foreign_entries(folder: Path, done: set[str]) -> set[str]:

@@ -77,10 +77,21 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int]) -> list[PreparedCase]:
-    """All prepared cases large enough for ``patch_size``; fails before training when none is."""
+def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int],
+                preprocessing: dict[str, Any] | None = None) -> list[PreparedCase]:
+    """All prepared cases large enough for ``patch_size``; fails before training when none is, or when the corpus was
+    prepared with other ``preprocessing`` settings (its grid would not be the one the model records)."""
     prepared_dir = Path(prepared_dir)
     manifest = read_manifest(prepared_dir)
+    recorded = manifest.get("preprocessing")
+    if preprocessing is not None and isinstance(recorded, dict):
+        wanted = json.loads(json.dumps(preprocessing))  # as the manifest stores them (lists, not tuples)
+        differing = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
+        if differing:
+            raise InputError(f"{prepared_dir} was prepared with other [preprocessing] settings ("
+                             + ", ".join(f"{k}: {recorded.get(k)} there, {wanted.get(k)} here" for k in differing)
+                             + "); run `vox2vec pretrain prepare` with this config (into a new folder), or use the "
+                             "settings the corpus was prepared with")
     usable = [c for c in manifest["cases"] if all(n >= p for n, p in zip(c["shape"], patch_size))]
     if not usable:
         largest = max((tuple(c["shape"]) for c in manifest["cases"]), default=None)

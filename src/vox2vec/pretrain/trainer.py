@@ -12,6 +12,7 @@ import math
 import resource
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     checkpoint = check_resume(config, out / "checkpoints")
     start = None if checkpoint is not None else initial_backbone(config)  # fails before any work
     origin = checkpoint.get("start") if checkpoint is not None else start_record(config, start)  # kept on resume
-    cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size)  # fails before any work
+    cases = open_corpus(config.data.prepared_dir, config.sampling.patch_size,  # fails before any work
+                        preprocessing=asdict(config.preprocessing))
     if rank == 0:
         write_json(config.to_dict(), out / "config.json")
     mode = training_precision(t.precision, device)
