@@ -25,7 +25,7 @@ from vox2vec.cohort.inputs import CaseInput, discover
 from vox2vec.cohort.manifest import input_fingerprint
 from vox2vec.config import PreprocessingConfig, known_settings
 from vox2vec.outputs import check_output_dir, is_ours
-from vox2vec.pretrain.sampling import read_manifest
+from vox2vec.pretrain.sampling import as_stored, read_manifest
 from vox2vec.writers import write_json
 
 __all__ = ["CASE_FILES", "MANIFEST", "case_id", "prepare", "prepare_case"]
@@ -121,7 +121,7 @@ def prepare(
     ours = is_ours(output_dir / MANIFEST)
     previous = read_manifest(output_dir) if ours else {"cases": [], "skipped": []}
     preprocessing = preprocessing or PreprocessingConfig()
-    settings = json.loads(json.dumps(asdict(preprocessing)))  # as the manifest stores them (lists, not tuples)
+    settings = as_stored(asdict(preprocessing))
     current = {case.key: _fingerprint_or_none(case) for case in found}
     # a finished case is kept only when neither its input nor the preprocessing changed since (else: prepared again)
     done = {c["source"]: c for c in previous["cases"] if (output_dir / c["id"] / "image.npy").exists()

@@ -20,7 +20,7 @@ from vox2vec.pretrain.config import SamplingConfig
 
 __all__ = [
     "collate_single", "draw_footprints", "open_corpus", "PairBatch", "PairDataset", "PreparedCase",
-    "read_manifest", "read_view", "sample_pair", "step_generator"
+    "as_stored", "read_manifest", "read_view", "sample_pair", "step_generator"
 ]
 
 
@@ -77,6 +77,11 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def as_stored(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as a corpus manifest stores them (JSON: lists, not tuples), so that the two compare equal."""
+    return json.loads(json.dumps(settings))
+
+
 def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int],
                 preprocessing: dict[str, Any] | None = None) -> list[PreparedCase]:
     """All prepared cases large enough for ``patch_size``; fails before training when none is, or when the corpus was
@@ -85,7 +90,7 @@ def open_corpus(prepared_dir: str | Path, patch_size: tuple[int, int, int],
     manifest = read_manifest(prepared_dir)
     recorded = manifest.get("preprocessing")
     if preprocessing is not None and isinstance(recorded, dict):
-        wanted = json.loads(json.dumps(preprocessing))  # as the manifest stores them (lists, not tuples)
+        wanted = as_stored(preprocessing)
         differing = sorted(k for k in wanted.keys() | recorded.keys() if wanted.get(k) != recorded.get(k))
         if differing:
             raise InputError(f"{prepared_dir} was prepared with other [preprocessing] settings ("
