@@ -145,8 +145,13 @@ def test_refusals_come_before_any_work(tmp_path):
     sitk.WriteImage(crop(read_image(label_path("ts_abdomen_dicom20")), (150, 150, 0), (20, 20, 3)), str(other))
     with pytest.raises(InputError, match="the prediction .* the DICOM series"):
         write_dicom_seg(other, tmp_path / "series", tmp_path / "seg.dcm", {1: "liver"})
-    with pytest.raises(InputError, match=r"label ids \[-1024, .* …\] that have no class name"):
-        write_dicom_seg(nifti, tmp_path / "series", tmp_path / "seg.dcm", {1: "liver"})
+    with pytest.raises(InputError, match=r"the prediction holds negative values .*if this file is a CT"):
+        write_dicom_seg(nifti, tmp_path / "series", tmp_path / "seg.dcm", {1: "liver"})  # the CT, not its labels
+    labels = tmp_path / "labels.nii.gz"
+    unnamed = sitk.Cast(read_image(nifti), sitk.sitkUInt8) * 0 + 7  # a label map on the series' grid, all id 7
+    sitk.WriteImage(unnamed, str(labels))
+    with pytest.raises(InputError, match=r"label ids \[7\] that have no class name"):
+        write_dicom_seg(labels, tmp_path / "series", tmp_path / "seg.dcm", {1: "liver"})
     assert not (tmp_path / "seg.dcm").exists()
 
 
