@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vox2vec.errors import InputError
 from vox2vec.readers.files import check_data_file_inside
+from vox2vec.readers.sources import detached_data_files, source_files
 from vox2vec.volume import IMAGE_SUFFIXES, DicomSeries, _looks_like_dicom, dicom_series_ids, image_stem
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")  # a file of paths, one per line, or a CSV with a `path` column
@@ -54,7 +55,7 @@ class CaseInput:
         detached header's data file."""
         if isinstance(self.source, DicomSeries):
             return [self.source.folder]
-        return [self.source, *_detached_data_file(self.source)]
+        return [self.source, *detached_data_files(self.source)]
 
     @property
     def key(self) -> str:
@@ -66,39 +67,7 @@ class CaseInput:
     def files(self) -> list[Path]:
         """Every file this case reads (a DICOM series' slices; a ``.mhd``/``.nhdr`` header and its data file), for
         fingerprints."""
-        import SimpleITK as sitk
-
-        if isinstance(self.source, DicomSeries):
-            folder, series = self.source.folder, [self.source.series_id]
-        elif self.source.is_dir():
-            folder, series = self.source, dicom_series_ids(self.source)[:1]
-        else:
-            return [self.source, *_detached_data_file(self.source)] if self.source.is_file() else []
-        return [Path(f) for uid in series for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
-
-
-def _named_data_file(header: Path) -> str | None:
-    """The data file a ``.mhd`` (``ElementDataFile = …``) or ``.nhdr`` (``data file: …``) header names, as written
-    (None for other files, an unreadable header, or data inside the header: ``LOCAL``)."""
-    if header.suffix.lower() not in (".mhd", ".nhdr"):
-        return None
-    try:
-        lines = header.read_text(encoding="latin-1", errors="replace").splitlines()[:200]
-    except OSError:
-        return None
-    for line in lines:
-        key, separator, value = line.partition("=" if header.suffix.lower() == ".mhd" else ":")
-        if separator and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
-            value = value.strip()
-            return None if value.upper() == "LOCAL" else value
-    return None
-
-
-def _detached_data_file(header: Path) -> list[Path]:
-    """The data file a detached header names, when it exists."""
-    named = _named_data_file(header)
-    found = header.parent / named if named else None
-    return [found] if found is not None and found.is_file() else []
+        return source_files(self.source)
 
 
 def detached_data_problem(header: Path) -> str | None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vox2vec.cohort.inputs import CaseInput
-from vox2vec.cohort.manifest import input_fingerprint
 from vox2vec.errors import NotHounsfieldWarning, UsageError
+from vox2vec.readers.sources import input_fingerprint
 
 __all__ = ["load_ahead", "load_case", "LoadedCase"]
 

@@ -10,7 +10,6 @@ storage settings: the manifest is a report, the outputs themselves are the truth
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from vox2vec._atomic import atomic_path
 from vox2vec.outputs import record_written, safetensors_header, written_by_vox2vec
 
 __all__ = [
-    "MANIFEST", "STATUSES", "CaseResult", "complete_pyramid_meta", "input_fingerprint", "manifest_parts",
+    "MANIFEST", "STATUSES", "CaseResult", "complete_pyramid_meta", "manifest_parts",
     "ManifestWriter", "merge_manifests", "read_manifest"
 ]
 
@@ -61,22 +60,6 @@ class CaseResult:
 
     def to_json(self) -> str:
         return json.dumps({"vox2vec": _version(), **asdict(self)})
-
-
-def input_fingerprint(files: Iterable[Path], hash_contents: bool = False) -> dict[str, str]:
-    """Size and modification time of every file the case reads (cheap), or the SHA-256 of their contents."""
-    digest = hashlib.sha256()
-    total = 0
-    for path in sorted(Path(f) for f in files):
-        stat = path.stat()
-        total += stat.st_size
-        if hash_contents:
-            with open(path, "rb") as handle:
-                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
-                    digest.update(block)
-        else:
-            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return {"kind": "sha256" if hash_contents else "size+mtime", "value": digest.hexdigest(), "bytes": str(total)}
 
 
 def complete_pyramid_meta(path: Path) -> dict[str, Any] | None:

@@ -36,16 +36,15 @@ from vox2vec.cohort.manifest import (
     CaseResult,
     ManifestWriter,
     complete_pyramid_meta,
-    input_fingerprint,
     manifest_parts,
     merge_manifests,
 )
 from vox2vec.cohort.settings import Shard, Storage
 from vox2vec.errors import InputError, UsageError
-from vox2vec.inference.ct_to_pyramid import embed_prepared
+from vox2vec.inference.ct_to_pyramid import embed_prepared, made_as_asked
 from vox2vec.inference.runtime import Runtime
-from vox2vec.inference.tiling import tiled_as_planned
 from vox2vec.outputs import is_ours
+from vox2vec.readers.sources import input_fingerprint
 
 __all__ = ["CohortRun"]
 
@@ -183,13 +182,13 @@ class CohortRun:
 
     def _up_to_date_meta(self, case: CaseInput) -> dict[str, Any] | None:
         """The pyramid's meta when its output is complete and matches the input, model, tiling (and fast tiles'
-        sides) and storage; else None."""
+        sides), precision and storage; else None."""
         if case.problem:
             return None
         meta = complete_pyramid_meta(self._output(case))
         if meta is None or meta.get("fingerprint") != self.model_fingerprint:
             return None
-        if not tiled_as_planned(meta, self.runtime.tiling, self.runtime.engine):  # other tiles, other features
+        if not made_as_asked(meta, self.runtime):  # other tiles or precision, other features
             return None
         if self.overwrite and not is_ours(self._output(case)):  # changed since we wrote it (content digest)
             return None
@@ -206,7 +205,8 @@ class CohortRun:
     def _skip(self, case: CaseInput, meta: dict[str, Any]) -> CaseResult:
         output = self._output(case)
         cohort = meta.get("cohort", {})
-        return CaseResult(case.key, output.name, "skipped", "up to date (same input, model, tiling and storage)",
+        return CaseResult(case.key, output.name, "skipped",
+                          "up to date (same input, model, tiling, precision and storage)",
                           bytes=output.stat().st_size, input_fingerprint=cohort.get("input_fingerprint"),
                           geometry=cohort.get("geometry"), model=meta.get("model"),
                           model_fingerprint=meta.get("fingerprint"))

@@ -16,13 +16,13 @@ from vox2vec.hub import resolve_model
 from vox2vec.inference.embed import embed_image_tiled
 from vox2vec.inference.precision import Precision, storage_dtype
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.tiling import check_tiling_request, model_windows
+from vox2vec.inference.tiling import check_tiling_request, model_windows, tiled_as_planned
 from vox2vec.preprocessing import PreprocessedVolume
 from vox2vec.pyramid_io import read_pyramid_meta
 from vox2vec.volume import check_ct_source
 
 __all__ = ["DEFAULT_MODEL", "PYRAMID_SUFFIX", "as_pyramid", "check_pyramid_tiling", "embed_prepared", "embed_volume",
-           "recorded_tiling"]
+           "made_as_asked", "recorded_tiling"]
 
 DEFAULT_MODEL = "fpn-ct"  # the documented default of every entry point that embeds a CT
 PYRAMID_SUFFIX = ".safetensors"
@@ -88,8 +88,17 @@ def embed_prepared(
     levels, tiles = embed_image_tiled(prepared.image, net.backbone, runtime, window=window, overlap=overlap,
                                       dtype=dtype)
     meta = {"model": config.name, "fingerprint": net.fingerprint(), "num_levels": len(levels),
-            "preprocessing": config.to_dict()["preprocessing"], **tiles.record()}
+            "preprocessing": config.to_dict()["preprocessing"], "precision": runtime.resolved_precision,
+            **tiles.record()}
     return FeaturePyramid(levels, prepared.grid, prepared.source_grid, meta, body=prepared.body_mask())
+
+
+def made_as_asked(meta: dict[str, Any], runtime: Runtime) -> bool:
+    """Whether a stored pyramid's ``meta`` is what ``runtime`` would embed now (same tiling, fast tiles' sides and
+    resolved precision), so that it may stand for a new embedding; the model is the caller's check (its fingerprint).
+    A pyramid from before pyramids recorded their precision never matches: what it holds is not known."""
+    return (tiled_as_planned(meta, runtime.tiling, runtime.engine)
+            and meta.get("precision") == runtime.resolved_precision)
 
 
 def is_saved_pyramid(source: Any) -> bool:

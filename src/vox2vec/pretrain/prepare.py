@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from vox2vec._atomic import atomic_directory
 from vox2vec.cohort.inputs import CaseInput, discover
-from vox2vec.cohort.manifest import input_fingerprint
 from vox2vec.config import PreprocessingConfig, known_settings
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.pretrain.sampling import as_stored, read_manifest
+from vox2vec.readers.sources import input_fingerprint
 from vox2vec.writers import write_json
 
 __all__ = ["CASE_FILES", "MANIFEST", "case_id", "prepare", "prepare_case"]

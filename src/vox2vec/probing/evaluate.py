@@ -17,12 +17,14 @@ from vox2vec._run_record import changed_settings, describe_changes, record_diges
 from vox2vec.errors import InputError, OutputError
 from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.hub import resolve_model
+from vox2vec.inference.ct_to_pyramid import made_as_asked
 from vox2vec.inference.runtime import Runtime, resolve_runtime
-from vox2vec.inference.tiling import tiled_as_planned, tiling_record
+from vox2vec.inference.tiling import tiling_record
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.finetune import check_finetune_settings
 from vox2vec.probing.metrics import dice_scores
+from vox2vec.readers.sources import input_fingerprint, source_files
 from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
 from vox2vec.writers import write_json
 
@@ -165,16 +167,24 @@ def _output_files(setups: Sequence[str], folds: int, cases: list[tuple[str, Path
 def _run_record(net: Any, cases: list[tuple[str, Path, Path]], class_map: ClassMap, folds: int, seed: int,
                 head_options: Mapping[str, Any] | None, finetune_options: Mapping[str, Any] | None,
                 runtime: Runtime) -> dict[str, Any]:
-    """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`); the
-    tiling only when it is not the paper's (so that records from before tilings still match)."""
+    """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`) — the
+    model, the cases and the fingerprints of their files (an image or label map changed in place is another
+    dataset), the settings, the precision; the tiling only when it is not the paper's."""
     tiles = {} if runtime.tiling == "paper" else tiling_record(runtime.tiling, runtime.engine)
     return json.loads(json.dumps({
         "vox2vec": vox2vec_version(), "model": net.config.name, "model_fingerprint": net.fingerprint(),
         "cases": {case: [str(image), str(labels)] for case, image, labels in cases},
+        "inputs": {case: {"image": _fingerprint(image), "labels": _fingerprint(labels)}
+                   for case, image, labels in cases},
         "classes": {name: list(ids) for name, ids in zip(class_map.names, class_map.ids)},
         "folds": folds, "seed": seed, "head_options": dict(head_options or {}),
-        "finetune_options": dict(finetune_options or {}), **tiles,
+        "finetune_options": dict(finetune_options or {}), "precision": runtime.resolved_precision, **tiles,
     }, default=str))
+
+
+def _fingerprint(path: Path) -> str:
+    """The size-and-modification-time fingerprint of the files an image (or label map) is read from."""
+    return input_fingerprint(source_files(path))["value"][:16]
 
 
 def _previous_results_differ(output_dir: Path, record: dict[str, Any], overwrite: bool) -> bool:
@@ -189,9 +199,22 @@ def _previous_results_differ(output_dir: Path, record: dict[str, Any], overwrite
         return True
     changes = changed_settings(previous, record, ignore=("vox2vec",))
     if changes and not overwrite:
-        raise OutputError(f"{output_dir} holds the results of another run ({describe_changes(changes, 4)}); give "
+        raise OutputError(f"{output_dir} holds the results of another run ({_describe(changes, previous)}); give "
                           "another output folder, or pass --overwrite (Python: overwrite=True) to recompute them there")
     return bool(changes)
+
+
+def _describe(changes: list[tuple[str, Any, Any]], previous: dict[str, Any]) -> str:
+    """What differs from the previous run: changed files by case ("the image of case c1 changed since"), then the
+    settings; a previous record without file fingerprints (an older vox2vec) is said to be one."""
+    if "inputs" not in previous:
+        return "made by an older vox2vec that did not record the fingerprints of its inputs"
+    files = [name for name, _, _ in changes if name.startswith("inputs.")]
+    settings = [change for change in changes if not change[0].startswith("inputs.")]
+    said = [f"the {'label map' if name.endswith('.labels') else 'image'} of case {name.split('.')[1]!r} changed "
+            "since" for name in files[:4]]
+    said += [f"and {len(files) - 4} more changed files"] if len(files) > 4 else []
+    return "; ".join(said + ([describe_changes(settings, 4)] if settings else []))
 
 
 def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any, splits: list[np.ndarray]) -> ClassMap:
@@ -237,7 +260,7 @@ def _labels_on_ct_grid(image: Path, labels: Path) -> Any:
 
 class _PyramidCache:
     """Each case is embedded once per evaluation (and across reruns: ``<folder>/<case>.safetensors``, reused only
-    when vox2vec wrote it, unchanged, with this model and this runtime's tiling)."""
+    when vox2vec wrote it, unchanged, from this image, unchanged, with this model and as this runtime embeds)."""
 
     def __init__(self, folder: Path, net: Any, runtime: Runtime, overwrite: bool = False) -> None:
         self.folder, self.net, self.runtime, self.overwrite = folder, net, runtime, overwrite
@@ -247,18 +270,21 @@ class _PyramidCache:
         from vox2vec.inference import embed_volume
 
         path = self.folder / f"{case}.safetensors"
+        fingerprint = _fingerprint(image)
         if is_ours(path):
             pyramid = FeaturePyramid.load(path)
-            if self._made_here(pyramid.meta):
+            if self._made_here(pyramid.meta, fingerprint):
                 return pyramid
         pyramid = embed_volume(image, model=self.net, runtime=self.runtime.replace(progress=False))
+        pyramid.meta["input_fingerprint"] = fingerprint
         pyramid.save(path, overwrite=self.overwrite)
         return pyramid
 
-    def _made_here(self, meta: dict[str, Any]) -> bool:
-        """Whether a cached pyramid is what this runtime would embed: the same model and tiling (and fast tiles)."""
-        return (meta.get("fingerprint") == self.net.fingerprint()
-                and tiled_as_planned(meta, self.runtime.tiling, self.runtime.engine))
+    def _made_here(self, meta: dict[str, Any], fingerprint: str) -> bool:
+        """Whether a cached pyramid is what this runtime would embed from the image as it is now: the same image
+        fingerprint, model, tiling (and fast tiles) and precision."""
+        return (meta.get("input_fingerprint") == fingerprint and meta.get("fingerprint") == self.net.fingerprint()
+                and made_as_asked(meta, self.runtime))
 
 
 def _fit(setup: str, train: list[tuple[str, Path, Path]], net: Any, class_map: ClassMap, pyramids: _PyramidCache,
