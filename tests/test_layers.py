@@ -25,10 +25,12 @@ END = "<!-- end of layer table -->"
 LAYERS: list[tuple[str, str, list[str], str, list[str]]] = [
     ("1", "foundations",
      ["errors.py", "config.py", "geometry.py", "_atomic.py", "writers.py", "_registry.py", "outputs.py",
-      "_signals.py", "_launch.py", "_memory.py", "_run_record.py", "training_checkpoints.py", "tables.py"],
+      "_signals.py", "_launch.py", "_memory.py", "_devices.py", "_run_record.py", "training_checkpoints.py",
+      "tables.py"],
      "error classes; the model config and settings checks; `Grid` and world geometry; atomic, verified writes; "
      "the registry of what we wrote (\"ours\" = unchanged since); output-location checks; stopping cleanly on "
-     "SIGTERM/SIGINT; the launcher's ranks; memory available vs needed; run records compared on rerun/resume; "
+     "SIGTERM/SIGINT; the launcher's ranks; memory available vs needed; the devices there are (a requested one "
+     "checked); run records compared on rerun/resume; "
      "training checkpoints (keep k, skip a damaged one); CSV/Parquet tables in and out",
      ["1"]),
     ("2", "pure nn", ["modeling/"],

@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import tiny_model
-from vox2vec import Runtime, embed_volume
+from conftest import tiny_model, tiny_pretrain_config
+from vox2vec import Runtime, embed_volume, load_pretrained
 from vox2vec.cohort import embed_many
-from vox2vec.errors import OutputError
+from vox2vec.errors import DeviceError, OutputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.probing.evaluate import evaluate_dataset
 
@@ -128,3 +128,22 @@ def test_a_cohort_rerun_at_another_precision_embeds_again(abdomen_crop, tmp_path
     assert stored.meta["precision"] == "bf16"
     for got, want in zip(stored.levels, expected.levels):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device, message", [("banana", "unknown device 'banana'; this machine has"),
+                                             ("cuda:7", "cuda:7.*available")])
+def test_loading_a_model_onto_a_device_this_machine_lacks_names_the_devices_it_has(device, message, tmp_path):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(DeviceError, match=f"{message}: cpu"):
+        load_pretrained(folder, device=device)
+
+
+def test_pre_training_on_a_device_this_machine_lacks_fails_before_any_work(tmp_path):
+    from vox2vec.pretrain import train
+
+    out = tmp_path / "run"
+    with pytest.raises(DeviceError, match="unknown device 'gpu'; this machine has: cpu"):
+        train(tiny_pretrain_config(tmp_path / "no-corpus-needed", out), device="gpu", progress=False)
+    assert not out.exists()

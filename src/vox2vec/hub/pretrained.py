@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vox2vec._devices import pick_device
 from vox2vec.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from vox2vec.configured_model import Vox2VecModel, check_backbone_memory
 from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
@@ -195,6 +196,7 @@ def load_pretrained(
     directory in our format, a Hugging Face repo id in our format, or an original-format ``.pt`` file.
     ``local_files_only`` defaults to ``$HF_HUB_OFFLINE``; ``cache_dir`` overrides the Hub cache.
     """
+    target = pick_device(device) if device is not None else None  # a wrong device fails before any download
     name = os.fspath(name_or_path)
     offline = _offline(local_files_only)
     cache = os.fspath(cache_dir) if cache_dir is not None else None
@@ -223,8 +225,8 @@ def load_pretrained(
             f"known names are {', '.join(known_names())} — or pass an existing folder with config.json + "
             "model.safetensors, an original .pt file, or a Hugging Face repo id (owner/name)"
         )
-    if device is not None:
-        model = model.to(device)
+    if target is not None:
+        model = model.to(target)
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 import torch
 
+from vox2vec._devices import available_devices, pick_device
 from vox2vec.errors import ArgumentError, DeviceError
 
 __all__ = [
@@ -20,49 +21,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # what a stored pyramid's values are
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling (see training_precision)
-
-
-def available_devices() -> list[str]:
-    """The devices this machine can run on, e.g. ``["cpu"]`` or ``["cpu", "cuda:0", "cuda:1"]``."""
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def pick_device(device: torch.device | str | int | None) -> torch.device:
-    """The requested device, checked against this machine; ``None`` → CUDA when present, else CPU.
-
-    Raises :class:`~vox2vec.errors.DeviceError` (listing what is available) for a device name torch does not know
-    (``"gpu"``) or one this machine lacks (``"cuda"`` without CUDA, ``"cuda:7"`` with one GPU).
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    available = ", ".join(available_devices())
-    try:
-        resolved = device if isinstance(device, torch.device) else torch.device(
-            device.strip().lower() if isinstance(device, str) else device)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"unknown device {device!r}; this machine has: {available} "
-                          "(write 'cuda' or 'cuda:N' for an NVIDIA GPU)") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DeviceError(f"device {str(device)!r} requested, but this machine has no usable CUDA GPU "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                              f"available: {available}")
-        if resolved.index is not None and resolved.index >= count:
-            raise DeviceError(f"device {str(device)!r} requested, but this machine has {count} CUDA GPU(s); "
-                              f"available: {available}")
-        return resolved
-    if resolved.type == "mps" and "mps" in available_devices():
-        return resolved
-    raise DeviceError(f"device {str(device)!r} is not available here; available: {available}")
 
 
 def check_batch_size(batch_size: int | None, name: str = "batch_size") -> int | None:

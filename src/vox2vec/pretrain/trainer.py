@@ -25,7 +25,7 @@ from vox2vec._signals import StopFlag, ignore_stop_signals, stop_signals_blocked
 from vox2vec.augment import augment
 from vox2vec.configured_model import state_fingerprint
 from vox2vec.errors import InputError
-from vox2vec.inference.precision import autocast, local_device, training_precision
+from vox2vec.inference.precision import autocast, local_device, pick_device, training_precision
 from vox2vec.modeling import FPN3d
 from vox2vec.outputs import record_written
 from vox2vec.pretrain.config import PretrainConfig, check_step_memory
@@ -66,8 +66,9 @@ def train(config: PretrainConfig, *, progress: bool = True, device: torch.device
     """
     from tqdm.auto import tqdm
 
+    requested = pick_device(device) if device is not None else None  # a wrong device: one clear error, first
     rank, world, default_device = _distributed()
-    device = torch.device(device) if device is not None else default_device
+    device = requested if requested is not None else default_device
     t = config.train
     out = Path(t.output_dir)
     check_step_memory(config, device)  # a step that cannot fit fails now, not after the machine starts swapping
