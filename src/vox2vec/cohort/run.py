@@ -148,12 +148,12 @@ class CohortRun:
                 yield self._record(manifest, bar, *writes.collect())
             if isinstance(step, CaseResult):
                 yield self._record(manifest, bar, step, loaded.case)
-            elif stop.requested:
-                self.interrupted = True
-                break  # embedded but not written: dropped, embedded again on resume
             else:
                 writes.submit(functools.partial(self._save, step))
             del step, loaded  # the pyramid is the writer's alone now (two pyramids in memory at most)
+            if stop.requested:  # a stop during this case: the case is finished (written, below), nothing new starts
+                self.interrupted = True
+                break
         if writes.pending:
             yield self._record(manifest, bar, *writes.collect())
 
