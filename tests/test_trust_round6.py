@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_model, tiny_pretrain_config
 from vox2vec import Runtime, embed_volume, load_pretrained
 from vox2vec.cohort import embed_many
-from vox2vec.errors import DeviceError, OutputError
+from vox2vec.errors import DeviceError, InputError, OutputError
 from vox2vec.features import FeaturePyramid
 from vox2vec.probing.evaluate import evaluate_dataset
 
@@ -146,4 +146,76 @@ def test_pre_training_on_a_device_this_machine_lacks_fails_before_any_work(tmp_p
     out = tmp_path / "run"
     with pytest.raises(DeviceError, match="unknown device 'gpu'; this machine has: cpu"):
         train(tiny_pretrain_config(tmp_path / "no-corpus-needed", out), device="gpu", progress=False)
+    assert not out.exists()
+
+
+# -- a label map on another grid than its CT is refused before any CT is embedded ---------------------------------
+def _counting_forwards(model):
+    """A list that grows by one per backbone forward pass (hooks travel with the inference copies)."""
+    calls = []
+    model.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.fixture
+def two_cases(abdomen_crop, tmp_path):
+    """Two CT files with bone label maps; case 1's map is cut one voxel short (another grid)."""
+    paths = []
+    for index, image in enumerate((abdomen_crop[:48, :48, :8], abdomen_crop[48:96, :48, 8:16])):
+        ct, labels = tmp_path / f"ct{index}.nii.gz", tmp_path / f"labels{index}.nii.gz"
+        sitk.WriteImage(image, str(ct))
+        _write_labels(image[:-1] if index == 1 else image, labels, threshold=150)
+        paths.append((ct, labels))
+    return paths
+
+
+@pytest.mark.parametrize("as_images", [False, True])
+def test_training_a_head_refuses_a_label_map_on_another_grid_before_embedding_any_ct(two_cases, as_images):
+    from vox2vec import train_head
+
+    model = tiny_model()
+    calls = _counting_forwards(model)
+    pairs = [(sitk.ReadImage(str(ct)) if as_images else ct, labels) for ct, labels in two_cases]
+    with pytest.raises(InputError, match="the label map of training pair 1 is not on its CT's grid: size"):
+        train_head(pairs, model=model, steps=2, progress=False)
+    assert calls == []
+    train_head(pairs[:1], model=model, steps=2, progress=False)  # the control: a right pair is embedded
+    assert calls
+
+
+def test_training_a_head_refuses_a_validation_label_map_on_another_grid_before_embedding(two_cases):
+    from vox2vec import train_head
+
+    model = tiny_model()
+    calls = _counting_forwards(model)
+    with pytest.raises(InputError, match="the label map of validation pair 0 is not on its CT's grid"):
+        train_head(two_cases[:1], validation=two_cases[1:], model=model, steps=2, progress=False)
+    assert calls == []
+
+
+def test_the_features_command_refuses_a_mask_on_another_grid_before_embedding(two_cases, tmp_path, capsys):
+    from vox2vec.cli import main
+
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    ct, mask = two_cases[1]
+    out = tmp_path / "table.csv"
+    assert main(["features", "-i", str(ct), "--mask", str(mask), "--model", str(model_dir), "-o", str(out)]) == 2
+    assert f"the mask {mask} is not on its CT {ct}'s grid" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_match_command_checks_the_target_labels_before_reading_either_ct(two_cases, tmp_path, capsys):
+    from vox2vec.cli import main
+
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    target, wrong_labels = two_cases[1]
+    source = tmp_path / "truncated.nii.gz"  # would fail when read: the label map must be refused first
+    source.write_bytes(two_cases[0][0].read_bytes()[:600])
+    points = tmp_path / "points.csv"
+    points.write_text("x,y,z\n0,0,0\n")
+    out = tmp_path / "matches.csv"
+    code = main(["match", "-s", str(source), "-t", str(target), "--points", str(points), "-o", str(out),
+                 "--target-labels", str(wrong_labels), "--model", str(model_dir)])
+    assert code == 2
+    assert "the target label map is not on the target CT's grid" in capsys.readouterr().err
     assert not out.exists()

@@ -3,7 +3,9 @@ coordinates — the one home of "labels → the model grid" (``train_head``, reg
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,10 +13,11 @@ import torch
 
 from vox2vec.errors import InputError
 from vox2vec.geometry import Grid, check_same_grid
+from vox2vec.readers.files import grid_from_sitk, header_grid
 from vox2vec.resample import resample
 from vox2vec.volume import Volume, load_volume
 
-__all__ = ["check_integer_labels", "labels_on_grid"]
+__all__ = ["check_integer_labels", "check_labels_match_ct", "labels_on_grid", "load_label_map"]
 
 
 def check_integer_labels(array: np.ndarray, source: str = "label map") -> np.ndarray:
@@ -39,6 +42,14 @@ def _non_negative(ids: np.ndarray, source: str) -> np.ndarray:
     return ids
 
 
+def load_label_map(labels: Any, what: str = "label map") -> Volume:
+    """A label map as a :class:`Volume` (any reader input with geometry); bare arrays, which carry none, refused."""
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        raise InputError(f"pass {what}s as files or images (with geometry), not bare arrays; e.g. "
+                         "vox2vec.load_volume(array, spacing=..., axis_order=...) first")
+    return load_volume(labels, check_finite=False)
+
+
 def labels_on_grid(labels: Any, grid: Grid, source_grid: Grid | None, *,
                    encode: Callable[[np.ndarray], np.ndarray] | None = None, same_grid: bool = True,
                    what: str = "label map",
@@ -48,10 +59,7 @@ def labels_on_grid(labels: Any, grid: Grid, source_grid: Grid | None, *,
     map). ``encode`` maps the ids first (e.g. to class indices). With ``same_grid`` (default) the map must lie on
     ``source_grid``, its CT's grid (:func:`~vox2vec.geometry.check_same_grid`). Bare arrays carry no geometry and
     are refused."""
-    if isinstance(labels, (np.ndarray, torch.Tensor)):
-        raise InputError(f"pass {what}s as files or images (with geometry), not bare arrays; e.g. "
-                         "vox2vec.load_volume(array, spacing=..., axis_order=...) first")
-    volume = load_volume(labels, check_finite=False)
+    volume = load_label_map(labels, what)
     if same_grid:
         if source_grid is None:
             raise InputError(f"this pyramid does not know its CT's grid, so the {what} cannot be checked against it; "
@@ -61,3 +69,26 @@ def labels_on_grid(labels: Any, grid: Grid, source_grid: Grid | None, *,
     array = volume.array if encode is None else encode(volume.array)
     on_grid = resample(torch.from_numpy(np.ascontiguousarray(array)), volume.grid, grid, mode="nearest", fill=0)
     return volume, on_grid.long()
+
+
+def _declared_grid(ct: Any) -> Grid | None:
+    """A CT's grid when it is known without reading voxels: a grid itself, a ``Volume``, a ``SimpleITK.Image``, an
+    image file's header; None otherwise (a DICOM folder, an array: known once read)."""
+    if isinstance(ct, Grid):
+        return ct
+    if isinstance(ct, Volume):
+        return ct.grid
+    if type(ct).__module__.startswith("SimpleITK") and ct.GetDimension() == 3:
+        return grid_from_sitk(ct)
+    if isinstance(ct, (str, os.PathLike)):
+        return header_grid(Path(ct))
+    return None
+
+
+def check_labels_match_ct(labels: Volume, ct: Any, what: str = "the label map", ct_name: str = "its CT") -> None:
+    """Refuse a label map that is not on its CT's grid before the CT is embedded (minutes, on a large CT): the
+    CT's grid from its header or image object (or a pyramid's ``source_grid``, passed as a grid). Silent when the
+    grid is only known once the CT is read; the check after embedding (:func:`labels_on_grid`) then still holds."""
+    grid = _declared_grid(ct)
+    if grid is not None:
+        check_same_grid(labels.grid, grid, what, ct_name)

@@ -75,10 +75,16 @@ def _jobs(args: argparse.Namespace) -> list:
 def _case_table(args: argparse.Namespace, job: Any, model: Any, runtime: Any) -> Any:
     """One case's rows: its pyramid (read, or embedded with the shared model) and the region or point table."""
     from vox2vec.cohort.regions import point_table, region_table
+    from vox2vec.labelmaps import check_labels_match_ct, load_label_map
 
-    pyramid = pyramid_of(job.ct, args.model, model, runtime)
+    mask = None
     if job.mask is not None:
-        return region_table(pyramid, job.mask, case=job.case, resample_mask=args.resample_mask, labels=args.labels)
+        mask = load_label_map(job.mask, "mask")
+        if not args.resample_mask:  # refused before the CT is embedded, not after
+            check_labels_match_ct(mask, job.ct, f"the mask {job.mask}", f"its CT {job.ct}")
+    pyramid = pyramid_of(job.ct, args.model, model, runtime)
+    if mask is not None:
+        return region_table(pyramid, mask, case=job.case, resample_mask=args.resample_mask, labels=args.labels)
     return point_table(pyramid, [n for n, _ in job.points], [p for _, p in job.points], case=job.case)
 
 

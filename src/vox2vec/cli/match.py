@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from vox2vec.correspondence import match
     from vox2vec.geometry import check_same_grid
     from vox2vec.inference.ct_to_pyramid import recorded_tiling
-    from vox2vec.labelmaps import check_integer_labels
+    from vox2vec.labelmaps import check_integer_labels, check_labels_match_ct
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import read_points, write_table
     from vox2vec.volume import load_volume
@@ -57,14 +57,16 @@ def run(args: argparse.Namespace) -> int:
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
     if labels is not None:  # ids, not values: a CT or a probability map here is refused, never truncated
         labels = labels.with_array(check_integer_labels(labels.array, "target label map"))
+        check_labels_match_ct(labels, args.target, "the target label map", "the target CT")  # before embedding
     runtime = runtime_of(args, inputs=[args.source, args.target])
     tilings = {tiling for ct in (args.source, args.target) if (tiling := recorded_tiling(ct)) is not None}
     if len(tilings) == 1:  # a CT beside a saved pyramid: embedded with its tiling unless --tiling says otherwise
         runtime = runtime.default_for(tiling=tilings.pop())
     model = command_model(args.model, [args.source, args.target])
-    source, target = (pyramid_of(ct, args.model, model, runtime) for ct in (args.source, args.target))
+    target = pyramid_of(args.target, args.model, model, runtime)  # first: a saved pyramid's grid is known on loading
     if labels is not None:
         check_same_grid(labels.grid, target.source_grid, "the target label map", "the target CT")
+    source = pyramid_of(args.source, args.model, model, runtime)
     found = match(points, source, target, top_k=args.top_k, runtime=runtime)
     rows = []
     for name, point, matched, scores in zip(names, found.points, found.matched, found.scores):

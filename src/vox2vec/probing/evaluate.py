@@ -15,17 +15,17 @@ from tqdm.auto import tqdm
 from vox2vec._atomic import atomic_path
 from vox2vec._run_record import changed_settings, describe_changes, record_digest, vox2vec_version
 from vox2vec.errors import InputError, OutputError
-from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.ct_to_pyramid import made_as_asked
 from vox2vec.inference.runtime import Runtime, resolve_runtime
 from vox2vec.inference.tiling import tiling_record
+from vox2vec.labelmaps import check_labels_match_ct, load_label_map
 from vox2vec.outputs import check_output_dir, is_ours
 from vox2vec.probing.classes import ClassMap, check_integer_labels, label_ids
 from vox2vec.probing.finetune import check_finetune_settings
 from vox2vec.probing.metrics import dice_scores
 from vox2vec.readers.sources import input_fingerprint, source_files
-from vox2vec.volume import IMAGE_SUFFIXES, image_stem, load_volume
+from vox2vec.volume import IMAGE_SUFFIXES, image_stem
 from vox2vec.writers import write_json
 
 __all__ = ["RUN_RECORD", "SETUPS", "evaluate_dataset", "find_cases", "kfold", "markdown_table", "summarise"]
@@ -243,18 +243,8 @@ def _dataset_classes(cases: list[tuple[str, Path, Path]], classes: Any, splits: 
 def _labels_on_ct_grid(image: Path, labels: Path) -> Any:
     """A case's label map, refused (naming both files) when it is not on its CT's grid — from the CT's header alone,
     so that a mismatched case stops the evaluation before any CT is embedded, not after the first folds."""
-    import SimpleITK as sitk
-
-    volume = load_volume(labels)
-    if image.is_file():  # a DICOM series folder is checked when it is read
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(image))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return volume  # an unreadable CT is reported, with ITK's reason, when it is read
-        grid = Grid(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-        check_same_grid(volume.grid, grid, f"the label map {labels}", f"its CT {image}")
+    volume = load_label_map(labels)
+    check_labels_match_ct(volume, image, f"the label map {labels}", f"its CT {image}")
     return volume
 
 

@@ -20,6 +20,7 @@ from vox2vec.features import FeaturePyramid
 from vox2vec.hub import resolve_model
 from vox2vec.inference.ct_to_pyramid import DEFAULT_MODEL, as_pyramid
 from vox2vec.inference.runtime import Runtime, resolve_runtime
+from vox2vec.labelmaps import check_labels_match_ct, load_label_map
 from vox2vec.probing._fit import FitSpec, choose_l2, fit
 from vox2vec.probing._linalg import (  # re-exported: the names users and benchmarks imported from here
     feature_moments,
@@ -32,7 +33,7 @@ from vox2vec.probing.head import Head
 from vox2vec.probing.head_config import REGULARIZATION_GRID, HeadTrainingConfig
 from vox2vec.probing.levers import check_levers, intensity_augmented_copies, training_pairs
 from vox2vec.probing.sparse import IGNORE_LABEL
-from vox2vec.volume import Volume, load_volume
+from vox2vec.volume import Volume
 
 __all__ = ["REGULARIZATION_GRID", "HeadTrainingConfig", "feature_moments", "intensity_augmented_copies",
            "principal_subspaces", "standardised_linear_forward", "train_head"]
@@ -153,6 +154,8 @@ def _train(pairs: list, val_pairs: list, model: Any, classes: Any, settings: Hea
     """The fit itself, once every argument is checked: embed, sample, (search the L2 strength,) fit."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
+    pairs = _with_label_maps_checked(pairs, "training")  # every label map on its CT's grid, before any embedding
+    val_pairs = _with_label_maps_checked(val_pairs, "validation")
     embedded, net = _embed_training_scans(pairs, model, runtime, settings)
     class_map = _class_map(classes, [labels for _, labels in embedded], settings.ignore_label)
     _check_head_size(class_map, embedded, settings)
@@ -194,6 +197,18 @@ def _labelled(pyramid: FeaturePyramid, labels: Any, class_map: ClassMap,
     return LabelledPyramid(pyramid, on_grid)
 
 
+def _with_label_maps_checked(pairs: list[tuple[Any, Any]], what: str) -> list[tuple[Any, Volume]]:
+    """The pairs with their label maps read, each refused now when it is not on its CT's grid (from the CT's header,
+    image object or pyramid) — not after the CTs before it were embedded."""
+    checked = []
+    for index, (ct, labels) in enumerate(pairs):
+        volume = load_label_map(labels)
+        check_labels_match_ct(volume, ct.source_grid if isinstance(ct, FeaturePyramid) else ct,
+                              f"the label map of {what} pair {index}", "its CT")
+        checked.append((ct, volume))
+    return checked
+
+
 def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, runtime: Runtime,
                           settings: HeadTrainingConfig) -> tuple[list[tuple[FeaturePyramid, Volume]], Any]:
     """(pyramid, label volume) per pair — each CT embedded once, all by one backbone, followed by its
@@ -202,13 +217,12 @@ def _embed_training_scans(pairs: list[tuple[Any, Any]], model: Any, runtime: Run
     embedded = []
     for index, (ct, labels) in enumerate(tqdm(pairs, desc="embedding training scans",
                                               disable=not runtime.progress or len(pairs) < 2)):
-        label_volume = load_volume(labels, check_finite=False)
-        embedded.append((as_pyramid(ct, net, runtime=runtime), label_volume))
+        embedded.append((as_pyramid(ct, net, runtime=runtime), labels))
         if settings.augmented_copies:
             clip = tuple(net.config.preprocessing.clip_hu)
             for copy_ct in intensity_augmented_copies(ct, settings.augmented_copies, seed=settings.seed + index,
                                                       clip_hu=clip):
-                embedded.append((as_pyramid(copy_ct, net, runtime=runtime), label_volume))
+                embedded.append((as_pyramid(copy_ct, net, runtime=runtime), labels))
     for pyramid, _ in embedded:
         pyramid.check_complete("training a head")
     check_same_backbone([(f"training pair {i}", p.meta) for i, (p, _) in enumerate(embedded)],

@@ -15,7 +15,7 @@ from vox2vec.readers.dicom import DicomSeries, read_dicom
 from vox2vec.readers.nifti import nifti_non_finite
 
 __all__ = ["IMAGE_SUFFIXES", "READABLE", "check_data_file_inside", "check_declared_size", "grid_from_sitk",
-           "image_stem", "non_finite_error", "read_path", "sitk_array"]
+           "header_grid", "image_stem", "non_finite_error", "read_path", "sitk_array"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # single files we read (.gz first)
 READABLE = ", ".join(IMAGE_SUFFIXES) + " or a DICOM series directory"
@@ -118,6 +118,24 @@ def check_declared_size(path: Path) -> None:
     needed = 2 * voxels * components * itemsize  # ITK's buffer and our (X, Y, Z) copy
     check_fits(needed, f"{path} (its header declares {' × '.join(map(str, reader.GetSize()))} voxels)",
                "check that the file is the CT you meant (a corrupt or hostile header?), or crop it first")
+
+
+def header_grid(path: Path) -> Grid | None:
+    """The grid a 3-D image file declares in its header, without reading its voxels; None for anything else (a
+    folder, a 2-D or 4-D image, an unreadable header: what it holds is known, or reported, once it is read)."""
+    import SimpleITK as sitk
+
+    if not path.is_file() or path.name.lower().endswith(".safetensors"):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if reader.GetDimension() != 3:
+        return None
+    return Grid(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
 
 def grid_from_sitk(image) -> Grid:
