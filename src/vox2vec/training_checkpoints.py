@@ -12,7 +12,7 @@ import torch
 from vox2vec._atomic import atomic_path
 from vox2vec.outputs import changed_since_written, is_ours
 
-__all__ = ["list_checkpoints", "load_latest_checkpoint", "save_checkpoint"]
+__all__ = ["latest_step", "list_checkpoints", "load_latest_checkpoint", "save_checkpoint"]
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -36,6 +36,12 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def latest_step(directory: Path) -> int | None:
+    """The step of the newest ``step_<N>.pt`` in ``directory`` (by name), or None when there is none."""
+    found = list_checkpoints(directory)
+    return int(_NAME.match(found[-1].name)[1]) if found else None
 
 
 def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:

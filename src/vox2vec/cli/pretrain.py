@@ -7,11 +7,13 @@ Each stage checks its own output folder before any work (``prepare``'s ``manifes
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from vox2vec.cli._common import add_command, add_overwrite
 from vox2vec.errors import InputError
+from vox2vec.training_checkpoints import latest_step
 
 __all__ = ["STAGES", "add_arguments", "run"]
 
@@ -71,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.pretrain_command == "train":
         out = pretrain.train(config, progress=not args.no_progress, overwrite=args.overwrite)
         print(f"checkpoints in {out / 'checkpoints'}")
+        reached = latest_step(out / "checkpoints") or 0
+        if reached < config.train.steps:  # stopped by SIGINT/SIGTERM: not a finished run (a script must not export it)
+            print(f"vox2vec: stopped at step {reached} of {config.train.steps}; run the same command to resume",
+                  file=sys.stderr)
+            return 130
     else:
         _export(args, config)
     return 0
