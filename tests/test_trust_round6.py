@@ -219,3 +219,30 @@ def test_the_match_command_checks_the_target_labels_before_reading_either_ct(two
     assert code == 2
     assert "the target label map is not on the target CT's grid" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- a missing input is named before the default model is resolved (which offline means a Hub error) -------------
+def test_embedding_a_missing_file_names_it_before_resolving_the_default_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the official model is not in this test's (empty) Hub cache
+    with pytest.raises(InputError, match="no such file or directory: .*missing.nii.gz; expected .nii.gz"):
+        embed_volume(tmp_path / "missing.nii.gz", progress=False)
+
+
+@pytest.mark.parametrize("command", [
+    ["embed", "-i", "{missing}", "-o", "{out}/x.safetensors"],
+    ["features", "-i", "{ct}", "--mask", "{missing}", "-o", "{out}/x.csv"],
+    ["features", "-i", "{missing}", "--mask", "{labels}", "-o", "{out}/x.csv"],
+    ["match", "-s", "{missing}", "-t", "{ct}", "--points", "{points}", "-o", "{out}/x.csv"],
+    ["train-head", "-i", "{missing}", "{labels}", "-o", "{out}/head"],
+])
+def test_a_command_given_a_missing_file_names_it_not_the_model(command, two_cases, tmp_path, monkeypatch, capsys):
+    from vox2vec.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ct, labels = two_cases[0]
+    points = tmp_path / "points.csv"
+    points.write_text("x,y,z\n0,0,0\n")
+    missing = tmp_path / "missing.nii.gz"
+    argv = [word.format(missing=missing, out=tmp_path, ct=ct, labels=labels, points=points) for word in command]
+    assert main(argv) == 2
+    assert f"no such file or directory: {missing}" in capsys.readouterr().err

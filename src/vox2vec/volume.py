@@ -20,7 +20,15 @@ from vox2vec.errors import InputError
 from vox2vec.geometry import Grid
 from vox2vec.readers.arrays import from_array, from_nibabel
 from vox2vec.readers.dicom import DicomSeries, dicom_series_ids, looks_like_dicom
-from vox2vec.readers.files import IMAGE_SUFFIXES, grid_from_sitk, image_stem, non_finite_error, read_path, sitk_array
+from vox2vec.readers.files import (
+    IMAGE_SUFFIXES,
+    READABLE,
+    grid_from_sitk,
+    image_stem,
+    non_finite_error,
+    read_path,
+    sitk_array,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_EXTENT_MM", "SPACING_RANGE_MM", "AxisOrder", "DicomSeries", "Volume",
            "check_ct_source", "dicom_series_ids", "grid_from_sitk", "image_stem", "load_volume", "volume_from_sitk"]
@@ -116,7 +124,10 @@ def _check_plausible_geometry(volume: Volume) -> None:
 
 
 def check_ct_source(source: Any) -> None:
-    """Refuse, before any work (no model is loaded for it), an object no reader takes as a CT."""
+    """Refuse, before any work (no model is loaded — or downloaded — for it), an object no reader takes as a CT,
+    and a path that does not exist."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+        raise InputError(f"no such file or directory: {os.fspath(source)}; expected {READABLE}")
     readable = (isinstance(source, (Volume, str, os.PathLike, DicomSeries, np.ndarray, torch.Tensor))
                 or type(source).__module__.startswith("SimpleITK")
                 or (hasattr(source, "affine") and hasattr(source, "dataobj")))

@@ -138,10 +138,14 @@ def runtime_of(args: argparse.Namespace, inputs: Iterable[Any] | None = None) ->
 
 def command_model(model_arg: str | None, sources: Iterable[Any]) -> Any:
     """The model a command embeds its CTs with, loaded once — or ``None`` when every source is a saved pyramid and
-    no ``--model`` was given."""
+    no ``--model`` was given. When no source exists, the first missing one is named instead of loading a model."""
     from vox2vec.hub import resolve_model
+    from vox2vec.volume import check_ct_source
 
     sources = list(sources)
+    missing = [source for source in sources if isinstance(source, (str, os.PathLike)) and not os.path.exists(source)]
+    if missing and len(missing) == len(sources):  # nothing to embed: name the file, not a model that cannot load
+        check_ct_source(missing[0])
     if all(is_saved_pyramid(source) for source in sources):
         if model_arg is None:
             return None

@@ -50,6 +50,7 @@ def _jobs(args: argparse.Namespace) -> list:
     """The cases to tabulate; options that would be silently ignored by this form of the command are refused."""
     from vox2vec.cohort.regions import FeatureJob, read_feature_list
     from vox2vec.tables import read_points
+    from vox2vec.volume import check_ct_source
 
     if bool(args.list) == bool(args.input) or (args.input and bool(args.mask) == bool(args.points)):
         raise InputError("give either -i CT (or a saved .safetensors pyramid) with --mask LABELS or --points CSV, "
@@ -67,6 +68,7 @@ def _jobs(args: argparse.Namespace) -> list:
             raise InputError(f"{args.list} lists points: --labels and --resample-mask apply to masks; leave them out")
         return jobs
     if args.mask:
+        check_ct_source(args.mask)  # a missing mask is named before the CT is embedded (or a model loaded)
         return [FeatureJob(Path(args.input), args.case or args.input, mask=Path(args.mask))]
     names, points = read_points(args.points)
     return [FeatureJob(Path(args.input), args.case or args.input, points=list(zip(names, map(tuple, points))))]

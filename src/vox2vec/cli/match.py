@@ -46,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from vox2vec.labelmaps import check_integer_labels, check_labels_match_ct
     from vox2vec.outputs import check_output_file
     from vox2vec.tables import read_points, write_table
-    from vox2vec.volume import load_volume
+    from vox2vec.volume import check_ct_source, load_volume
 
     if args.top_k > MAX_TOP_K:
         raise InputError(f"--top-k {args.top_k} is more matches per point than a correspondence table holds; give at "
                          f"most {MAX_TOP_K}")
     inputs = [args.source, args.target, args.points, args.target_labels, *model_paths(args.model)]
     check_output_file(args.output, "table", inputs=inputs, overwrite=args.overwrite)
+    for ct in (args.source, args.target):  # both are needed: a missing one is named before any model is loaded
+        check_ct_source(ct)
     names, points = read_points(args.points)
     labels = load_volume(args.target_labels, check_finite=False) if args.target_labels else None
     if labels is not None:  # ids, not values: a CT or a probability map here is refused, never truncated

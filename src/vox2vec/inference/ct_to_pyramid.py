@@ -61,6 +61,7 @@ def embed_volume(
                               progress=progress, tiling=tiling).checked()  # a wrong device fails before any work
     storage_dtype(dtype)
     check_tiling_request(runtime.tiling, window, overlap)  # before the CT is read
+    check_ct_source(ct)  # a missing file is named before the model is resolved (which may mean a download)
     net = resolve_model(model)
     prepared = net.preprocessor(ct, device=runtime.torch_device, spacing=spacing, axis_order=axis_order,
                                 origin=origin, direction=direction)

@@ -33,7 +33,7 @@ from vox2vec.probing.head import Head
 from vox2vec.probing.head_config import REGULARIZATION_GRID, HeadTrainingConfig
 from vox2vec.probing.levers import check_levers, intensity_augmented_copies, training_pairs
 from vox2vec.probing.sparse import IGNORE_LABEL
-from vox2vec.volume import Volume
+from vox2vec.volume import Volume, check_ct_source
 
 __all__ = ["REGULARIZATION_GRID", "HeadTrainingConfig", "feature_moments", "intensity_augmented_copies",
            "principal_subspaces", "standardised_linear_forward", "train_head"]
@@ -199,9 +199,11 @@ def _labelled(pyramid: FeaturePyramid, labels: Any, class_map: ClassMap,
 
 def _with_label_maps_checked(pairs: list[tuple[Any, Any]], what: str) -> list[tuple[Any, Volume]]:
     """The pairs with their label maps read, each refused now when it is not on its CT's grid (from the CT's header,
-    image object or pyramid) — not after the CTs before it were embedded."""
+    image object or pyramid) — not after the CTs before it were embedded; a missing CT file is refused too."""
     checked = []
     for index, (ct, labels) in enumerate(pairs):
+        if not isinstance(ct, FeaturePyramid):
+            check_ct_source(ct)  # a missing CT is named before a model is loaded (or downloaded) for it
         volume = load_label_map(labels)
         check_labels_match_ct(volume, ct.source_grid if isinstance(ct, FeaturePyramid) else ct,
                               f"the label map of {what} pair {index}", "its CT")
