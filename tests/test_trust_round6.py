@@ -246,3 +246,82 @@ def test_a_command_given_a_missing_file_names_it_not_the_model(command, two_case
     argv = [word.format(missing=missing, out=tmp_path, ct=ct, labels=labels, points=points) for word in command]
     assert main(argv) == 2
     assert f"no such file or directory: {missing}" in capsys.readouterr().err
+
+
+# -- messages that name the problem and the right fix --------------------------------------------------------------
+def test_a_ct_given_as_the_model_is_named_an_image_not_a_broken_checkpoint(abdomen_crop, tmp_path):
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    with pytest.raises(InputError, match="is not a model but an image .*fpn-ct"):
+        load_pretrained(ct)
+
+
+def test_a_pickled_checkpoint_is_refused_without_advice_to_run_its_code(tmp_path):
+    import pickle
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(pickle.dumps({"weights": object}, protocol=2))  # a class reference: torch's safe loader refuses it
+    with pytest.raises(InputError, match="pickled Python objects, not plain tensors") as caught:
+        load_pretrained(path)
+    assert "weights_only" not in str(caught.value)
+
+
+def test_a_label_map_with_nan_is_told_to_use_background_not_hounsfield_air(two_cases, tmp_path, capsys):
+    from vox2vec.cli import main
+
+    ct, labels = two_cases[0]
+    floats = sitk.Cast(sitk.ReadImage(str(labels)), sitk.sitkFloat32)
+    floats[0, 0, 0] = float("nan")
+    nan_labels = tmp_path / "nan_labels.nii.gz"
+    sitk.WriteImage(floats, str(nan_labels))
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    assert main(["features", "-i", str(ct), "--mask", str(nan_labels), "--model", str(model_dir),
+                 "-o", str(tmp_path / "t.csv")]) == 2
+    assert "in a label map with 0 for background" in capsys.readouterr().err
+
+
+def test_exporting_from_a_missing_run_folder_says_what_a_run_folder_is(tmp_path):
+    from vox2vec.pretrain import export
+
+    with pytest.raises(InputError, match="no such run folder: .*nope; give the train.output_dir"):
+        export(tmp_path / "nope", tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_two_nnunet_folders_of_one_id_are_not_told_to_plan_again(tmp_path):
+    from vox2vec.integrations.nnunet.plans import find_dataset
+
+    for name in ("Dataset012_Liver", "Dataset012_Lung"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(InputError, match=r"2 preprocessed folders for dataset id 12 .*full name") as caught:
+        find_dataset(12, tmp_path)
+    assert "plan" not in str(caught.value)
+    assert find_dataset("Dataset012_Lung", tmp_path) == tmp_path / "Dataset012_Lung"
+
+
+def test_a_single_slice_is_refused_as_a_2d_image(abdomen_crop):
+    with pytest.raises(InputError, match="one voxel thick along z, so it is a 2-D image"):
+        embed_volume(abdomen_crop[:, :, 5:6], model=tiny_model(), progress=False)
+
+
+def test_command_line_warnings_are_one_line_like_errors(tmp_path, capsys):
+    from vox2vec.cli import main
+
+    shifted = sitk.GetImageFromArray((torch.rand(12, 40, 40) * 900 + 100).numpy())  # no air: not HU
+    path = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(shifted, str(path))
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    assert main(["embed", "-i", str(path), "-o", str(tmp_path / "x.safetensors"), "--model", str(model_dir),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "vox2vec: warning: no voxel below -100" in err and "NotHounsfieldWarning" not in err and ".py:" not in err
+
+
+def test_a_pyramid_of_another_tiling_names_the_command_line_option_too(abdomen_crop, tmp_path):
+    from vox2vec import as_pyramid
+
+    model = tiny_model()
+    path = tmp_path / "paper.safetensors"
+    embed_volume(abdomen_crop, model=model, progress=False).save(path)
+    with pytest.raises(InputError, match=r"--tiling fast; Python: Runtime\(tiling='fast'\)"):
+        as_pyramid(path, runtime=Runtime(tiling="fast", progress=False))

@@ -20,7 +20,7 @@ from vox2vec.geometry import Grid, check_same_grid
 from vox2vec.resample import Mode, is_identity_mapping, resample
 from vox2vec.volume import Volume, load_volume
 
-__all__ = ["check_hounsfield", "orientation_direction", "PreprocessedVolume", "Preprocessor"]
+__all__ = ["check_hounsfield", "check_three_dimensional", "orientation_direction", "PreprocessedVolume", "Preprocessor"]
 
 _LETTER_TO_AXIS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
@@ -35,6 +35,16 @@ def orientation_direction(code: str) -> np.ndarray:
         axis, sign = _LETTER_TO_AXIS[letter]
         direction[axis, column] = sign
     return direction
+
+
+def check_three_dimensional(shape: tuple[int, ...]) -> None:
+    """Refuse a CT one voxel thick along an axis: a 2-D image (one slice) stored as 3-D, which a 3-D backbone would
+    embed as a slab of zero padding — features of nothing a user meant."""
+    thin = [axis for axis, size in zip("xyz", shape) if size < 2]
+    if thin:
+        raise InputError(f"the CT is {' × '.join(map(str, shape))} voxels: one voxel thick along {', '.join(thin)}, "
+                         "so it is a 2-D image (a single slice), and vox2vec embeds 3-D CT volumes; give the whole "
+                         "series or volume the slice came from")
 
 
 def check_hounsfield(array: np.ndarray) -> None:
@@ -143,6 +153,7 @@ class Preprocessor:
         self, ct: Any, *, device: torch.device | str | None = None, **volume_kwargs: Any
     ) -> PreprocessedVolume:
         volume = load_volume(ct, **volume_kwargs)
+        check_three_dimensional(volume.shape)
         check_hounsfield(volume.array)
         low, high = self.config.clip_hu
         image, target = self.resample_hu(volume, device=device)

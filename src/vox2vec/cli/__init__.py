@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_in(argv)).parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # a warning is one line, as errors are: not Python's file, line and source
+                warnings.showwarning = _one_line_warning
+            return args.run(args)
     except (Vox2VecError, OSError) as error:
         if args.debug:
             raise
@@ -92,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("vox2vec: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    print(f"vox2vec: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from vox2vec.configured_model import Vox2VecModel, check_backbone_memory
 from vox2vec.errors import CheckpointMismatchError, InputError, UnknownModelError
 from vox2vec.hub.cache import converted_dir, verify_download
 from vox2vec.hub.registry import ModelSpec, get_spec, is_registered, known_names
+from vox2vec.readers.files import image_stem
 
 __all__ = [
     "BACKBONE_PREFIX", "backbone_entries", "backbone_state_from_original", "check_state_dict",
@@ -80,12 +81,19 @@ def backbone_entries(state: Mapping[str, Any]) -> dict[str, Any]:
 def load_original_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Vox2VecModel:
     """Read an original-format ``.pt`` with ``torch.load(weights_only=True)`` and load it strictly."""
     path = Path(path)
+    if image_stem(path.name) is not None or path.suffix.lower() in (".csv", ".json", ".txt", ".png"):
+        kind = "an image (a CT or label map?)" if image_stem(path.name) is not None else f"a {path.suffix} file"
+        raise InputError(f"{path} is not a model but {kind}; give a model name "
+                         f"({', '.join(known_names())}), a folder with config.json + model.safetensors, or an "
+                         "original vox2vec .pt checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, pickle with code, truncated file …
+        reason = "it is pickled Python objects, not plain tensors" if "weights_only" in str(error) else \
+            f"{type(error).__name__}"  # never torch's advice to load with weights_only=False: that runs code
         raise InputError(
-            f"could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}); "
-            "the file may be truncated or not a plain state_dict"
+            f"could not read {path} as a PyTorch checkpoint ({reason}); give a checkpoint of plain tensors (a "
+            "state_dict, as the original vox2vec wrote), or re-download a truncated file"
         ) from None
     model = Vox2VecModel(config or ModelConfig(name=path.stem, source={"file": str(path)}))
     state = backbone_state_from_original(obj, str(path))

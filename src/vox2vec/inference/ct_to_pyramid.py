@@ -126,7 +126,8 @@ def check_pyramid_tiling(recorded: str | None, runtime: Runtime, name: str) -> N
     if recorded is not None and "tiling" in runtime.given and runtime.tiling != recorded:
         raise InputError(f"{name} holds features embedded with {recorded} tiling, but tiling {runtime.tiling!r} was "
                          "asked for; a pyramid is never re-embedded — leave the tiling out (--tiling) to use it as "
-                         f"it is, or embed its CT again with Runtime(tiling={runtime.tiling!r})")
+                         f"it is, or embed its CT again with tiling {runtime.tiling!r} (--tiling {runtime.tiling}; "
+                         f"Python: Runtime(tiling={runtime.tiling!r}))")
 
 
 def as_pyramid(

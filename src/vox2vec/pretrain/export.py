@@ -63,6 +63,9 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
     """``"last"``: the newest readable checkpoint; ``"best-probe"``: the one with the best online-probe mean Dice."""
     if select not in SELECTIONS:
         raise InputError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if not Path(run_dir).is_dir():
+        raise InputError(f"no such run folder: {run_dir}; give the train.output_dir of a pre-training run (the folder "
+                         "holding its checkpoints/), or --config with that run's config")
     if select == "best-probe":
         path = Path(run_dir) / BEST_PROBE_NAME
         if not path.is_file():
@@ -73,7 +76,8 @@ def select_checkpoint(run_dir: str | os.PathLike, select: str = "last") -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     checkpoint = load_latest_checkpoint(Path(run_dir) / "checkpoints")
     if checkpoint is None:
-        raise InputError(f"no readable checkpoint in {run_dir}/checkpoints")
+        raise InputError(f"no readable checkpoint in {run_dir}/checkpoints: is it a pre-training run's folder (its "
+                         "train.output_dir), and did the run reach its first checkpoint (train.checkpoint_every)?")
     return checkpoint
 
 

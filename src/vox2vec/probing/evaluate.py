@@ -169,8 +169,8 @@ def _run_record(net: Any, cases: list[tuple[str, Path, Path]], class_map: ClassM
                 runtime: Runtime) -> dict[str, Any]:
     """What the results of a folder depend on: compared on every rerun (see :func:`_previous_results_differ`) — the
     model, the cases and the fingerprints of their files (an image or label map changed in place is another
-    dataset), the settings, the precision; the tiling only when it is not the paper's."""
-    tiles = {} if runtime.tiling == "paper" else tiling_record(runtime.tiling, runtime.engine)
+    dataset), the settings, the precision and the tiling."""
+    tiles = tiling_record(runtime.tiling, runtime.engine)
     return json.loads(json.dumps({
         "vox2vec": vox2vec_version(), "model": net.config.name, "model_fingerprint": net.fingerprint(),
         "cases": {case: [str(image), str(labels)] for case, image, labels in cases},

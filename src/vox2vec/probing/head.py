@@ -103,7 +103,8 @@ class Head:
         if trained != "mixed" and given != trained:
             raise InputError(f"this head was trained on {trained}-tiled features, but these are {given}-tiled; a "
                              "head does not carry over between tilings (docs/benchmarks.md, Tilings): embed with "
-                             f"Runtime(tiling={trained!r}), or train the head on {given}-tiled features")
+                             f"tiling {trained!r} (--tiling {trained}; Python: Runtime(tiling={trained!r})), or "
+                             f"train the head on {given}-tiled features")
 
     def logits(
         self, data: Any, *, model: nn.Module | None = None, runtime: Runtime | None = None,

@@ -35,8 +35,8 @@ def image_stem(name: str) -> str | None:
 
 def non_finite_error(count: int, index: tuple[int, ...], where: str = "the volume") -> InputError:
     return InputError(
-        f"{where} has {count} NaN or infinite voxels (first at index {index}); replace them (e.g. with -1024 HU "
-        "for air) first"
+        f"{where} has {count} NaN or infinite voxels (first at index {index}); replace them first (in a CT e.g. "
+        "with -1024 HU for air; in a label map with 0 for background)"
     )
 
 

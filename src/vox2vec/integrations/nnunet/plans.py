@@ -83,10 +83,12 @@ def find_dataset(dataset: int | str | os.PathLike, preprocessed: str | os.PathLi
     wanted = text if text.startswith("Dataset") else None
     prefix = f"Dataset{int(match.group(1)):03d}_"
     found = sorted(p for p in Path(root).glob(prefix + "*") if p.is_dir() and (wanted is None or p.name == wanted))
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
-        raise InputError(f"{what} preprocessed folder for dataset {text} in {root}; plan it first: "
+    if not found:
+        raise InputError(f"no preprocessed folder for dataset {text} in {root}; plan it first: "
                          f"nnUNetv2_plan_and_preprocess -d {int(match.group(1))} --no_pp")
+    if len(found) > 1:
+        raise InputError(f"{len(found)} preprocessed folders for dataset id {int(match.group(1))} in {root} "
+                         f"({', '.join(p.name for p in found)}); pass the one you mean by its full name or folder")
     return found[0]
 
 
@@ -219,7 +221,10 @@ def write_nnunet_plans(dataset: int | str | os.PathLike, model: Any = "fpn-ct", 
         raise InputError(f"plans_name must be a file stem of letters, digits, '_', '.' or '-' other than the source "
                          f"plans {source_plans!r}, got {plans_name!r}")
     folder = find_dataset(dataset, preprocessed)
-    plan_hint = "plan the dataset first: nnUNetv2_plan_and_preprocess -d N --no_pp"
+    number = re.match(r"Dataset(\d{1,3})_", folder.name)
+    plan_hint = ("plan the dataset first: nnUNetv2_plan_and_preprocess -d "
+                 f"{int(number.group(1)) if number else 'ID'} --no_pp (or pass --source-plans with the name of the "
+                 "plans it wrote)")
     inputs = [folder / f"{source_plans}.json", folder / "dataset.json"]
     source, dataset_json = (_read_json(path, plan_hint) for path in inputs)
     names = (f"{plans_name}.json", f"{plans_name}_init.pth")
