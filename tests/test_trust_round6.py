@@ -325,3 +325,18 @@ def test_a_pyramid_of_another_tiling_names_the_command_line_option_too(abdomen_c
     embed_volume(abdomen_crop, model=model, progress=False).save(path)
     with pytest.raises(InputError, match=r"--tiling fast; Python: Runtime\(tiling='fast'\)"):
         as_pyramid(path, runtime=Runtime(tiling="fast", progress=False))
+
+
+def test_a_cohort_case_that_now_fails_does_not_leave_its_earlier_pyramid_beside_the_manifest(abdomen_crop, tmp_path):
+    from vox2vec.cohort.manifest import read_manifest
+
+    model, out = tiny_model(), tmp_path / "pyramids"
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    first = embed_many([ct], out, model=model, runtime=Runtime(progress=False)).results[0]
+    assert (out / first.output).is_file()
+    ct.write_bytes(ct.read_bytes()[:600])  # the input replaced by a broken copy
+    again = embed_many([ct], out, model=model, runtime=Runtime(progress=False)).results[0]
+    assert again.status == "failed" and "was removed" in again.reason
+    assert not (out / first.output).exists()
+    assert read_manifest(out / "manifest.jsonl")[str(ct)]["status"] == "failed"

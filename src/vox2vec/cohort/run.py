@@ -253,10 +253,21 @@ class CohortRun:
 
     def _record(self, manifest: ManifestWriter, bar: _Progress, result: CaseResult, case: CaseInput) -> CaseResult:
         result.aliases = list(case.aliases)
+        if result.output is None:
+            self._retire_stale_output(case, result)
         manifest.add(result)
         self.results.append(result)
         bar.update(result)
         return result
+
+    def _retire_stale_output(self, case: CaseInput, result: CaseResult) -> None:
+        """A case that now has no pyramid (failed, or skipped as not CT) must not leave beside the manifest the
+        pyramid an earlier run made of it — from another input, model or settings, or it would have been skipped as
+        up to date. Ours is removed (never a file we did not write), and the case's reason says so."""
+        output = self._output(case)
+        if output.is_file() and is_ours(output):
+            output.unlink()
+            result.reason += f" (the earlier {output.name}, made from this input as it was then, was removed)"
 
     # -- the end -------------------------------------------------------------------------------------------------
     def _finish_manifest(self) -> None:
