@@ -340,3 +340,20 @@ def test_a_cohort_case_that_now_fails_does_not_leave_its_earlier_pyramid_beside_
     assert again.status == "failed" and "was removed" in again.reason
     assert not (out / first.output).exists()
     assert read_manifest(out / "manifest.jsonl")[str(ct)]["status"] == "failed"
+
+
+def test_preparing_a_corpus_onto_a_disk_that_fills_leaves_no_empty_folder(abdomen_crop, tmp_path):
+    import resource
+
+    from vox2vec.pretrain import prepare
+
+    ct, out = tmp_path / "ct.nii.gz", tmp_path / "corpus"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # as a full disk: no file may grow past 4 KB
+    try:
+        with pytest.raises(OutputError, match="file-size limit|disk is full"):
+            prepare([ct], out, patch_size=(32, 32, 16), workers=1, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not out.exists()

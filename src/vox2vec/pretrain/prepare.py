@@ -111,13 +111,26 @@ def prepare(
     The folder is checked first: a ``manifest.json`` vox2vec did not write (or that was changed since) is refused
     unless ``overwrite``; a case never goes into a folder holding files we did not write (it gets another name).
     """
-    from dataclasses import asdict
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     output_dir = check_output_dir(output_dir, files=(MANIFEST,), inputs=inputs, overwrite=overwrite,
                                   what="prepared-corpus folder")
     found = discover(inputs)  # a pattern that matches nothing is refused before the folder is created
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(output_dir, found, preprocessing, patch_size, workers, progress)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):  # a failure before anything was written: no empty folder left
+            output_dir.rmdir()
+        raise
+
+
+def _prepare_into(output_dir: Path, found: list[CaseInput], preprocessing: PreprocessingConfig | None,
+                  patch_size: Sequence[int], workers: int, progress: bool) -> dict[str, Any]:
+    """:func:`prepare`'s work, once its folder exists: the cases not yet prepared, then the manifest."""
+    from dataclasses import asdict
+
     ours = is_ours(output_dir / MANIFEST)
     previous = read_manifest(output_dir) if ours else {"cases": [], "skipped": []}
     preprocessing = preprocessing or PreprocessingConfig()
