@@ -360,8 +360,9 @@ def test_online_probe_tracks_transfer_and_export_selects_the_best(corpus, tmp_pa
     assert "## Transfer" in (out / "README.md").read_text()
     last = export(tmp_path / "run", tmp_path / "last")
     assert vox2vec.load_pretrained(last).config.source["steps"] == 6
+    (tmp_path / "run_without_probe").mkdir()
     with pytest.raises(InputError, match="no best_probe.pt"):
-        export(tmp_path / "run_without_probe_does_not_exist", tmp_path / "x", select="best-probe")
+        export(tmp_path / "run_without_probe", tmp_path / "x", select="best-probe")
 
 
 def test_head_warmup_trains_only_the_projection_head_first(corpus, tmp_path):

