@@ -7,6 +7,7 @@ anything), and ``embed_volume`` of the CT as it is now.
 
 import json
 import os
+import re
 
 import pytest
 import SimpleITK as sitk
@@ -357,3 +358,21 @@ def test_preparing_a_corpus_onto_a_disk_that_fills_leaves_no_empty_folder(abdome
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cxx, message", [("", r"\$CXX is set but empty"), ("/nonexistent/g++", "none it can run")])
+def test_the_compiled_engine_without_a_usable_compiler_is_refused_before_any_work(cxx, message, abdomen_crop,
+                                                                                   tmp_path):
+    """In a fresh process, as a user's shell sets $CXX (inductor reads it once, at import)."""
+    import subprocess
+    import sys
+
+    ct, out = tmp_path / "ct.nii.gz", tmp_path / "x.safetensors"
+    sitk.WriteImage(abdomen_crop, str(ct))
+    model_dir = tiny_model().save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-m", "vox2vec", "embed", "-i", str(ct), "-o", str(out), "--model",
+                             str(model_dir), "--device", "cpu", "--engine", "compile", "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "CXX": cxx})
+    assert result.returncode == 2, result.stderr
+    assert re.search(f"engine='compile' on the CPU needs a C\\+\\+ compiler.*{message}", result.stderr)
+    assert result.stderr.count("\n") == 1 and not out.exists()

@@ -41,11 +41,13 @@ def _cpu_compile_problem() -> str | None:
     """Why inductor could not build CPU kernels here (no C++ compiler it would use, no Python headers), or None."""
     from torch._inductor import cpp_builder, exc
 
+    if "CXX" in os.environ and not os.environ["CXX"].strip():
+        return "needs a C++ compiler, and $CXX is set but empty: unset it (inductor then looks for g++) or name one"
     try:
         cpp_builder.get_cpp_compiler()  # inductor's own search: $CXX, else g++ (the ones it will use)
-    except exc.InvalidCxxCompiler:
-        return ("needs a C++ compiler (torch.compile builds C++ kernels) and inductor found none ($CXX, g++): "
-                "install one (e.g. apt install g++)")
+    except (exc.InvalidCxxCompiler, OSError):
+        return ("needs a C++ compiler (torch.compile builds C++ kernels) and inductor found none it can run ($CXX "
+                f"{os.environ.get('CXX', 'unset')!r}, g++): install one (e.g. apt install g++) or set $CXX to it")
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         return ("needs Python's C headers (Python.h, which the compiled kernels include): install them (e.g. apt "
                 "install python3-dev)")
